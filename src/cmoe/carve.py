@@ -1,0 +1,127 @@
+"""`carve(model, config, calibration)`: turn a dense causal LM into a CMoE model, one layer at a time."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import FFNWeights, adapter_for
+from .calibration import ffn_inputs_and_attention, record_layer_inputs, run_layer_replaying_attention
+from .config import CarveConfig
+from .errors import CMoEError
+from .grouping import ExpertGroups, group_neurons
+from .modeling import carved_config, is_carved
+from .moe import MoEFFN
+from .router import balance_selection_bias, expert_load, fill_router, imbalance
+from .statistics import activation_marks, activation_rate, ffn_hidden
+
+
+def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | None = None, *,
+          batch_size: int = 1, device=None, progress: bool = True, calibration_source: str = "tokens"):
+    """Carve `model` (a dense `PreTrainedModel`) in place into a CMoE model and return it.
+
+    calibration: token ids [N, L]. batch_size: calibration sequences pushed through a layer at once.
+    device: where each layer is carved (default: where the model is); layers go back afterwards, so
+    peak memory on `device` is about one layer plus the calibration activations.
+    """
+    config = config or CarveConfig()
+    adapter = adapter_for(model)
+    if is_carved(model):
+        raise CMoEError("This model is already carved; carve the dense model it came from.")
+    calibration = _check_calibration(calibration)
+    torch.manual_seed(config.seed)
+    layers = adapter.layers(model)
+    first = adapter.read(layers[0], model.config)
+    expert_width = config.expert_width(first.width)  # fails early on a width the experts cannot split
+    k_act = config.resolved_k_act(first.width)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+
+    started = time.perf_counter()
+    batches = list(calibration.split(batch_size))
+    hidden, calls = record_layer_inputs(model, layers, batches, device)
+    layer_records = []
+    for index, layer in enumerate(tqdm(layers, desc=f"carving {config.name}", disable=not progress)):
+        layer.to(device)
+        ffn_in, attention_out = ffn_inputs_and_attention(
+            layer, adapter.ffn_module(layer), getattr(layer, adapter.attention), hidden, calls[index])
+        ffn = adapter.read(layer, model.config)
+        moe, record = build_moe(torch.cat(ffn_in), ffn, config, k_act, expert_width)
+        adapter.install(layer, moe.to(device=device, dtype=ffn.up.dtype))
+        if index + 1 < len(layers):  # the next layer is carved from what the carved layers before it give
+            hidden = run_layer_replaying_attention(layer, adapter.attention, attention_out, hidden, calls[index])
+        layer.to(home)
+        layer_records.append(record)
+    seconds = time.perf_counter() - started
+
+    spec = dict(
+        hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared, active=config.active,
+        experts=config.experts, act=first.act, gated=first.gated, bias=first.up_bias is not None,
+        record=dict(
+            cmoe_version=__version__, config=config.to_dict(), name=config.name, k_act=k_act,
+            calibration=dict(source=calibration_source, samples=calibration.shape[0], seqlen=calibration.shape[1]),
+            carve_seconds=round(seconds, 2), layers=layer_records,
+        ),
+    )
+    model.config, model.__class__ = carved_config(model.config, spec)
+    return model
+
+
+def _check_calibration(calibration) -> torch.Tensor:
+    if calibration is None:
+        raise CMoEError("No calibration data was given; pass token ids [N, L], e.g. from cmoe.data.calibration_tokens.")
+    calibration = torch.as_tensor(calibration)
+    if calibration.dim() == 1:
+        calibration = calibration[None]
+    if calibration.dim() != 2 or calibration.numel() == 0 or calibration.dtype.is_floating_point:
+        raise CMoEError(f"Calibration must be integer token ids shaped [samples, seqlen], got {tuple(calibration.shape)}.")
+    return calibration
+
+
+def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int, expert_width: int):
+    """Carve one FFN from its calibration inputs x [T, H]: the filled `MoEFFN` and what to record of it."""
+    h = ffn_hidden(x, ffn, cosine=config.activation == "cosine")
+    marks = activation_marks(h, k_act)
+    del h
+    rate = activation_rate(marks)
+    groups = group_neurons(marks, rate, config)
+    moe = MoEFFN(ffn.up.shape[1], expert_width, config.shared, config.routed, config.active, ffn.act,
+                 ffn.gated, ffn.up_bias is not None)
+    _fill_experts(moe, ffn, groups)
+    record = dict(shared_neurons=groups.shared.tolist(), routed_neurons=groups.routed.tolist(),
+                  representatives=groups.representatives.tolist(), kmeans_iterations=groups.iterations,
+                  activation_rate=[round(r, 5) for r in rate.tolist()])
+    if moe.router is not None:
+        fill_router(moe.router, ffn, groups.representatives, config.normalise_router)
+        probs = moe.router.probabilities(x.to(moe.router.weight.dtype))
+        before = expert_load(probs, moe.router.selection_bias, config.active)
+        if config.balance:
+            moe.router.selection_bias.copy_(balance_selection_bias(probs, config.active, config.balance_steps))
+        after = expert_load(probs, moe.router.selection_bias, config.active)
+        record.update(load_before=before.tolist(), load_after=after.tolist(),
+                      imbalance_before=imbalance(before), imbalance_after=imbalance(after),
+                      selection_bias=moe.router.selection_bias.tolist())
+    return moe, record
+
+
+@torch.no_grad()
+def _fill_experts(moe: MoEFFN, ffn: FFNWeights, groups: ExpertGroups) -> None:
+    def input_rows(neurons):  # [gate; up] rows of these neurons (up rows alone for a plain FFN)
+        rows = ffn.up[neurons]
+        return rows if ffn.gate is None else torch.cat([ffn.gate[neurons], rows], dim=-2)
+
+    if moe.shared is not None:
+        moe.shared.gate_up_proj.copy_(input_rows(groups.shared))
+        moe.shared.down_proj.copy_(ffn.down[:, groups.shared])
+        if ffn.up_bias is not None:
+            moe.shared.up_bias.copy_(ffn.up_bias[groups.shared])
+    if moe.experts is not None:
+        moe.experts.gate_up_proj.copy_(torch.stack([input_rows(n) for n in groups.routed]))
+        moe.experts.down_proj.copy_(torch.stack([ffn.down[:, n] for n in groups.routed]))
+        if ffn.up_bias is not None:
+            moe.experts.up_bias.copy_(ffn.up_bias[groups.routed])
+    if ffn.down_bias is not None:
+        moe.down_bias.copy_(ffn.down_bias)

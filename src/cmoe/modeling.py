@@ -1,0 +1,81 @@
+"""Carved models as `transformers` models.
+
+For each supported dense family (LlamaForCausalLM, ...) there is a subclass, e.g. `CMoELlamaForCausalLM`,
+whose config has model_type `cmoe_llama` and a `cmoe` section describing the experts. Its `__init__`
+builds the dense model and swaps each FFN for an empty `MoEFFN`, so `from_pretrained` fills it from the
+checkpoint. The classes are registered with the Auto classes when `cmoe` is imported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .adapters import SUPPORTED, adapter_for
+from .moe import MoEFFN
+from .save import atomic_directory
+
+RECORD_FILE = "carve_record.json"
+
+
+class CMoEMixin:
+    """What a carved model adds to its dense family's class."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        adapter = adapter_for(config)
+        for layer in adapter.layers(self):
+            adapter.install(layer, MoEFFN.from_spec(config.cmoe))
+
+    @property
+    def carve_record(self) -> dict:
+        return self.config.cmoe.get("record", {})
+
+    def save_pretrained(self, save_directory, *args, tokenizer=None, **kwargs):
+        """Like `PreTrainedModel.save_pretrained`, but all-or-nothing, and with the tokenizer and carve record."""
+        with atomic_directory(save_directory) as tmp:
+            super().save_pretrained(tmp, *args, **kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (Path(tmp) / RECORD_FILE).write_text(json.dumps(self.carve_record, indent=2))
+
+
+_CLASSES: dict[type, type] = {}  # dense CausalLM class -> carved class
+
+
+def carved_class(dense_class: type) -> type:
+    """The carved counterpart of a dense CausalLM class (created and registered once)."""
+    if dense_class in _CLASSES:
+        return _CLASSES[dense_class]
+    dense_config = dense_class.config_class
+    model_type = "cmoe_" + dense_config.model_type
+    config_class = type("CMoE" + dense_config.__name__, (dense_config,), {"model_type": model_type})
+    model_class = type("CMoE" + dense_class.__name__, (CMoEMixin, dense_class), {"config_class": config_class})
+    AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    _CLASSES[dense_class] = model_class
+    return model_class
+
+
+def register_all() -> None:
+    for model_type in SUPPORTED:
+        carved_class(MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[model_type]])
+
+
+def carved_config(dense_config, spec: dict):
+    """A carved model's config: the dense config's values, the carved model_type, and the `cmoe` section."""
+    model_class = carved_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(dense_config)])
+    values = dense_config.to_dict()
+    for key in ("model_type", "architectures", "quantization_config", "transformers_version"):
+        values.pop(key, None)
+    config = model_class.config_class(**values, cmoe=spec)
+    config.architectures = [model_class.__name__]
+    return config, model_class
+
+
+def is_carved(model) -> bool:
+    return isinstance(model, CMoEMixin)

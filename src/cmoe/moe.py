@@ -1,0 +1,149 @@
+"""The MoE FFN that replaces a dense FFN: always-on shared neurons plus routed experts chosen by a router.
+
+Experts are stacked tensors, `gate_up_proj` [E, 2W, H] (or `up_proj` [E, W, H] for a plain FFN) and
+`down_proj` [E, H, W], like the MoE models in transformers v5. With every expert active and the gate
+scales at zero, the output equals the dense FFN's up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+class Router(nn.Module):
+    """Scores each routed expert by its representative neuron: |act(g_r . x) * (u_r . x)|; softmax; top-k.
+
+    `selection_bias` only shifts which experts are chosen (load balancing, DeepSeek-V3 style); the gate
+    of a chosen expert is `1 + p * gate_scale`, exactly 1 until `gate_scale` (which starts at 0) is trained.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, act: str, gated: bool, bias: bool):
+        super().__init__()
+        self.num_experts, self.top_k, self.gated, self.act = num_experts, top_k, gated, act
+        rows = num_experts * (2 if gated else 1)
+        self.weight = nn.Parameter(torch.zeros(rows, hidden_size))  # [gate rows; up rows] of the representatives
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        self.gate_scale = nn.Parameter(torch.zeros(num_experts))
+        self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.act_fn = ACT2FN[act]
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax of the representative-neuron scores, float32 [T, E]."""
+        projected = F.linear(x, self.weight)
+        if self.gated:
+            gate, up = projected.split(self.num_experts, dim=-1)
+            score = self.act_fn(gate) * up
+        else:
+            score = self.act_fn(projected + self.bias)
+        return score.abs().float().softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.probabilities(x)
+        chosen = (probs + self.selection_bias).topk(self.top_k, dim=-1).indices  # [T, k]
+        weights = 1 + probs.gather(-1, chosen) * self.gate_scale[chosen]
+        return weights.to(x.dtype), chosen
+
+
+class RoutedExperts(nn.Module):
+    """E experts of W neurons each, run on the tokens routed to them."""
+
+    def __init__(self, hidden_size: int, num_experts: int, width: int, act: str, gated: bool, bias: bool):
+        super().__init__()
+        self.num_experts, self.width, self.gated, self.act = num_experts, width, gated, act
+        rows = width * (2 if gated else 1)
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, rows, hidden_size))  # gated: [gate; up]
+        self.up_bias = nn.Parameter(torch.zeros(num_experts, width)) if bias else None
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, width))
+        self.act_fn = ACT2FN[act]
+
+    def _hidden(self, projected: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.gated:
+            gate, up = projected.split(self.width, dim=-1)
+            return self.act_fn(gate) * up
+        return self.act_fn(projected if bias is None else projected + bias)
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; chosen, weights [T, k] -> sum over chosen experts of weight * expert(x), [T, H]."""
+        top_k = chosen.shape[-1]
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)  # token slots grouped by expert
+        token = order // top_k
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        routed_x = x[token]
+        if _HAS_GROUPED_MM and not torch.is_grad_enabled():
+            out = self._grouped(routed_x, counts, flat[order])
+        else:
+            out = self._looped(routed_x, counts)
+        out = out * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+    def _grouped(self, routed_x, counts, expert_of_slot):
+        offsets = counts.cumsum(0).to(torch.int32)
+        projected = F.grouped_mm(routed_x, self.gate_up_proj.transpose(1, 2), offs=offsets)
+        bias = None if self.up_bias is None else self.up_bias[expert_of_slot]
+        return F.grouped_mm(self._hidden(projected, bias), self.down_proj.transpose(1, 2), offs=offsets)
+
+    def _looped(self, routed_x, counts):
+        # Fallback for autograd and old torch: one host sync to learn the group sizes.
+        pieces = []
+        for e, part in enumerate(routed_x.split(counts.tolist())):
+            bias = None if self.up_bias is None else self.up_bias[e]
+            hidden = self._hidden(F.linear(part, self.gate_up_proj[e]), bias)
+            pieces.append(F.linear(hidden, self.down_proj[e]))
+        return torch.cat(pieces)
+
+
+class SharedExperts(nn.Module):
+    """The always-on neurons, one dense (narrower) FFN."""
+
+    def __init__(self, hidden_size: int, width: int, act: str, gated: bool, bias: bool):
+        super().__init__()
+        self.width, self.gated = width, gated
+        self.gate_up_proj = nn.Parameter(torch.zeros(width * (2 if gated else 1), hidden_size))
+        self.up_bias = nn.Parameter(torch.zeros(width)) if bias else None
+        self.down_proj = nn.Parameter(torch.zeros(hidden_size, width))
+        self.act_fn = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = F.linear(x, self.gate_up_proj)
+        if self.gated:
+            gate, up = projected.split(self.width, dim=-1)
+            hidden = self.act_fn(gate) * up
+        else:
+            hidden = self.act_fn(projected + self.up_bias if self.up_bias is not None else projected)
+        return F.linear(hidden, self.down_proj)
+
+
+class MoEFFN(nn.Module):
+    """Drop-in replacement for a dense FFN: shared experts + routed experts + (plain FFNs) the output bias."""
+
+    def __init__(self, hidden_size: int, expert_width: int, shared: int, routed: int, top_k: int, act: str,
+                 gated: bool, bias: bool):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.shared = SharedExperts(hidden_size, shared * expert_width, act, gated, bias) if shared else None
+        self.router = Router(hidden_size, routed, top_k, act, gated, bias) if routed else None
+        self.experts = RoutedExperts(hidden_size, routed, expert_width, act, gated, bias) if routed else None
+        self.down_bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "MoEFFN":
+        """Build an empty module from the `cmoe` section of a carved model's config."""
+        return cls(spec["hidden_size"], spec["expert_width"], spec["shared"], spec["experts"] - spec["shared"],
+                   spec["active"], spec["act"], spec["gated"], spec["bias"])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        out = torch.zeros_like(x) if self.shared is None else self.shared(x)
+        if self.router is not None:
+            weights, chosen = self.router(x)
+            out = out + self.experts(x, chosen, weights)
+        if self.down_bias is not None:
+            out = out + self.down_bias
+        return out.reshape(shape)
