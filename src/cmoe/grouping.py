@@ -94,11 +94,20 @@ def _negative_cycle(weight: np.ndarray, tolerance: float) -> list[int] | None:
     return cycle
 
 
-def _distances(points: torch.Tensor, centres: torch.Tensor, metric: str) -> torch.Tensor:
-    if metric == "l1":
-        return torch.cdist(points, centres, p=1)
-    sq = (points * points).sum(1, keepdim=True) - 2 * points @ centres.T + (centres * centres).sum(1)
-    return sq.clamp_min(0)
+def _distances(patterns: torch.Tensor, counts: torch.Tensor, centres: torch.Tensor, metric: str) -> torch.Tensor:
+    """Distances [n, k] between binary firing patterns [tokens, n] and centres [k, tokens] with values in [0, 1].
+
+    For a binary p, |p - c| = p + c - 2pc and (p - c)^2 = p - 2pc + c^2, so both metrics are one matmul.
+    counts: [n] number of tokens on which each neuron fires.
+    """
+    centre_term = centres.sum(1) if metric == "l1" else (centres * centres).sum(1)
+    return (counts[:, None] - 2 * (centres @ patterns).T + centre_term).clamp_min(0)
+
+
+def _centres(patterns: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean firing pattern of each cluster: [k, tokens]."""
+    one_hot = torch.nn.functional.one_hot(assign, k).T.to(patterns.dtype)  # [k, n]
+    return (patterns @ one_hot.T).T / one_hot.sum(1)[:, None]
 
 
 def group_neurons(marks: torch.Tensor, rate: torch.Tensor, config: CarveConfig) -> ExpertGroups:
@@ -113,23 +122,24 @@ def group_neurons(marks: torch.Tensor, rate: torch.Tensor, config: CarveConfig) 
         empty = torch.empty(0, expert_width, dtype=torch.long)
         return ExpertGroups(shared, empty, torch.empty(0, dtype=torch.long), 0)
 
-    patterns = marks[:, remaining].T.float()  # [n, tokens]: each neuron's firing pattern
+    patterns = marks[:, remaining].float()  # [tokens, n]: each remaining neuron's firing pattern
+    counts = patterns.sum(0)
     # Start from the k highest-rate remaining neurons, as the official code does (deterministic, no seed).
-    centres = patterns[:k].clone()
+    centres = patterns[:, :k].T.clone()
     assign, iterations = None, 0
     for iterations in range(1, config.max_iters + 1):
-        cost = _distances(patterns, centres, config.distance).double().cpu().numpy()
-        new_assign = torch.from_numpy(balanced_assignment(cost, expert_width))
+        cost = _distances(patterns, counts, centres, config.distance).double().cpu().numpy()
+        new_assign = torch.from_numpy(balanced_assignment(cost, expert_width)).to(patterns.device)
         if assign is not None and torch.equal(new_assign, assign):
             break
         assign = new_assign
-        centres = torch.stack([patterns[assign == c].mean(0) for c in range(k)])
+        centres = _centres(patterns, assign, k)
 
+    distance = _distances(patterns, counts, centres, config.distance)  # [n, k]
     routed, representatives = [], []
     for c in range(k):
         members = torch.nonzero(assign == c).squeeze(1)
-        nearest = _distances(patterns[members], centres[c : c + 1], config.distance).squeeze(1).argmin()
         neurons = remaining[members]
-        representatives.append(neurons[nearest])
+        representatives.append(neurons[distance[members, c].argmin()])
         routed.append(neurons.sort().values)
     return ExpertGroups(shared, torch.stack(routed), torch.stack(representatives), iterations)

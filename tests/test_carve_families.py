@@ -1,0 +1,107 @@
+"""The key invariants, on a tiny random model of every supported family."""
+
+import torch
+import transformers as T
+
+import cmoe
+from cmoe.adapters import adapter_for
+from cmoe.moe import MoEFFN
+from conftest import tiny_model, tokens
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_every_expert_active_equals_dense(family):
+    model = tiny_model(family)
+    ids = tokens()
+    dense = logits(model, ids)
+    moe = cmoe.carve(model, cmoe.CarveConfig(shared=2, active=6, experts=8), tokens(seed=2), progress=False)
+    carved = logits(moe, ids)
+    assert type(moe).__name__.startswith("CMoE")
+    assert isinstance(adapter_for(moe).ffn_module(adapter_for(moe).layers(moe)[0]), MoEFFN)
+    assert torch.allclose(carved, dense, rtol=1e-4, atol=1e-4 * dense.abs().max().item())
+
+
+def test_fewer_experts_changes_output(family):
+    model = tiny_model(family)
+    ids = tokens()
+    dense = logits(model, ids)
+    moe = cmoe.carve(model, cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(seed=2), progress=False)
+    assert not torch.allclose(logits(moe, ids), dense, atol=1e-4)
+
+
+def test_groups_are_balanced_disjoint_and_shared_is_top_rate(family):
+    model = tiny_model(family)
+    moe = cmoe.carve(model, cmoe.CarveConfig(shared=2, active=2, experts=8), tokens(), progress=False)
+    for record in moe.carve_record["layers"]:
+        routed = torch.tensor(record["routed_neurons"])
+        shared = torch.tensor(record["shared_neurons"])
+        assert routed.shape == (6, 8) and shared.numel() == 16  # 64 neurons / 8 experts = 8 each
+        everything = torch.cat([shared, routed.flatten()])
+        assert sorted(everything.tolist()) == list(range(64))
+        rate = torch.tensor(record["activation_rate"])
+        assert rate[shared].min() >= rate[routed.flatten()].max()
+        for expert, representative in zip(routed.tolist(), record["representatives"]):
+            assert representative in expert
+
+
+def test_training_free_gates_are_one():
+    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
+    router = moe.model.layers[0].mlp.router
+    weights, chosen = router(torch.randn(10, 32))
+    assert torch.equal(weights, torch.ones_like(weights))
+    assert torch.equal(router.gate_scale, torch.zeros(3))
+
+
+def test_save_load_identical_logits_and_generation(family, tmp_path):
+    moe = cmoe.carve(tiny_model(family), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
+    moe.save_pretrained(tmp_path / "out")
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(loaded) is type(moe)
+    ids = tokens(2, 10, seed=5)
+    assert torch.equal(logits(loaded, ids), logits(moe, ids))
+    prompt = ids[:1, :4]
+    generated = moe.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False), generated)
+    # The KV cache gives the same tokens as recomputing the whole sequence each step.
+    assert torch.equal(moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False), generated)
+    assert (tmp_path / "out" / "carve_record.json").is_file()
+    assert loaded.carve_record["name"] == "S1A2E4"
+
+
+def test_selection_bias_survives_save_load(tmp_path):
+    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(8, 32), progress=False)
+    bias = moe.model.layers[1].mlp.router.selection_bias.clone()
+    assert bias.abs().sum() > 0  # balancing moved it
+    moe.save_pretrained(tmp_path / "out")
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(loaded.model.layers[1].mlp.router.selection_bias, bias)
+
+
+def test_same_seed_same_model():
+    first = cmoe.carve(tiny_model("qwen2"), cmoe.CarveConfig(shared=1, active=2, experts=4, seed=3), tokens(), progress=False)
+    second = cmoe.carve(tiny_model("qwen2"), cmoe.CarveConfig(shared=1, active=2, experts=4, seed=3), tokens(), progress=False)
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_balancing_evens_the_load():
+    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=0, active=1, experts=4), tokens(8, 64), progress=False)
+    for record in moe.carve_record["layers"]:
+        assert record["imbalance_after"] <= record["imbalance_before"]
+        assert abs(sum(record["load_after"]) - 1) < 1e-6
+
+
+def test_reference_preset_carves_and_differs_from_paper():
+    paper = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    reference = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4, preset="reference"),
+                           tokens(), progress=False)
+    assert reference.carve_record["config"]["distance"] == "l1"
+    assert reference.carve_record["layers"][0]["kmeans_iterations"] == 1
+    router_rows = reference.model.layers[0].mlp.router.weight
+    assert torch.allclose(router_rows.norm(dim=-1), torch.ones(6), atol=1e-5)  # unit-length rows
+    assert not torch.equal(router_rows, paper.model.layers[0].mlp.router.weight)
