@@ -75,12 +75,17 @@ class RoutedExperts(nn.Module):
         token = order // top_k
         counts = torch.bincount(flat, minlength=self.num_experts)
         routed_x = x[token]
-        if _HAS_GROUPED_MM and not torch.is_grad_enabled():
+        if self._can_group(x) and not torch.is_grad_enabled():
             out = self._grouped(routed_x, counts, flat[order])
         else:
             out = self._looped(routed_x, counts)
         out = out * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, out)
+
+    def _can_group(self, x: torch.Tensor) -> bool:
+        # grouped_mm needs every row stride to be a multiple of 16 bytes
+        size = x.element_size()
+        return _HAS_GROUPED_MM and all((n * size) % 16 == 0 for n in (self.width, x.shape[-1]))
 
     def _grouped(self, routed_x, counts, expert_of_slot):
         offsets = counts.cumsum(0).to(torch.int32)
@@ -89,7 +94,7 @@ class RoutedExperts(nn.Module):
         return F.grouped_mm(self._hidden(projected, bias), self.down_proj.transpose(1, 2), offs=offsets)
 
     def _looped(self, routed_x, counts):
-        # Fallback for autograd and old torch: one host sync to learn the group sizes.
+        # Fallback for autograd, odd widths and old torch: one host sync to learn the group sizes.
         pieces = []
         for e, part in enumerate(routed_x.split(counts.tolist())):
             bias = None if self.up_bias is None else self.up_bias[e]
