@@ -50,7 +50,7 @@ def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | 
             layer, adapter.ffn_module(layer), getattr(layer, adapter.attention), hidden, calls[index])
         ffn = adapter.read(layer, model.config)
         moe, record = build_moe(torch.cat(ffn_in), ffn, config, k_act, expert_width)
-        adapter.install(layer, moe.to(device=device, dtype=ffn.up.dtype))
+        adapter.install(layer, moe)
         if index + 1 < len(layers):  # the next layer is carved from what the carved layers before it give
             hidden = run_layer_replaying_attention(layer, adapter.attention, attention_out, hidden, calls[index])
         layer.to(home)
@@ -89,14 +89,14 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
     rate = activation_rate(marks)
     groups = group_neurons(marks, rate, config)
     moe = MoEFFN(ffn.up.shape[1], expert_width, config.shared, config.routed, config.active, ffn.act,
-                 ffn.gated, ffn.up_bias is not None)
+                 ffn.gated, ffn.up_bias is not None).to(device=x.device, dtype=ffn.up.dtype)
     _fill_experts(moe, ffn, groups)
     record = dict(shared_neurons=groups.shared.tolist(), routed_neurons=groups.routed.tolist(),
                   representatives=groups.representatives.tolist(), kmeans_iterations=groups.iterations,
                   activation_rate=[round(r, 5) for r in rate.tolist()])
     if moe.router is not None:
         fill_router(moe.router, ffn, groups.representatives, config.normalise_router)
-        probs = moe.router.probabilities(x.to(moe.router.weight.dtype))
+        probs = moe.router.probabilities(x.to(ffn.up.dtype))
         before = expert_load(probs, moe.router.selection_bias, config.active)
         if config.balance:
             moe.router.selection_bias.copy_(balance_selection_bias(probs, config.active, config.balance_steps))

@@ -83,9 +83,10 @@ class RoutedExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, out)
 
     def _can_group(self, x: torch.Tensor) -> bool:
-        # grouped_mm needs every row stride to be a multiple of 16 bytes
+        # grouped_mm needs row strides that are multiples of 16 bytes, and on CUDA (torch 2.11) bfloat16
         size = x.element_size()
-        return _HAS_GROUPED_MM and all((n * size) % 16 == 0 for n in (self.width, x.shape[-1]))
+        dtype_ok = x.device.type == "cpu" or x.dtype == torch.bfloat16
+        return _HAS_GROUPED_MM and dtype_ok and all((n * size) % 16 == 0 for n in (self.width, x.shape[-1]))
 
     def _grouped(self, routed_x, counts, expert_of_slot):
         offsets = counts.cumsum(0).to(torch.int32)
