@@ -15,6 +15,14 @@ from transformers.activations import ACT2FN
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
+def _hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: torch.Tensor | None) -> torch.Tensor:
+    """The FFN hidden activation from the input projection: act(gate) * up, or act(up + bias)."""
+    if gated:
+        gate, up = projected.split(width, dim=-1)
+        return act_fn(gate) * up
+    return act_fn(projected if bias is None else projected + bias)
+
+
 class Router(nn.Module):
     """Scores each routed expert by its representative neuron: |act(g_r . x) * (u_r . x)|; softmax; top-k.
 
@@ -61,12 +69,6 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, width))
         self.act_fn = ACT2FN[act]
 
-    def _hidden(self, projected: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.gated:
-            gate, up = projected.split(self.width, dim=-1)
-            return self.act_fn(gate) * up
-        return self.act_fn(projected if bias is None else projected + bias)
-
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; chosen, weights [T, k] -> sum over chosen experts of weight * expert(x), [T, H]."""
         top_k = chosen.shape[-1]
@@ -92,14 +94,15 @@ class RoutedExperts(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)
         projected = F.grouped_mm(routed_x, self.gate_up_proj.transpose(1, 2), offs=offsets)
         bias = None if self.up_bias is None else self.up_bias[expert_of_slot]
-        return F.grouped_mm(self._hidden(projected, bias), self.down_proj.transpose(1, 2), offs=offsets)
+        hidden = _hidden(projected, self.width, self.gated, self.act_fn, bias)
+        return F.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs=offsets)
 
     def _looped(self, routed_x, counts):
         # Fallback for autograd, odd widths and old torch: one host sync to learn the group sizes.
         pieces = []
         for e, part in enumerate(routed_x.split(counts.tolist())):
             bias = None if self.up_bias is None else self.up_bias[e]
-            hidden = self._hidden(F.linear(part, self.gate_up_proj[e]), bias)
+            hidden = _hidden(F.linear(part, self.gate_up_proj[e]), self.width, self.gated, self.act_fn, bias)
             pieces.append(F.linear(hidden, self.down_proj[e]))
         return torch.cat(pieces)
 
@@ -116,12 +119,7 @@ class SharedExperts(nn.Module):
         self.act_fn = ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projected = F.linear(x, self.gate_up_proj)
-        if self.gated:
-            gate, up = projected.split(self.width, dim=-1)
-            hidden = self.act_fn(gate) * up
-        else:
-            hidden = self.act_fn(projected + self.up_bias if self.up_bias is not None else projected)
+        hidden = _hidden(F.linear(x, self.gate_up_proj), self.width, self.gated, self.act_fn, self.up_bias)
         return F.linear(hidden, self.down_proj)
 
 
