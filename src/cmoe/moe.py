@@ -42,12 +42,7 @@ class Router(nn.Module):
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax of the representative-neuron scores, float32 [T, E]."""
-        projected = F.linear(x, self.weight)
-        if self.gated:
-            gate, up = projected.split(self.num_experts, dim=-1)
-            score = self.act_fn(gate) * up
-        else:
-            score = self.act_fn(projected + self.bias)
+        score = _hidden(F.linear(x, self.weight), self.num_experts, self.gated, self.act_fn, self.bias)
         return score.abs().float().softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
