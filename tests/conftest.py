@@ -46,3 +46,26 @@ def tokens(samples: int = 4, seqlen: int = 24, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + <eos>) built offline, for tests that need text in and out."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: i for i, char in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab["<eos>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return T.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_text_model(seed: int = 0):
+    """A tiny random Llama whose vocabulary matches `byte_tokenizer()`."""
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(**{**COMMON, "vocab_size": 257, "pad_token_id": 256, "bos_token_id": 256, "eos_token_id": 256})
+    model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model

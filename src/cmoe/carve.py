@@ -16,7 +16,7 @@ from .grouping import ExpertGroups, group_neurons
 from .modeling import carved_config, is_carved
 from .moe import MoEFFN
 from .router import balance_selection_bias, expert_load, fill_router, imbalance
-from .statistics import activation_marks, activation_rate, ffn_hidden
+from .statistics import activation_marks, activation_rate, neuron_scores
 
 
 def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | None = None, *,
@@ -83,7 +83,7 @@ def _check_calibration(calibration) -> torch.Tensor:
 
 def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int, expert_width: int):
     """Carve one FFN from its calibration inputs x [T, H]: the filled `MoEFFN` and what to record of it."""
-    h = ffn_hidden(x, ffn, cosine=config.activation == "cosine")
+    h = neuron_scores(x, ffn, config.activation)
     marks = activation_marks(h, k_act)
     del h
     rate = activation_rate(marks)

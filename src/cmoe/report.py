@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from .adapters import adapter_for
 from .modeling import is_carved
 from .moe import MoEFFN
@@ -51,3 +53,164 @@ def table(rows: list[dict], columns: list[tuple[str, str]], markdown: bool = Fal
         lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
         lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     return "\n".join(lines)
+
+
+# -- the sweep's report folder -----------------------------------------------------------------------------
+
+HEADLINE = ("acc_norm", "acc")  # the accuracy plotted per task: acc_norm where the task has it
+
+
+def _pct(value):
+    return None if value is None else round(100 * value, 1)
+
+
+def _model_cells(row: dict) -> dict:
+    return dict(model=row["config"], preset=row.get("preset", "-"), active=_pct(row["active_fraction"]))
+
+
+def report_tables(rows: list[dict]) -> dict[str, str]:
+    """Markdown tables, one per metric, dense first: {title: table}."""
+    model_columns = [("model", "model"), ("preset", "preset"), ("active", "FFN active %")]
+    tables = {}
+    sets = [s for s in rows[0].get("perplexity", {})]
+    if sets:
+        cells = [dict(_model_cells(r), **r["perplexity"]) for r in rows]
+        tables["Perplexity (lower is better)"] = table(cells, model_columns + [(s, s) for s in sets], markdown=True)
+    tasks = list(rows[0].get("tasks", {}))
+    for metric in ("acc", "acc_norm"):
+        names = [t for t in tasks if metric in rows[0]["tasks"][t]]
+        if not names:
+            continue
+        cells = []
+        for r in rows:
+            cell = _model_cells(r)
+            for t in names:
+                score = r["tasks"][t]
+                cell[t] = f"{100 * score[metric]:.1f} ± {100 * score.get(metric + '_stderr', 0):.1f}"
+            cell["mean"] = round(100 * sum(r["tasks"][t][metric] for t in names) / len(names), 1)
+            cells.append(cell)
+        tables[f"Zero-shot {metric} (%, ± stderr)"] = table(cells, model_columns + [(t, t) for t in names] + [("mean", "mean")],
+                                                            markdown=True)
+    return tables
+
+
+def write_report(folder, results: dict, records: dict) -> list:
+    """report.md and the plots into `folder` (results.json is the caller's). Returns the plot paths."""
+    from pathlib import Path
+
+    from . import plots
+
+    folder, rows = Path(folder), results["rows"]
+    figures = []
+    if rows[0].get("perplexity"):
+        series = {s: [r["perplexity"].get(s) for r in rows] for s in rows[0]["perplexity"]}
+        figures.append(plots.quality_vs_active(rows, series, folder / "ppl_vs_active.png", log_y=True,
+                                               ylabel="perplexity (log scale)", title="Perplexity vs FFN active"))
+    if rows[0].get("tasks"):
+        series = {}
+        for task, score in rows[0]["tasks"].items():
+            metric = next(m for m in HEADLINE if m in score)
+            series[f"{task} ({metric})"] = [100 * r["tasks"][task][metric] for r in rows]
+        figures.append(plots.quality_vs_active(rows, series, folder / "accuracy_vs_active.png",
+                                               ylabel="zero-shot accuracy (%)", title="Zero-shot accuracy vs FFN active"))
+    carved = [(name, Path(path)) for name, path in records.items() if Path(path).exists()]
+    if carved:
+        name, path = carved[0]
+        layers = json.loads(path.read_text())["layers"]
+        figures.append(plots.activation_rate_histograms(layers, folder / "activation_rates.png",
+                                                        title=f"{name}: activation rates of FFN neurons, per layer"))
+        if layers and "load_before" in layers[0]:
+            figures.append(plots.expert_load_heatmaps(layers, folder / "expert_load.png",
+                                                      title=f"{name}: routed expert load on the calibration tokens"))
+    plan = results["plan"]
+    lines = [f"# cmoe sweep: {plan['model']}", "",
+             f"{results['date']}, cmoe {results['cmoe_version']}, preset `{plan['preset']}`; calibration {plan['calib']} "
+             f"{plan['calib_samples']} x {plan['calib_seqlen']} tokens, seed {plan['seed']}; perplexity seqlen "
+             f"{plan['seqlen']}, {'all' if plan['max_windows'] is None else 'first ' + str(plan['max_windows'])} windows.", ""]
+    for title, text in report_tables(rows).items():
+        lines += [f"## {title}", "", text, ""]
+    seconds = [(r["config"], r.get("carve_seconds"), r["seconds"]) for r in rows]
+    lines += ["## Run time", "", table([dict(model=m, carve=c, total=t) for m, c, t in seconds],
+                                       [("model", "model"), ("carve", "carve s"), ("total", "carve + eval s")],
+                                       markdown=True), ""]
+    lines += ["## Plots", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    (folder / "report.md").write_text("\n".join(lines))
+    return figures
+
+
+# -- `cmoe inspect` -----------------------------------------------------------------------------------------
+
+def describe(folder) -> dict:
+    """What a saved carved model is, read from its config, carve record and router buffers (no model is built)."""
+    import re
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from .errors import CMoEError
+
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CMoEError(f"{folder} has no config.json; point inspect at a folder written by cmoe carve.")
+    config = json.loads(config_file.read_text())
+    spec = config.get("cmoe")
+    if not spec:
+        raise CMoEError(f"{folder} holds a dense {config.get('model_type', 'unknown')} model, not a carved one; carve it first.")
+    record_file = folder / "carve_record.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else spec.get("record", {})
+    buffers: dict[int, dict] = {}
+    for weights in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():
+                match = re.search(r"\.(\d+)\..*router\.(selection_bias|gate_scale)$", key)
+                if match:
+                    buffers.setdefault(int(match.group(1)), {})[match.group(2)] = f.get_tensor(key).float().tolist()
+    width = spec["expert_width"]
+    layers = []
+    for index, layer in enumerate(record.get("layers", [])):
+        bias = buffers.get(index, {}).get("selection_bias", layer.get("selection_bias", []))
+        scale = buffers.get(index, {}).get("gate_scale", [])
+        layers.append(dict(
+            layer=index, shared_width=spec["shared"] * width, routed=spec["experts"] - spec["shared"], expert_width=width,
+            top_k=spec["active"], kmeans_iterations=layer.get("kmeans_iterations"),
+            imbalance_before=layer.get("imbalance_before"), imbalance_after=layer.get("imbalance_after"),
+            bias_min=min(bias, default=None), bias_max=max(bias, default=None),
+            gate_scale_max=max((abs(s) for s in scale), default=None),
+            load_after=[round(v, 4) for v in layer.get("load_after", [])],
+            mean_activation_rate=round(sum(layer["activation_rate"]) / len(layer["activation_rate"]), 4)
+            if layer.get("activation_rate") else None,
+        ))
+    return dict(folder=str(folder), model_type=config.get("model_type"), name=record.get("name"),
+                preset=record.get("config", {}).get("preset"), k_act=record.get("k_act"),
+                calibration=record.get("calibration"), carve_seconds=record.get("carve_seconds"),
+                cmoe_version=record.get("cmoe_version"), hidden_size=spec["hidden_size"], expert_width=width,
+                shared=spec["shared"], active=spec["active"], experts=spec["experts"],
+                active_fraction=round((spec["shared"] + spec["active"]) / spec["experts"], 4), layers=layers)
+
+
+def describe_text(info: dict) -> str:
+    """`cmoe inspect`'s printout of `describe`."""
+    calibration = info.get("calibration") or {}
+    head = [
+        f"{info['folder']}: {info['model_type']}, {info['name']} ({info['preset']} preset, cmoe {info['cmoe_version']})",
+        f"  experts: {info['shared']} shared + {info['active']} of {info['experts'] - info['shared']} routed per token, "
+        f"{info['expert_width']} neurons each; {100 * info['active_fraction']:.1f}% of FFN neurons active",
+        f"  calibration: {calibration.get('source', '?')}, {calibration.get('samples', '?')} x {calibration.get('seqlen', '?')} "
+        f"tokens; k_act {info['k_act']}; carved in {info['carve_seconds']} s",
+        "",
+    ]
+    rows = []
+    for layer in info["layers"]:
+        rows.append(dict(
+            layer=layer["layer"], shared=layer["shared_width"], routed=f"{layer['routed']} x {layer['expert_width']}",
+            k=layer["top_k"], iters=layer["kmeans_iterations"],
+            imbalance=None if layer["imbalance_before"] is None else
+            f"{layer['imbalance_before']:.2f} -> {layer['imbalance_after']:.2f}",
+            bias=None if layer["bias_min"] is None else f"{layer['bias_min']:+.3f} .. {layer['bias_max']:+.3f}",
+            load=" ".join(f"{100 * v:.0f}" for v in layer["load_after"]) or None,
+        ))
+    columns = [("layer", "layer"), ("shared", "shared width"), ("routed", "routed experts x width"), ("k", "k"),
+               ("iters", "k-means iters"), ("imbalance", "load max/mean before -> after"),
+               ("bias", "selection bias min .. max"), ("load", "load per routed expert, % (calibration)")]
+    return "\n".join(head) + table(rows, columns)

@@ -9,6 +9,19 @@ from transformers.activations import ACT2FN
 from .adapters import FFNWeights
 
 
+def neuron_scores(x: torch.Tensor, ffn: FFNWeights, activation: str) -> torch.Tensor:
+    """What profiling ranks neurons by, per token [T, I].
+
+    real: |h|. cosine: |h| with unit-length inputs and weight rows (the official code's profiling).
+    contribution: |h| times the length of the neuron's `down` column, i.e. the size of what the neuron adds
+    to the FFN output, so that neurons with large h but small output weights do not take the marks.
+    """
+    h = ffn_hidden(x, ffn, cosine=activation == "cosine").abs_()
+    if activation == "contribution":
+        h *= ffn.down.float().norm(dim=0)
+    return h
+
+
 def ffn_hidden(x: torch.Tensor, ffn: FFNWeights, cosine: bool = False) -> torch.Tensor:
     """The FFN hidden activation h [T, I] for inputs x [T, H] (the input of `down`).
 

@@ -1,0 +1,145 @@
+"""`cmoe sweep`: carve several configurations of one model, evaluate each, and write a report folder.
+
+The work happens in `<REPORT_DIR>.partial/`: each finished model's scores land in its `runs/` at once, so a run that
+is stopped can be started again with the same command and goes on from the next unfinished model. The
+finished report replaces REPORT_DIR in one rename.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .config import CarveConfig
+from .errors import CMoEError
+
+
+@dataclass
+class SweepPlan:
+    model: str
+    configs: list[str]
+    preset: str = "paper"
+    ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    max_windows: int | None = None
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    task_limits: dict[str, int] = field(default_factory=dict)
+    batch_size: int = 8
+    calib: str = "wikitext2"
+    calib_samples: int = 8
+    calib_seqlen: int = 2048
+    seed: int = 0
+    data_dir: str | None = None
+
+    def carve_configs(self) -> list[CarveConfig]:
+        return [CarveConfig.from_name(name, preset=self.preset, seed=self.seed) for name in self.configs]
+
+    def key(self) -> dict:
+        """What must match for a stopped run to be resumed."""
+        return {k: v for k, v in self.__dict__.items() if k != "data_dir"}
+
+
+def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> dict:
+    """Dense first, then each configuration: carve, evaluate, record. Returns the results (also results.json)."""
+    from .models import load_model
+
+    output = Path(output)
+    plan.carve_configs()  # bad names fail before any work
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise CMoEError(f"{output} already exists and is not empty; choose another -o or pass --overwrite.")
+    work = _work_folder(output, plan)
+
+    dense, tokenizer = load_model(plan.model)
+    if tokenizer is None:
+        raise CMoEError(f"{plan.model} has no tokenizer that transformers can load, so it cannot be evaluated.")
+    names = ["dense"] + plan.configs
+    runs = work / "runs"
+    pending = [name for name in names if not (runs / f"{name}.json").exists()]
+    if len(pending) < len(names):
+        print(f"resuming: {len(names) - len(pending)} of {len(names)} models already done in {work}")
+    calibration = None
+    for name in pending:
+        started = time.perf_counter()
+        if name == "dense":
+            row = dict(config="dense", preset="-", active_fraction=1.0)
+            row.update(_evaluate(dense, tokenizer, plan, progress))
+        else:
+            calibration = calibration if calibration is not None else _calibration(tokenizer, plan)
+            row, record = _carve_and_evaluate(dense, tokenizer, name, calibration, plan, progress)
+            (runs / f"{name}.record.json").write_text(json.dumps(record))
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        _write_atomically(runs / f"{name}.json", json.dumps(row, indent=2))
+        print(f"{name}: done in {row['seconds']:.0f} s")
+
+    rows = [json.loads((runs / f"{name}.json").read_text()) for name in names]
+    results = dict(cmoe_version=__version__, plan=plan.key(), date=time.strftime("%Y-%m-%d"), rows=rows)
+    from .report import write_report
+
+    write_report(work, results, records={n: runs / f"{n}.record.json" for n in plan.configs})
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(work, output)
+    return results
+
+
+def _work_folder(output: Path, plan: SweepPlan) -> Path:
+    work = output.with_name(output.name + ".partial")
+    plan_file = work / "plan.json"
+    if work.exists():
+        saved = json.loads(plan_file.read_text()) if plan_file.exists() else None
+        if saved != json.loads(json.dumps(plan.key())):
+            raise CMoEError(f"{work} holds a stopped sweep with different settings; delete it or rerun that sweep's command.")
+        return work
+    (work / "runs").mkdir(parents=True)
+    plan_file.write_text(json.dumps(plan.key(), indent=2))
+    return work
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _calibration(tokenizer, plan: SweepPlan):
+    from .data import calibration_tokens
+
+    return calibration_tokens(tokenizer, plan.calib, plan.calib_samples, plan.calib_seqlen, plan.seed, plan.data_dir)
+
+
+def _carve_and_evaluate(dense, tokenizer, name: str, calibration, plan: SweepPlan, progress: bool):
+    from .carve import carve
+    from .report import ffn_parameters
+
+    config = CarveConfig.from_name(name, preset=plan.preset, seed=plan.seed)
+    started = time.perf_counter()
+    moe = carve(copy.deepcopy(dense), config, calibration, progress=progress,
+                calibration_source=f"{plan.calib} ({plan.calib_samples}x{plan.calib_seqlen}, seed {plan.seed})")
+    row = dict(config=name, preset=plan.preset, carve_seconds=round(time.perf_counter() - started, 1))
+    counts, dense_counts = ffn_parameters(moe), ffn_parameters(dense)
+    row["active_fraction"] = round(counts["active"] / dense_counts["total"], 4)
+    row.update(_evaluate(moe, tokenizer, plan, progress))
+    return row, moe.carve_record
+
+
+def _evaluate(model, tokenizer, plan: SweepPlan, progress: bool) -> dict:
+    from .evaluation import evaluate_perplexity
+
+    scores = {}
+    if plan.ppl:
+        ppl = evaluate_perplexity(model, tokenizer, plan.ppl, plan.seqlen, plan.max_windows, plan.data_dir, progress)
+        scores["perplexity"] = {name: values["ppl"] for name, values in ppl.items()}
+    if plan.tasks:
+        from .zeroshot import evaluate_tasks
+
+        scores["tasks"] = evaluate_tasks(model, tokenizer, plan.tasks, plan.limit, plan.batch_size, plan.data_dir,
+                                         limits=plan.task_limits)
+    return scores
