@@ -129,10 +129,11 @@ def write_report(folder, results: dict, records: dict) -> list:
              f"{plan['seqlen']}, {'all' if plan['max_windows'] is None else 'first ' + str(plan['max_windows'])} windows.", ""]
     for title, text in report_tables(rows).items():
         lines += [f"## {title}", "", text, ""]
-    seconds = [(r["config"], r.get("carve_seconds"), r["seconds"]) for r in rows]
-    lines += ["## Run time", "", table([dict(model=m, carve=c, total=t) for m, c, t in seconds],
-                                       [("model", "model"), ("carve", "carve s"), ("total", "carve + eval s")],
-                                       markdown=True), ""]
+    tasks = list(rows[0].get("tasks", {}))
+    times = [dict(model=r["config"], carve=r.get("carve_seconds"), total=r["seconds"],
+                  **{t: r["tasks"][t].get("seconds") for t in tasks}) for r in rows]
+    lines += ["## Run time (seconds)", "", table(times, [("model", "model"), ("carve", "carve")] + [(t, t) for t in tasks]
+                                                 + [("total", "all")], markdown=True), ""]
     lines += ["## Plots", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     (folder / "report.md").write_text("\n".join(lines))
     return figures

@@ -69,13 +69,15 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
         started = time.perf_counter()
         if name == "dense":
             row = dict(config="dense", preset="-", active_fraction=1.0)
-            row.update(_evaluate(dense, tokenizer, plan, progress))
+            row.update(_evaluate(dense, tokenizer, plan, progress, cache=runs / "dense.lmeval"))
         else:
             calibration = calibration if calibration is not None else _calibration(tokenizer, plan)
-            row, record = _carve_and_evaluate(dense, tokenizer, name, calibration, plan, progress)
+            row, record = _carve_and_evaluate(dense, tokenizer, name, calibration, plan, progress, runs / f"{name}.lmeval")
             (runs / f"{name}.record.json").write_text(json.dumps(record))
         row["seconds"] = round(time.perf_counter() - started, 1)
         _write_atomically(runs / f"{name}.json", json.dumps(row, indent=2))
+        for cache in runs.glob(f"{name}.lmeval*"):  # the harness's request cache, kept only until the row is written
+            cache.unlink()
         print(f"{name}: done in {row['seconds']:.0f} s")
 
     rows = [json.loads((runs / f"{name}.json").read_text()) for name in names]
@@ -115,7 +117,7 @@ def _calibration(tokenizer, plan: SweepPlan):
     return calibration_tokens(tokenizer, plan.calib, plan.calib_samples, plan.calib_seqlen, plan.seed, plan.data_dir)
 
 
-def _carve_and_evaluate(dense, tokenizer, name: str, calibration, plan: SweepPlan, progress: bool):
+def _carve_and_evaluate(dense, tokenizer, name: str, calibration, plan: SweepPlan, progress: bool, cache: Path):
     from .carve import carve
     from .report import ffn_parameters
 
@@ -126,11 +128,11 @@ def _carve_and_evaluate(dense, tokenizer, name: str, calibration, plan: SweepPla
     row = dict(config=name, preset=plan.preset, carve_seconds=round(time.perf_counter() - started, 1))
     counts, dense_counts = ffn_parameters(moe), ffn_parameters(dense)
     row["active_fraction"] = round(counts["active"] / dense_counts["total"], 4)
-    row.update(_evaluate(moe, tokenizer, plan, progress))
+    row.update(_evaluate(moe, tokenizer, plan, progress, cache))
     return row, moe.carve_record
 
 
-def _evaluate(model, tokenizer, plan: SweepPlan, progress: bool) -> dict:
+def _evaluate(model, tokenizer, plan: SweepPlan, progress: bool, cache: Path) -> dict:
     from .evaluation import evaluate_perplexity
 
     scores = {}
@@ -140,6 +142,7 @@ def _evaluate(model, tokenizer, plan: SweepPlan, progress: bool) -> dict:
     if plan.tasks:
         from .zeroshot import evaluate_tasks
 
+        # The request cache lets a stopped run pick up mid-task: the harness stores each answer as it is scored.
         scores["tasks"] = evaluate_tasks(model, tokenizer, plan.tasks, plan.limit, plan.batch_size, plan.data_dir,
-                                         limits=plan.task_limits)
+                                         cache=cache, limits=plan.task_limits)
     return scores
