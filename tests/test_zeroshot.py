@@ -80,3 +80,18 @@ def test_a_partial_data_copy_falls_back_only_for_what_is_missing(tmp_path, monke
     assert len(build_tasks(["piqa"], tmp_path)) == 1
     with pytest.raises(CMoEError, match="boolq"):
         build_tasks(["piqa", "boolq"], tmp_path)
+
+
+def test_cli_eval_runs_tasks_without_perplexity(lm, tmp_path, capsys):
+    from cmoe.cli import main
+
+    model, tokenizer = lm
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert main(["eval", str(tmp_path / "model"), "--tasks", "piqa,lambada", "--limit", "2",
+                 "--json", str(tmp_path / "out.json")]) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert "perplexity" not in report and report["tasks"]["piqa"]["items"] == 2
+    assert "acc_norm %" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "model"), "--tasks", "piqa,mmlu"]) == 2
+    assert "Unknown task 'mmlu'" in capsys.readouterr().err
