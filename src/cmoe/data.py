@@ -34,6 +34,51 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     )
 
 
+_LOCAL_FILES = {"wikitext2": "wikitext2/test.txt", "c4": "c4/c4_sample.jsonl", "ptb": "ptb/test.txt"}
+
+
+def online() -> bool:
+    """Whether the Hugging Face hub can be reached (and offline mode is not asked for)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _local_root(root, name: str) -> Path | None:
+    """The data folder when it has `name`'s files; None when there is none and the hub can stand in."""
+    try:
+        folder = data_dir(root)
+    except CMoEError:
+        if root is None and online():
+            return None
+        raise
+    if not (folder / _LOCAL_FILES[name]).is_file() and root is None and online():
+        return None
+    return folder
+
+
+def _hub_text(name: str, use: str) -> str:
+    """The same texts from the hub through `datasets`, for an online machine without the data folder.
+    C4 comes from the first validation shard of allenai/c4 (the data folder's sample is different text)."""
+    import datasets
+
+    if name == "wikitext2":
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test" if use == "eval" else "validation")
+        return "\n\n".join(rows["text"])
+    if name == "ptb":
+        rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split="test")
+        return " ".join(rows["sentence"])
+    shard = "en/c4-validation.00000-of-00008.json.gz"
+    docs = datasets.load_dataset("allenai/c4", data_files={"validation": shard}, split="validation")["text"]
+    return "\n\n".join(docs[:C4_EVAL_DOCS] if use == "eval" else docs[C4_EVAL_DOCS:C4_EVAL_DOCS * 4])
+
+
 def _read(path: Path) -> str:
     if not path.is_file():
         raise CMoEError(f"Data file {path} is missing; point --data-dir (or CMOE_DATA_DIR) at a folder that has it.")
@@ -49,20 +94,25 @@ def eval_text(name: str, root: str | os.PathLike | None = None) -> str:
     """The evaluation text of a data set, joined as the common evaluation code joins it."""
     if name not in EVAL_SETS:
         raise CMoEError(f"Unknown evaluation set {name!r}; use one of {', '.join(EVAL_SETS)}.")
-    root = data_dir(root)
+    local = _local_root(root, name)
+    if local is None:
+        return _hub_text(name, "eval")
     if name == "wikitext2":
-        return _read(root / "wikitext2" / "test.txt")
+        return _read(local / "wikitext2" / "test.txt")
     if name == "c4":
-        return "\n\n".join(_c4_docs(root)[:C4_EVAL_DOCS])
-    return " ".join(line.strip() for line in _read(root / "ptb" / "test.txt").splitlines())
+        return "\n\n".join(_c4_docs(local)[:C4_EVAL_DOCS])
+    return " ".join(line.strip() for line in _read(local / "ptb" / "test.txt").splitlines())
 
 
 def calibration_text(source: str, root: str | os.PathLike | None = None) -> str:
     """Calibration text that never overlaps evaluation: WikiText-2 validation, C4 documents 500 on, or a file."""
-    if source == "wikitext2":
-        return _read(data_dir(root) / "wikitext2" / "valid.tokens.txt")
-    if source == "c4":
-        return "\n\n".join(_c4_docs(data_dir(root))[C4_EVAL_DOCS:])
+    if source in CALIBRATION_SETS:
+        local = _local_root(root, source)
+        if local is None:
+            return _hub_text(source, "calibration")
+        if source == "wikitext2":
+            return _read(local / "wikitext2" / "valid.tokens.txt")
+        return "\n\n".join(_c4_docs(local)[C4_EVAL_DOCS:])
     path = Path(source)
     if not path.is_file():
         raise CMoEError(f"Calibration source {source!r} is neither {' nor '.join(CALIBRATION_SETS)} nor a text file.")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import data_dir
+from .data import data_dir, online
 from .errors import CMoEError
 
 
@@ -116,7 +116,7 @@ def build_tasks(names: list[str], data: str | os.PathLike | None = None) -> list
     for name in names:
         if root is not None and (root / "tasks" / TASKS[name].file).is_file():
             tasks.append(ConfigurableTask(config=_task_config(name, read_task(name, root))))
-        elif _online():
+        elif online():
             tasks.append(TASKS[name].hub_task)
         else:
             where = root / "tasks" if root is not None else "no data directory"
@@ -132,18 +132,6 @@ def _task_root(data) -> Path | None:
         if data is not None:
             raise
         return None
-
-
-def _online() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    import socket
-
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
 
 
 # -- running the harness -----------------------------------------------------------------------------------
