@@ -33,7 +33,11 @@ def main():
     parser.add_argument("--presets", default="paper,reference")
     parser.add_argument("--sets", default="wikitext2,c4")
     parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from an earlier run's JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        print(f"wrote {plot(json.loads(Path(args.output).read_text()), Path(args.output).with_suffix('.png'))}")
+        return
 
     _, tokenizer = load_model("smollm2")
     texts = {name: tokenize(tokenizer, eval_text(name)) for name in args.sets.split(",")}
@@ -60,7 +64,28 @@ def main():
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} and {plot(report, Path(args.output).with_suffix('.png'))}")
+
+
+def active_fraction(name: str, hidden: int = 576, width: int = 1536) -> float:
+    """FFN parameters a token uses, as a fraction of dense: shared + k routed experts, plus the router."""
+    config = cmoe.CarveConfig.from_name(name)
+    expert = 3 * hidden * width // config.experts
+    return ((config.shared + config.active) * expert + 2 * config.routed * hidden + config.routed) / (3 * hidden * width)
+
+
+def plot(report: dict, path: Path) -> Path:
+    from cmoe.plots import quality_vs_active
+
+    rows = [dict(r, active_fraction=1.0 if r["config"] == "dense" else active_fraction(r["config"])) for r in report["rows"]]
+    series = {}
+    for preset in ("paper", "reference"):
+        for set_name in ("wikitext2", "c4"):
+            values = [r.get(set_name) if r["preset"] in (preset, "-") else None for r in rows]
+            if any(v is not None for v in values[1:]):
+                series[f"{set_name}, {preset}"] = values
+    return quality_vs_active(rows, series, path, log_y=True, ylabel="perplexity (log scale)",
+                             title=f"SmolLM2-135M carved: perplexity vs FFN active ({report['protocol']})")
 
 
 def _git() -> str:

@@ -104,23 +104,28 @@ def ffn_inputs_and_attention(layer, ffn_module, attention_module, hidden, calls)
 
 
 @torch.no_grad()
-def run_layer_replaying_attention(layer, attention_name, attention_outputs, hidden, calls):
-    """Run `layer` on each batch with its attention replaced by the outputs recorded earlier."""
-    attention = getattr(layer, attention_name)
+def run_layer_replaying(layer, adapter, attention_outputs, ffn_outputs, hidden, calls):
+    """Run `layer` on each batch with its attention and FFN replaced by outputs computed earlier, so that
+    neither runs twice; what is left (norms, residuals) runs as the model defines it. The caller puts the
+    FFN module back with `adapter.install`."""
+    attention = getattr(layer, adapter.attention)
     outputs = []
     try:
-        for h, call, recorded in zip(hidden, calls, attention_outputs):
-            setattr(layer, attention_name, _Replay(recorded))
+        for h, call, attention_out, ffn_out in zip(hidden, calls, attention_outputs, ffn_outputs):
+            setattr(layer, adapter.attention, _Replay(attention_out))
+            adapter.install(layer, _Replay(ffn_out, shaped_like_input=True))
             outputs.append(_first(layer(h, *call.args, **call.kwargs)))
     finally:
-        setattr(layer, attention_name, attention)
+        setattr(layer, adapter.attention, attention)
     return outputs
 
 
 class _Replay(nn.Module):
-    def __init__(self, output):
+    """Stands in for a module and returns what it returned before (in the input's shape, if asked)."""
+
+    def __init__(self, output, shaped_like_input: bool = False):
         super().__init__()
-        self.output = output
+        self.output, self.shaped_like_input = output, shaped_like_input
 
     def forward(self, *args, **kwargs):
-        return self.output
+        return self.output.view(args[0].shape) if self.shaped_like_input else self.output

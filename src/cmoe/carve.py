@@ -9,14 +9,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import FFNWeights, adapter_for
-from .calibration import ffn_inputs_and_attention, record_layer_inputs, run_layer_replaying_attention
+from .calibration import ffn_inputs_and_attention, record_layer_inputs, run_layer_replaying
 from .config import CarveConfig
 from .errors import CMoEError
 from .grouping import ExpertGroups, group_neurons
 from .modeling import carved_config, is_carved
 from .moe import MoEFFN
 from .router import balance_selection_bias, expert_load, fill_router, imbalance
-from .statistics import activation_marks, activation_rate, neuron_scores
+from .statistics import activation_marks, activation_rate, ffn_activations
 
 
 def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | None = None, *,
@@ -49,10 +49,12 @@ def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | 
         ffn_in, attention_out = ffn_inputs_and_attention(
             layer, adapter.ffn_module(layer), getattr(layer, adapter.attention), hidden, calls[index])
         ffn = adapter.read(layer, model.config)
-        moe, record = build_moe(torch.cat(ffn_in), ffn, config, k_act, expert_width)
+        moe, record, ffn_out = build_moe(torch.cat(ffn_in), ffn, config, k_act, expert_width)
         adapter.install(layer, moe)
         if index + 1 < len(layers):  # the next layer is carved from what the carved layers before it give
-            hidden = run_layer_replaying_attention(layer, adapter.attention, attention_out, hidden, calls[index])
+            ffn_out = ffn_out.split([len(x) for x in ffn_in])
+            hidden = run_layer_replaying(layer, adapter, attention_out, ffn_out, hidden, calls[index])
+            adapter.install(layer, moe)
         layer.to(home)
         layer_records.append(record)
     seconds = time.perf_counter() - started
@@ -82,10 +84,11 @@ def _check_calibration(calibration) -> torch.Tensor:
 
 
 def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int, expert_width: int):
-    """Carve one FFN from its calibration inputs x [T, H]: the filled `MoEFFN` and what to record of it."""
-    h = neuron_scores(x, ffn, config.activation)
-    marks = activation_marks(h, k_act)
-    del h
+    """Carve one FFN from its calibration inputs x [T, H]: the filled `MoEFFN`, what to record of it, and
+    its output on x [T, H] (computed from the dense hidden activation, which it equals while gates are 1)."""
+    hidden, scores = ffn_activations(x, ffn, config.activation)
+    marks = activation_marks(scores, k_act)
+    del scores
     rate = activation_rate(marks)
     groups = group_neurons(marks, rate, config)
     moe = MoEFFN(ffn.up.shape[1], expert_width, config.shared, config.routed, config.active, ffn.act,
@@ -94,6 +97,8 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
     record = dict(shared_neurons=groups.shared.tolist(), routed_neurons=groups.routed.tolist(),
                   representatives=groups.representatives.tolist(), kmeans_iterations=groups.iterations,
                   activation_rate=[round(r, 5) for r in rate.tolist()])
+    keep = torch.zeros(hidden.shape, dtype=torch.bool, device=hidden.device)  # the neurons each token uses
+    keep[:, groups.shared] = True
     if moe.router is not None:
         fill_router(moe.router, ffn, groups.representatives, config.normalise_router)
         probs = moe.router.probabilities(x.to(ffn.up.dtype))
@@ -104,7 +109,12 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
         record.update(load_before=before.tolist(), load_after=after.tolist(),
                       imbalance_before=imbalance(before), imbalance_after=imbalance(after),
                       selection_bias=moe.router.selection_bias.tolist())
-    return moe, record
+        chosen = moe.router(x.to(ffn.up.dtype))[1]  # [T, k]
+        keep.scatter_(1, groups.routed.to(x.device)[chosen].reshape(len(x), -1), True)
+    out = (hidden * keep) @ ffn.down.float().T
+    if ffn.down_bias is not None:
+        out += ffn.down_bias.float()
+    return moe, record, out.to(x.dtype)
 
 
 @torch.no_grad()

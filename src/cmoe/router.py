@@ -31,21 +31,24 @@ def imbalance(load: torch.Tensor) -> float:
     return float(load.max() / load.mean())
 
 
-def balance_selection_bias(probs: torch.Tensor, top_k: int, steps: int = 300) -> torch.Tensor:
+def balance_selection_bias(probs: torch.Tensor, top_k: int, steps: int = 300, patience: int = 40) -> torch.Tensor:
     """A per-expert bias that evens out the load on these tokens, DeepSeek-V3 style, without training.
 
     Each step nudges overloaded experts' bias down and underloaded ones' up by a shrinking step; the
-    bias with the smallest max/mean load seen is kept. probs: [T, E] router softmax on calibration tokens.
+    bias with the smallest max/mean load seen is kept. It stops after `steps`, or once `patience` steps
+    in a row found nothing better. probs: [T, E] router softmax on calibration tokens.
     """
     num_experts = probs.shape[-1]
     bias = torch.zeros(num_experts, device=probs.device)
-    best, best_imbalance = bias.clone(), imbalance(expert_load(probs, bias, top_k))
+    best, best_imbalance, since_best = bias.clone(), float("inf"), 0
     step = 1.0 / num_experts
     for _ in range(steps):
         load = expert_load(probs, bias, top_k)
         score = imbalance(load)
         if score < best_imbalance:
-            best, best_imbalance = bias.clone(), score
+            best, best_imbalance, since_best = bias.clone(), score, 0
+        elif (since_best := since_best + 1) >= patience:
+            break
         bias -= step * torch.sign(load - 1.0 / num_experts)
         step *= 0.97
     return best

@@ -3,48 +3,41 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from .adapters import FFNWeights
 
 
-def neuron_scores(x: torch.Tensor, ffn: FFNWeights, activation: str) -> torch.Tensor:
-    """What profiling ranks neurons by, per token [T, I].
+def ffn_activations(x: torch.Tensor, ffn: FFNWeights, activation: str = "real") -> tuple[torch.Tensor, torch.Tensor]:
+    """For inputs x [T, H]: the FFN hidden activation h [T, I] (the input of `down`) and the scores that
+    profiling ranks neurons by [T, I], from one pass of the input projections.
 
-    real: |h|. cosine: |h| with unit-length inputs and weight rows (the official code's profiling).
-    contribution: |h| times the length of the neuron's `down` column, i.e. the size of what the neuron adds
-    to the FFN output, so that neurons with large h but small output weights do not take the marks.
-    """
-    h = ffn_hidden(x, ffn, cosine=activation == "cosine").abs_()
-    if activation == "contribution":
-        h *= ffn.down.float().norm(dim=0)
-    return h
-
-
-def ffn_hidden(x: torch.Tensor, ffn: FFNWeights, cosine: bool = False) -> torch.Tensor:
-    """The FFN hidden activation h [T, I] for inputs x [T, H] (the input of `down`).
-
-    With `cosine=True` inputs and weight rows are unit-length first, as the official CMoE code profiles them.
+    real: |h|. cosine: |h| with unit-length inputs and weight rows, as the official CMoE code profiles (the
+    projections are rescaled rather than recomputed). contribution: |h| times the length of the neuron's
+    `down` column, the size of what the neuron adds to the output.
     """
     act = ACT2FN[ffn.act]
     x = x.float()
-    up, gate = ffn.up.float(), None if ffn.gate is None else ffn.gate.float()
-    if cosine:
-        x = F.normalize(x, dim=-1)
-        up = F.normalize(up, dim=-1)
-        gate = None if gate is None else F.normalize(gate, dim=-1)
-    up_bias = None if (cosine or ffn.up_bias is None) else ffn.up_bias.float()
-    h_up = F.linear(x, up, up_bias)
-    if gate is None:
-        return act(h_up)
-    return act(F.linear(x, gate)) * h_up
+    up_dot = x @ ffn.up.float().T
+    gate_dot = None if ffn.gate is None else x @ ffn.gate.float().T
+    up_pre = up_dot if ffn.up_bias is None else up_dot + ffn.up_bias.float()
+    hidden = act(up_pre) if gate_dot is None else act(gate_dot) * up_pre
+    if activation == "real":
+        return hidden, hidden.abs()
+    if activation == "contribution":
+        return hidden, hidden.abs() * ffn.down.float().norm(dim=0)
+    inverse_x = 1.0 / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    up_cos = up_dot * inverse_x / ffn.up.float().norm(dim=-1).clamp_min(1e-12)
+    if gate_dot is None:  # biases are left out, as with unit-length rows they have no meaning
+        return hidden, act(up_cos).abs_()
+    gate_cos = gate_dot * inverse_x / ffn.gate.float().norm(dim=-1).clamp_min(1e-12)
+    return hidden, (act(gate_cos) * up_cos).abs_()
 
 
-def activation_marks(h: torch.Tensor, k_act: int) -> torch.Tensor:
-    """For each token (row), mark the k_act neurons with the largest |h|: bool [T, I]."""
-    top = h.abs().topk(k_act, dim=-1).indices
-    marks = torch.zeros(h.shape, dtype=torch.bool, device=h.device)
+def activation_marks(scores: torch.Tensor, k_act: int) -> torch.Tensor:
+    """For each token (row), mark the k_act neurons with the largest score: bool [T, I]."""
+    top = scores.topk(k_act, dim=-1).indices
+    marks = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     return marks.scatter_(-1, top, True)
 
 
