@@ -105,3 +105,31 @@ def test_reference_preset_carves_and_differs_from_paper():
     router_rows = reference.model.layers[0].mlp.router.weight
     assert torch.allclose(router_rows.norm(dim=-1), torch.ones(6), atol=1e-5)  # unit-length rows
     assert not torch.equal(router_rows, paper.model.layers[0].mlp.router.weight)
+
+
+def test_each_layer_is_carved_from_what_the_carved_layers_before_it_give(family, monkeypatch):
+    """The FFN inputs carving saw are the carved model's own FFN inputs on the calibration tokens
+    (a carved, not dense, prefix; the FFN output replayed into each layer is the MoE's output)."""
+    import sys
+
+    carve_module = sys.modules["cmoe.carve"]  # the module, not the function `cmoe.carve`
+    seen = []
+    real_build = carve_module.build_moe
+    monkeypatch.setattr(carve_module, "build_moe", lambda x, *a: (seen.append(x.clone()), real_build(x, *a))[1])
+    calibration = tokens(samples=3, seed=2)
+    moe = cmoe.carve(tiny_model(family), cmoe.CarveConfig(shared=1, active=1, experts=4), calibration,
+                     batch_size=2, progress=False)
+    adapter = adapter_for(moe)
+    actual = []
+    hooks = [adapter.ffn_module(layer).register_forward_pre_hook(
+        lambda module, args: actual.append(args[0].reshape(-1, args[0].shape[-1]).clone()))
+        for layer in adapter.layers(moe)]
+    with torch.no_grad():
+        for batch in calibration.split(2):
+            moe(batch)
+    for hook in hooks:
+        hook.remove()
+    layers = len(seen)
+    for index in range(layers):
+        got = torch.cat(actual[index::layers])  # hooks fire layer by layer within each batch
+        assert torch.allclose(seen[index], got, atol=1e-5), f"layer {index}"
