@@ -63,7 +63,8 @@ def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | 
         hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared, active=config.active,
         experts=config.experts, act=first.act, gated=first.gated, bias=first.up_bias is not None,
         record=dict(
-            cmoe_version=__version__, config=config.to_dict(), name=config.name, k_act=k_act,
+            cmoe_version=__version__, source=getattr(model, "name_or_path", None) or None, config=config.to_dict(),
+            name=config.name, k_act=k_act,
             calibration=dict(source=calibration_source, samples=calibration.shape[0], seqlen=calibration.shape[1]),
             carve_seconds=round(seconds, 2), layers=layer_records,
         ),

@@ -1,4 +1,4 @@
-"""The `cmoe` command: carve, eval, sweep, inspect, fetch, convert-llama2c, demo."""
+"""The `cmoe` command: carve, eval, sweep, bench, inspect, fetch, convert-llama2c, demo."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ examples:
   cmoe eval smollm2-S3A3E8 --ppl "" --tasks piqa,arc_easy --limit 200   zero-shot through lm-evaluation-harness
   cmoe sweep smollm2 --configs S3A3E8,S2A2E8,S1A1E8 --max-windows 8 -o report   table + plots
   cmoe inspect smollm2-S3A3E8                              experts, loads and biases per layer
+  cmoe bench smollm2-S3A3E8 --batch 1,8                    dense vs carved speed, side by side
   cmoe demo                                                the whole tool in a few minutes
 """
 
@@ -88,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     sweep.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
     sweep.add_argument("--overwrite", action="store_true", help="replace REPORT_DIR if it already holds something")
+
+    bench = commands.add_parser("bench", help="time a carved model against its dense source, side by side",
+                                description="Time the FFN of the middle layer and the whole model, dense and carved, "
+                                "interleaved in one process; medians after warm-up, with the ideal ratio from FLOPs "
+                                "(prefill) or weight bytes read (decode).")
+    bench.add_argument("model", metavar="OUT", help="a carved folder (cmoe carve)")
+    bench.add_argument("--against", metavar="DENSE", help="the dense model (default: the one OUT was carved from)")
+    bench.add_argument("--mode", type=_csv, default=["prefill", "decode"], help="prefill,decode (default both)")
+    bench.add_argument("--batch", type=lambda t: [int(b) for b in _csv(t)], default=[1, 8, 32],
+                       help="decode batch sizes (default 1,8,32)")
+    bench.add_argument("--seqlen", type=int, default=2048, help="prefill tokens (default 2048)")
+    bench.add_argument("--repeats", type=int, help="timed runs per measurement (default: 10 FFN prefill, 50 FFN "
+                       "decode, 5 model prefill, 3 generation)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    bench.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     inspect = commands.add_parser("inspect", help="what a carved model is: experts, loads and biases per layer",
                                   description="Summarise a carved model folder without loading its weights.")
@@ -224,6 +241,51 @@ def cmd_sweep(args) -> dict:
     return results
 
 
+def cmd_bench(args) -> dict:
+    import platform
+
+    import torch
+
+    from cmoe.errors import CMoEError
+    from cmoe.modeling import is_carved
+    from cmoe.models import load_model
+    from cmoe.report import table
+    from cmoe.speed import run_benchmark
+
+    carved, _ = load_model(args.model, _dtype(args.dtype), args.device)
+    if not is_carved(carved):
+        raise CMoEError(f"{args.model} is a dense model; bench a carved folder (cmoe carve) and pass the dense one as --against.")
+    source = args.against or carved.carve_record.get("source")
+    if not source:
+        raise CMoEError(f"{args.model} does not record the model it was carved from; pass it with --against.")
+    dense, _ = load_model(source, _dtype(args.dtype), args.device)
+    rows = run_benchmark(carved.eval(), dense.eval(), args.mode, args.batch, args.seqlen, args.repeats)
+    print(_bench_table(rows))
+    report = dict(model=args.model, against=source, device=str(next(carved.parameters()).device), dtype=args.dtype,
+                  machine=f"{platform.machine()}, {torch.get_num_threads()} threads", torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d"), rows=rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _bench_table(rows: list[dict]) -> str:
+    from cmoe.report import table
+
+    cells = []
+    for r in rows:
+        size = f"{r['tokens']} tokens" if r["mode"] == "prefill" else f"batch {r.get('batch', r.get('tokens'))}"
+        if "dense_tok_s" in r:
+            dense, carved = f"{r['dense_tok_s']:.1f} tok/s", f"{r['carved_tok_s']:.1f} tok/s"
+        else:
+            dense, carved = f"{r['dense_ms']:.2f} ms", f"{r['carved_ms']:.2f} ms"
+        ideal = r.get("ideal_ratio", r.get("ffn_ideal_ratio"))
+        cells.append(dict(what=f"{r['level']} {r['mode']}", size=size, dense=dense, carved=carved,
+                          ratio=f"{r['ratio']:.2f}x", ideal=f"{ideal:.2f}x" + ("" if r["level"] == "ffn" else " (FFN)")))
+    return table(cells, [("what", "measured"), ("size", "size"), ("dense", "dense"), ("carved", "carved"),
+                         ("ratio", "dense/carved"), ("ideal", "ideal")])
+
+
 def cmd_inspect(args) -> dict:
     from cmoe.report import describe, describe_text
 
@@ -254,7 +316,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from cmoe.errors import CMoEError
 
-    handlers = dict(carve=cmd_carve, eval=cmd_eval, sweep=cmd_sweep, inspect=cmd_inspect, fetch=cmd_fetch, demo=_demo)
+    handlers = dict(carve=cmd_carve, eval=cmd_eval, sweep=cmd_sweep, bench=cmd_bench, inspect=cmd_inspect, fetch=cmd_fetch, demo=_demo)
     handlers["convert-llama2c"] = cmd_convert
     try:
         handlers[args.command](args)

@@ -1,0 +1,185 @@
+"""Speed, measured honestly: dense and carved side by side in one process, interleaved, medians after warm-up.
+
+Two levels: the FFN of one layer (dense module vs `MoEFFN` on the same input), and the whole model
+(prefill of one sequence, and greedy decoding with the KV cache at several batch sizes). Each result
+carries the ideal ratio: from the FLOPs for prefill, and from the bytes of FFN weights read for decode.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import CarveConfig
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(runs: dict[str, callable], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each callable, run in alternating order round after round (so drift hits all alike)."""
+    names = list(runs)
+    times = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            _sync(device)
+            started = time.perf_counter()
+            runs[name]()
+            _sync(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# -- what the ideal speed-up is ----------------------------------------------------------------------------
+
+@dataclass
+class Shape:
+    hidden: int
+    intermediate: int
+    shared: int
+    active: int
+    experts: int
+    gated: bool = True
+
+    @property
+    def width(self) -> int:
+        return self.intermediate // self.experts
+
+    @property
+    def routed(self) -> int:
+        return self.experts - self.shared
+
+    def dense_flops(self, tokens: int) -> float:
+        return 2.0 * tokens * (3 if self.gated else 2) * self.hidden * self.intermediate
+
+    def carved_flops(self, tokens: int) -> float:
+        projections = (3 if self.gated else 2) * self.hidden * self.width * (self.shared + self.active)
+        router = (2 if self.gated else 1) * self.routed * self.hidden
+        return 2.0 * tokens * (projections + router)
+
+    def expected_experts_read(self, tokens: int) -> float:
+        """Distinct routed experts a batch of `tokens` decode tokens touches, if each picks `active` at random."""
+        if self.routed == 0:
+            return 0.0
+        return self.routed * (1 - (1 - self.active / self.routed) ** tokens)
+
+    def ideal_prefill_ratio(self, tokens: int) -> float:
+        return self.dense_flops(tokens) / self.carved_flops(tokens)
+
+    def ideal_decode_ratio(self, batch: int) -> float:
+        per_expert = (3 if self.gated else 2) * self.hidden * self.width
+        dense = self.experts * per_expert
+        carved = (self.shared + self.expected_experts_read(batch)) * per_expert + (2 if self.gated else 1) * self.routed * self.hidden
+        return dense / carved
+
+
+def shape_of(moe, dense_intermediate: int) -> Shape:
+    spec_experts = (0 if moe.experts is None else moe.experts.num_experts)
+    width = moe.experts.width if moe.experts is not None else moe.shared.width
+    shared = 0 if moe.shared is None else moe.shared.width // width
+    active = 0 if moe.router is None else moe.router.top_k
+    return Shape(moe.hidden_size, dense_intermediate, shared, active, shared + spec_experts,
+                 gated=moe.experts.gated if moe.experts is not None else moe.shared.gated)
+
+
+# -- a carved FFN of any shape, for speed only ---------------------------------------------------------------
+
+def random_ffn_pair(hidden: int, intermediate: int, config: CarveConfig, dtype=torch.float32, device="cpu", seed: int = 0):
+    """A dense Llama FFN with random weights and its carved counterpart (random grouping; speed only)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from .adapters import FFNWeights
+    from .carve import _fill_experts
+    from .grouping import ExpertGroups
+    from .moe import MoEFFN
+    from .router import fill_router
+
+    torch.manual_seed(seed)
+    dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate)).to(dtype)
+    nn.init.normal_(dense.gate_proj.weight, std=hidden ** -0.5)
+    nn.init.normal_(dense.up_proj.weight, std=hidden ** -0.5)
+    nn.init.normal_(dense.down_proj.weight, std=intermediate ** -0.5)
+    ffn = FFNWeights(up=dense.up_proj.weight.data, down=dense.down_proj.weight.data, act="silu",
+                     gate=dense.gate_proj.weight.data)
+    width = config.expert_width(intermediate)
+    order = torch.randperm(intermediate)
+    routed = order[config.shared * width:].view(config.routed, width).sort(dim=-1).values
+    groups = ExpertGroups(shared=order[: config.shared * width], routed=routed, representatives=routed[:, 0], iterations=0)
+    moe = MoEFFN(hidden, width, config.shared, config.routed, config.active, "silu", True, False).to(dtype)
+    with torch.no_grad():
+        _fill_experts(moe, ffn, groups)
+        if moe.router is not None:
+            fill_router(moe.router, ffn, groups.representatives, normalise=False)
+    return dense.to(device).eval(), moe.to(device).eval()
+
+
+# -- the two levels ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def bench_ffn(dense: nn.Module, moe: nn.Module, shape: Shape, tokens: int, *, decode: bool, repeats: int = 20,
+              warmup: int = 3) -> dict:
+    """Dense FFN vs carved FFN on `tokens` random inputs (a prefill of that many tokens, or a decode batch)."""
+    parameter = next(dense.parameters())
+    x = torch.randn(1, tokens, shape.hidden, dtype=parameter.dtype, device=parameter.device)
+    medians = interleaved_medians(dict(dense=lambda: dense(x), carved=lambda: moe(x)), repeats, warmup, parameter.device)
+    ideal = shape.ideal_decode_ratio(tokens) if decode else shape.ideal_prefill_ratio(tokens)
+    return dict(level="ffn", mode="decode" if decode else "prefill", tokens=tokens, dense_ms=1e3 * medians["dense"],
+                carved_ms=1e3 * medians["carved"], ratio=medians["dense"] / medians["carved"], ideal_ratio=ideal,
+                ideal_basis="weight bytes read" if decode else "FLOPs", repeats=repeats)
+
+
+@torch.no_grad()
+def bench_prefill(dense_model, carved_model, seqlen: int, shape: Shape, repeats: int = 5, warmup: int = 1) -> dict:
+    parameter = next(dense_model.parameters())
+    ids = torch.randint(3, dense_model.config.vocab_size, (1, seqlen), device=parameter.device)
+    runs = dict(dense=lambda: dense_model(ids, use_cache=False), carved=lambda: carved_model(ids, use_cache=False))
+    medians = interleaved_medians(runs, repeats, warmup, parameter.device)
+    return dict(level="model", mode="prefill", tokens=seqlen, dense_ms=1e3 * medians["dense"],
+                carved_ms=1e3 * medians["carved"], ratio=medians["dense"] / medians["carved"],
+                ffn_ideal_ratio=shape.ideal_prefill_ratio(seqlen), repeats=repeats)
+
+
+@torch.no_grad()
+def bench_decode(dense_model, carved_model, batch: int, shape: Shape, prompt: int = 32, new_tokens: int = 32,
+                 repeats: int = 3, warmup: int = 1) -> dict:
+    """Greedy generation of `new_tokens` after a `prompt`-token prompt, KV cache on: tokens/s of each."""
+    parameter = next(dense_model.parameters())
+    ids = torch.randint(3, dense_model.config.vocab_size, (batch, prompt), device=parameter.device)
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                    pad_token_id=0)
+    runs = dict(dense=lambda: dense_model.generate(ids, **settings), carved=lambda: carved_model.generate(ids, **settings))
+    medians = interleaved_medians(runs, repeats, warmup, parameter.device)
+    tokens = batch * new_tokens
+    return dict(level="model", mode="decode", batch=batch, new_tokens=new_tokens, dense_tok_s=tokens / medians["dense"],
+                carved_tok_s=tokens / medians["carved"], ratio=medians["dense"] / medians["carved"],
+                ffn_ideal_ratio=shape.ideal_decode_ratio(batch), repeats=repeats)
+
+
+def run_benchmark(carved_model, dense_model, modes=("prefill", "decode"), batches=(1, 8, 32), seqlen: int = 2048,
+                  repeats: int | None = None, progress: bool = True) -> list[dict]:
+    """Every measurement `cmoe bench` makes, as rows: FFN of the middle layer, then the whole model."""
+    from tqdm.auto import tqdm
+
+    from .adapters import adapter_for
+
+    adapter = adapter_for(dense_model)
+    middle = len(adapter.layers(dense_model)) // 2
+    dense_ffn = adapter.ffn_module(adapter.layers(dense_model)[middle])
+    moe = adapter.ffn_module(adapter.layers(carved_model)[middle])
+    shape = shape_of(moe, adapter.read(adapter.layers(dense_model)[middle], dense_model.config).width)
+    jobs = []
+    if "prefill" in modes:
+        jobs += [lambda: bench_ffn(dense_ffn, moe, shape, seqlen, decode=False, repeats=repeats or 10),
+                 lambda: bench_prefill(dense_model, carved_model, seqlen, shape, repeats=repeats or 5)]
+    if "decode" in modes:
+        jobs += [lambda b=b: bench_ffn(dense_ffn, moe, shape, b, decode=True, repeats=repeats or 50) for b in batches]
+        jobs += [lambda b=b: bench_decode(dense_model, carved_model, b, shape, repeats=repeats or 3) for b in batches]
+    return [job() for job in tqdm(jobs, desc="benchmark", disable=not progress)]

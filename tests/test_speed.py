@@ -1,0 +1,45 @@
+"""The speed benchmark's machinery (timings themselves live in bench/, not in tests)."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tokens
+
+import cmoe
+from cmoe.cli import main
+from cmoe.speed import Shape, random_ffn_pair
+
+
+def test_ideal_ratios_follow_the_arithmetic():
+    s1a1e8 = Shape(hidden=4096, intermediate=11008, shared=1, active=1, experts=8)
+    assert s1a1e8.ideal_prefill_ratio(2048) == pytest.approx(4.0, rel=0.01)  # 2 of 8 slices, plus a small router
+    assert s1a1e8.ideal_prefill_ratio(2048) < 4.0
+    assert s1a1e8.ideal_decode_ratio(1) == pytest.approx(4.0, rel=0.01)  # batch 1 reads 2 of 8 slices
+    assert s1a1e8.ideal_decode_ratio(32) < 1.5  # a big batch touches nearly every expert
+    every = Shape(hidden=64, intermediate=256, shared=2, active=6, experts=8)
+    assert every.ideal_decode_ratio(1) < 1.0  # nothing saved, the router costs a little
+
+
+def test_random_pair_with_every_expert_active_is_the_dense_ffn():
+    dense, moe = random_ffn_pair(64, 256, cmoe.CarveConfig(shared=2, active=6, experts=8))
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        assert torch.allclose(moe(x), dense(x), atol=1e-5)
+
+
+def test_cli_bench_compares_a_carved_folder_with_its_source(tmp_path, capsys):
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    moe.save_pretrained(tmp_path / "moe")
+    args = ["bench", str(tmp_path / "moe"), "--against", str(tmp_path / "dense"), "--seqlen", "16", "--batch", "1,2",
+            "--repeats", "2", "--json", str(tmp_path / "bench.json")]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["level"], r["mode"]) for r in rows] == [("ffn", "prefill"), ("model", "prefill"), ("ffn", "decode"),
+                                                         ("ffn", "decode"), ("model", "decode"), ("model", "decode")]
+    assert all(r["ratio"] > 0 for r in rows)
+    assert "dense/carved" in capsys.readouterr().out
+    assert main(["bench", str(tmp_path / "dense")]) == 2
+    assert "is a dense model" in capsys.readouterr().err
