@@ -44,6 +44,15 @@ def test_vectorised_forward_matches_naive():
             assert torch.allclose(moe(x), naive_forward(moe, x), atol=1e-4, rtol=1e-4)
 
 
+def test_few_token_decode_path_matches_naive():
+    for gated, bias in [(True, False), (False, True)]:
+        moe = random_moe(gated, bias)
+        for tokens in (1, 2):  # 2 and 4 (token, expert) pairs: the CPU decode path
+            x = torch.randn(tokens, 16)
+            with torch.no_grad():
+                assert torch.allclose(moe(x), naive_forward(moe, x), atol=1e-4, rtol=1e-4)
+
+
 def test_autograd_path_matches_inference_path():
     moe = random_moe()
     x = torch.randn(3, 11, 16)

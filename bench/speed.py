@@ -1,0 +1,93 @@
+"""Speed benchmark (issue 4): dense vs carved, side by side in one process, medians of interleaved runs.
+
+    .venv/bin/python bench/speed.py [--device cpu|cuda] [--dtype float32|bfloat16] [--configs S1A1E8,S2A2E8,S3A3E8]
+
+1. SmolLM2-135M-Instruct carved with the paper preset (calibration 4 x 512 WikiText-2 tokens: routing
+   only has to be realistic here, not optimal): FFN of the middle layer and the whole model, prefill of
+   2,048 tokens and decode at batch 1, 8, 32 (`cmoe bench`'s measurements).
+2. A Llama-2-7B-shaped FFN (hidden 4096, intermediate 11008, random weights, random grouping): speed only,
+   prefill of 2,048 tokens (8,192 on CUDA) and decode at batch 1.
+Writes bench/results/speed_<device>_<dtype>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import cmoe
+from cmoe.speed import bench_ffn, random_ffn_pair, run_benchmark, shape_of
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def smollm2_rows(configs, device, dtype, batches) -> list[dict]:
+    from cmoe.data import calibration_tokens
+    from cmoe.models import load_model
+
+    dense, tokenizer = load_model("smollm2", dtype, device)
+    calibration = calibration_tokens(tokenizer, "wikitext2", 4, 512, seed=0)
+    rows = []
+    for name in configs:
+        carved, _ = load_model("smollm2", dtype, device)
+        carved = cmoe.carve(carved, cmoe.CarveConfig.from_name(name), calibration, progress=False)
+        for row in run_benchmark(carved.eval(), dense.eval(), batches=batches, seqlen=2048):
+            rows.append(dict(model="SmolLM2-135M", config=name, **row))
+            print(json.dumps(rows[-1]), flush=True)
+        del carved
+    return rows
+
+
+def llama7b_ffn_rows(configs, device, dtype) -> list[dict]:
+    rows = []
+    prefill = 8192 if device == "cuda" else 2048
+    for name in configs:
+        dense, moe = random_ffn_pair(4096, 11008, cmoe.CarveConfig.from_name(name), dtype, device)
+        shape = shape_of(moe, 11008)
+        for tokens, decode, repeats in ((prefill, False, 5 if device == "cpu" else 20), (1, True, 50)):
+            row = bench_ffn(dense, moe, shape, tokens, decode=decode, repeats=repeats)
+            rows.append(dict(model="Llama-2-7B-shaped FFN (random weights)", config=name, **row))
+            print(json.dumps(rows[-1]), flush=True)
+        del dense, moe
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--configs", default="S1A1E8,S2A2E8,S3A3E8")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--skip-smollm2", action="store_true")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    configs = args.configs.split(",")
+    rows = [] if args.skip_smollm2 else smollm2_rows(configs, args.device, dtype, [int(b) for b in args.batches.split(",")])
+    rows += llama7b_ffn_rows(configs, args.device, dtype)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    report = dict(benchmark="speed", command=" ".join([Path(sys.executable).name] + sys.argv),
+                  date=time.strftime("%Y-%m-%d"), device=device_name, threads=torch.get_num_threads(),
+                  dtype=args.dtype, torch=torch.__version__, cmoe=cmoe.__version__, git=_git(), rows=rows)
+    path = RESULTS / f"speed_{args.device}_{args.dtype}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
