@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-speed bench-zeroshot clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+# Benchmarks write bench/results/*.json; BENCHMARKS.md summarises them. Each takes from minutes to hours.
+bench: bench-speed
 	$(BIN)/python bench/perplexity.py
+
+bench-speed: $(STAMP)
+	$(BIN)/python bench/speed.py
+
+bench-zeroshot: $(STAMP)
+	$(BIN)/python bench/zeroshot.py
 
 clean:
 	rm -rf $(VENV) demo_results .pytest_cache

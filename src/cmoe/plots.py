@@ -72,9 +72,11 @@ def activation_rate_histograms(layers: list[dict], path: Path, *, title: str, pa
         bins = 40
         top = max(rate) or 1.0
         edges = [top * b / bins for b in range(bins + 1)]
-        ax.hist(routed_rates, bins=edges, color="tab:blue", label="routed")
+        ax.hist([routed_rates, shared_rates], bins=edges, stacked=True, color=["tab:blue", "tab:orange"],
+                label=["routed neurons", "shared neurons"])
         if shared_rates:
-            ax.hist(shared_rates, bins=edges, color="tab:orange", label="shared")
+            ax.axvline(min(shared_rates), color="black", linestyle="--", linewidth=0.8,
+                       label="lowest shared rate")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(PLAIN)
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))

@@ -65,7 +65,7 @@ def _pct(value):
 
 
 def _model_cells(row: dict) -> dict:
-    return dict(model=row["config"], preset=row.get("preset", "-"), active=_pct(row["active_fraction"]))
+    return dict(model=row["config"], preset=row.get("preset", "-"), active=f"{100 * row['active_fraction']:.1f}")
 
 
 def report_tables(rows: list[dict]) -> dict[str, str]:
@@ -87,7 +87,7 @@ def report_tables(rows: list[dict]) -> dict[str, str]:
             for t in names:
                 score = r["tasks"][t]
                 cell[t] = f"{100 * score[metric]:.1f} ± {100 * score.get(metric + '_stderr', 0):.1f}"
-            cell["mean"] = round(100 * sum(r["tasks"][t][metric] for t in names) / len(names), 1)
+            cell["mean"] = f"{100 * sum(r['tasks'][t][metric] for t in names) / len(names):.1f}"
             cells.append(cell)
         tables[f"Zero-shot {metric} (%, ± stderr)"] = table(cells, model_columns + [(t, t) for t in names] + [("mean", "mean")],
                                                             markdown=True)
