@@ -1,4 +1,4 @@
-"""The `cmoe` command: carve, eval, sweep, bench, inspect, fetch, convert-llama2c, demo."""
+"""The `cmoe` command: carve, eval, sweep, finetune, bench, inspect, fetch, convert-llama2c, demo."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ examples:
   cmoe sweep smollm2 --configs S3A3E8,S2A2E8,S1A1E8 --max-windows 8 -o report   table + plots
   cmoe inspect smollm2-S3A3E8                              experts, loads and biases per layer
   cmoe bench smollm2-S3A3E8 --batch 1,8                    dense vs carved speed, side by side
+  cmoe finetune smollm2-S3A3E8 -o smollm2-S3A3E8-ft --loss distill --max-minutes 20
   cmoe demo                                                the whole tool in a few minutes
 """
 
@@ -89,6 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     sweep.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
     sweep.add_argument("--overwrite", action="store_true", help="replace REPORT_DIR if it already holds something")
+
+    tune = commands.add_parser("finetune", help="win back quality with a short LoRA fine-tune of a carved model",
+                               description="LoRA on attention and every expert, router rows and gate scales trained "
+                               "in full, selection bias balanced by load; merged and saved as a plain carved model. "
+                               "Checkpoints go to OUT_FT.partial/; --resume continues from the last one.")
+    tune.add_argument("model", metavar="OUT", help="a carved folder (cmoe carve)")
+    tune.add_argument("-o", "--output", required=True, metavar="OUT_FT", help="folder for the fine-tuned model")
+    tune.add_argument("--data", default="wikitext2", metavar="SOURCE",
+                      help="wikitext2 (validation split, default), c4 (documents 500 on) or a text file")
+    tune.add_argument("--samples", type=int, default=2048, help="training windows (default 2048)")
+    tune.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    tune.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
+    tune.add_argument("--loss", choices=("lm", "distill"), default="lm",
+                      help="lm: next-token loss; distill: KL to the dense model's predictions (default lm)")
+    tune.add_argument("--teacher", metavar="DENSE", help="the dense model for --loss distill (default: the source)")
+    tune.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
+    tune.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
+    tune.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (default 1e-4)")
+    tune.add_argument("--router-lr", type=float, default=1e-3, help="router and gate-scale learning rate (default 1e-3)")
+    tune.add_argument("--bias-speed", type=float, default=1e-3, help="selection-bias step per update (default 1e-3)")
+    tune.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
+    tune.add_argument("--max-minutes", type=float, help="stop (and save) after this many minutes")
+    tune.add_argument("--resume", action="store_true", help="continue a stopped fine-tune from its checkpoint")
+    tune.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    tune.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    tune.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
+    tune.add_argument("--overwrite", action="store_true", help="replace OUT_FT if it already holds something")
 
     bench = commands.add_parser("bench", help="time a carved model against its dense source, side by side",
                                 description="Time the FFN of the middle layer and the whole model, dense and carved, "
@@ -241,6 +269,38 @@ def cmd_sweep(args) -> dict:
     return results
 
 
+def cmd_finetune(args) -> dict:
+    from cmoe.errors import CMoEError
+    from cmoe.finetune import FinetuneConfig, finetune
+    from cmoe.modeling import is_carved
+    from cmoe.models import load_model
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CMoEError(f"{out} already exists and is not empty; choose another -o or pass --overwrite.")
+    config = FinetuneConfig(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
+                            loss=args.loss, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
+                            router_lr=args.router_lr, bias_speed=args.bias_speed, epochs=args.epochs,
+                            max_minutes=args.max_minutes, seed=args.seed)
+    model, tokenizer = load_model(args.model, device=args.device)
+    if not is_carved(model):
+        raise CMoEError(f"{args.model} is a dense model; carve it first (cmoe carve), then fine-tune the carved folder.")
+    if tokenizer is None:
+        raise CMoEError(f"{args.model} has no tokenizer that transformers can load, so its training text cannot be read.")
+    teacher = None
+    if args.loss == "distill":
+        source = args.teacher or model.carve_record.get("source")
+        if not source:
+            raise CMoEError("Distillation needs the dense model and the carve record does not name it; pass --teacher.")
+        teacher, _ = load_model(source, device=args.device)
+        teacher.eval()
+    summary = finetune(model, tokenizer, config, out, teacher=teacher, resume=args.resume, data_dir=args.data_dir)
+    print(f"fine-tuned {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['seconds']:.0f} s; "
+          f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; routed load max/mean "
+          f"{summary['imbalance_before']:.3f} -> {summary['imbalance_after']:.3f} -> {out}")
+    return summary
+
+
 def cmd_bench(args) -> dict:
     import platform
 
@@ -316,7 +376,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from cmoe.errors import CMoEError
 
-    handlers = dict(carve=cmd_carve, eval=cmd_eval, sweep=cmd_sweep, bench=cmd_bench, inspect=cmd_inspect, fetch=cmd_fetch, demo=_demo)
+    handlers = dict(carve=cmd_carve, eval=cmd_eval, sweep=cmd_sweep, finetune=cmd_finetune, bench=cmd_bench, inspect=cmd_inspect, fetch=cmd_fetch, demo=_demo)
     handlers["convert-llama2c"] = cmd_convert
     try:
         handlers[args.command](args)

@@ -39,6 +39,8 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
         self.gate_scale = nn.Parameter(torch.zeros(num_experts))
         self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        self.count_load = False
         self.act_fn = ACT2FN[act]
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +51,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = self.probabilities(x)
         chosen = (probs + self.selection_bias).topk(self.top_k, dim=-1).indices  # [T, k]
+        if self.count_load:  # fine-tuning reads how many token slots each expert got, to balance them
+            self.load_counts += torch.bincount(chosen.reshape(-1).detach(), minlength=self.num_experts)
         weights = 1 + probs.gather(-1, chosen) * self.gate_scale[chosen]
         return weights.to(x.dtype), chosen
 

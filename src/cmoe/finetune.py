@@ -1,0 +1,256 @@
+"""`finetune(model, tokenizer, config, output)`: the short recovery fine-tune after carving.
+
+LoRA (through peft) on the attention projections and on every expert, shared and routed; the router rows
+and the gate scales `u` are trained in full. The selection bias is nudged by each step's expert load
+(auxiliary-loss-free balancing, DeepSeek-V3 style). Two losses: next-token (`lm`), or distillation from the
+dense model (`distill`, KL between teacher and student next-token distributions, teacher run on the fly).
+Windows are cut from the token stream one batch at a time; checkpoints let a stopped run resume. At the
+end LoRA is merged into the weights and the result is saved as an ordinary carved model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapters import adapter_for
+from .errors import CMoEError
+from .modeling import is_carved
+from .moe import MoEFFN, Router
+
+CHECKPOINT = "checkpoint.pt"
+EXPERT_PARAMETERS = ["shared.gate_up_proj", "shared.down_proj", "experts.gate_up_proj", "experts.down_proj"]
+
+
+@dataclass
+class FinetuneConfig:
+    data: str = "wikitext2"  # wikitext2 (validation split), c4 (documents 500 on) or a text file
+    samples: int = 2048  # training windows
+    seqlen: int = 2048
+    batch_size: int = 1
+    loss: str = "lm"  # "lm" or "distill"
+    temperature: float = 1.0  # distillation temperature
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lr: float = 1e-4  # LoRA
+    router_lr: float = 1e-3  # router rows and gate scales
+    bias_speed: float = 1e-3  # selection-bias step per optimiser step
+    epochs: int = 1
+    max_minutes: float | None = None
+    checkpoint_every: int = 50  # steps
+    gradient_checkpointing: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in ("lm", "distill"):
+            raise CMoEError(f"loss must be 'lm' or 'distill', got {self.loss!r}.")
+        if min(self.samples, self.seqlen, self.batch_size, self.lora_rank, self.epochs) < 1:
+            raise CMoEError("samples, seqlen, batch size, LoRA rank and epochs must all be at least 1.")
+
+
+class TrainingWindows:
+    """`samples` seeded windows of `seqlen` tokens from one token stream, cut a batch at a time."""
+
+    def __init__(self, ids: torch.Tensor, samples: int, seqlen: int, batch_size: int, seed: int):
+        self.ids = ids.reshape(-1)
+        if self.ids.numel() <= seqlen:
+            raise CMoEError(f"The training text has {self.ids.numel()} tokens, too few for windows of {seqlen}; "
+                            "give a longer text or a smaller --seqlen.")
+        self.samples, self.seqlen, self.batch_size, self.seed = samples, seqlen, batch_size, seed
+
+    def __len__(self) -> int:
+        return math.ceil(self.samples / self.batch_size)
+
+    def batch(self, step: int, epoch: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + step)
+        count = min(self.batch_size, self.samples - step * self.batch_size)
+        starts = torch.randint(0, self.ids.numel() - self.seqlen, (count,), generator=generator)
+        return torch.stack([self.ids[s : s + self.seqlen] for s in starts.tolist()])
+
+
+def routers(model) -> list[Router]:
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
+def attention_projection_names(model) -> list[str]:
+    """Leaf names of the linear layers inside the attention modules (q_proj, ..., or c_attn, c_proj)."""
+    adapter = adapter_for(model)
+    attention = getattr(adapter.layers(model)[0], adapter.attention)
+    return sorted({name.rpartition(".")[2] for name, module in attention.named_modules()
+                   if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
+
+
+def add_lora(model, config: FinetuneConfig):
+    """Wrap `model` with peft LoRA and make the router rows and gate scales trainable too."""
+    from peft import LoraConfig, get_peft_model
+
+    moe = next(m for m in model.modules() if isinstance(m, MoEFFN))
+    parameters = [p for p in EXPERT_PARAMETERS if getattr(moe, p.split(".")[0]) is not None]
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                      target_modules=attention_projection_names(model), target_parameters=parameters)
+    peft_model = get_peft_model(model, lora)
+    for router in routers(peft_model):
+        for parameter in router.parameters():  # peft froze them; the method trains them
+            parameter.requires_grad_(True)
+    return peft_model
+
+
+def expert_load_imbalance(model, batches) -> float:
+    """Mean over layers of max/mean routed load on these batches (1.0 is perfectly even)."""
+    layer_routers = routers(model)
+    for router in layer_routers:
+        router.load_counts.zero_()
+        router.count_load = True
+    with torch.no_grad():
+        for batch in batches:
+            model(batch, use_cache=False)
+    values = []
+    for router in layer_routers:
+        router.count_load = False
+        load = router.load_counts.float()
+        values.append(float(load.max() / load.mean().clamp_min(1e-9)))
+    return sum(values) / max(len(values), 1)
+
+
+def _balance_step(layer_routers, speed: float) -> None:
+    for router in layer_routers:
+        load = router.load_counts.float()
+        router.selection_bias += speed * torch.sign(load.mean() - load)
+        router.load_counts.zero_()
+
+
+def _loss(student, teacher, batch, config: FinetuneConfig):
+    logits = student(batch, use_cache=False).logits[:, :-1].float()
+    if config.loss == "lm":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    with torch.no_grad():
+        target = teacher(batch, use_cache=False).logits[:, :-1].float()
+    t = config.temperature  # KL(teacher || student) per predicted token, scaled by t^2 as usual
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="sum")
+    return kl * t * t / (logits.shape[0] * logits.shape[1])
+
+
+def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike, *, teacher=None,
+             calibration_ids: torch.Tensor | None = None, resume: bool = False, data_dir=None,
+             progress: bool = True) -> dict:
+    """Fine-tune the carved `model` and save it to `output`. Returns what was done (also in the saved record)."""
+    if not is_carved(model):
+        raise CMoEError("Fine-tuning is for carved models; carve the model first (cmoe carve).")
+    if config.loss == "distill" and teacher is None:
+        raise CMoEError("Distillation needs the dense model; pass --teacher DENSE.")
+    output = Path(output)
+    work = output.with_name(output.name + ".partial")
+    if resume and not (work / CHECKPOINT).is_file():
+        raise CMoEError(f"There is no checkpoint to resume in {work}; run without --resume.")
+    if not resume and work.exists():
+        raise CMoEError(f"{work} holds a stopped fine-tune; pass --resume to continue it or delete it.")
+
+    if calibration_ids is None:
+        from .data import calibration_text, tokenize
+
+        calibration_ids = tokenize(tokenizer, calibration_text(config.data, data_dir))
+    windows = TrainingWindows(calibration_ids, config.samples, config.seqlen, config.batch_size, config.seed)
+    torch.manual_seed(config.seed)
+    probe = [windows.batch(i, epoch=10_000) for i in range(min(2, len(windows)))]
+    imbalance_before = expert_load_imbalance(model, probe)
+
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    student = add_lora(model, config)
+    student.train()
+    lora_parameters = [p for n, p in student.named_parameters() if p.requires_grad and "lora_" in n]
+    router_parameters = [p for r in routers(student) for p in r.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([dict(params=lora_parameters, lr=config.lr),
+                                   dict(params=router_parameters, lr=config.router_lr, weight_decay=0.0)])
+    gate_scales_before = torch.cat([r.gate_scale.detach().clone() for r in routers(student)])
+    state = dict(epoch=0, step=0, tokens=0, losses=[], seconds=0.0)
+    if resume:
+        saved = torch.load(work / CHECKPOINT, weights_only=False)
+        _trainable_state(student, saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+    work.mkdir(parents=True, exist_ok=True)
+
+    layer_routers = routers(student)
+    for router in layer_routers:
+        router.count_load = True
+    started, stopped_early = time.perf_counter() - state["seconds"], False
+    total = len(windows) * config.epochs
+    bar = tqdm(total=total, initial=state["epoch"] * len(windows) + state["step"], desc="fine-tuning",
+               disable=not progress)
+    while state["epoch"] < config.epochs and not stopped_early:
+        while state["step"] < len(windows):
+            batch = windows.batch(state["step"], state["epoch"])
+            loss = _loss(student, teacher, batch, config)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                _balance_step(layer_routers, config.bias_speed)
+            state["step"] += 1
+            state["tokens"] += batch.numel()
+            state["losses"].append(round(loss.item(), 5))
+            state["seconds"] = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if state["step"] % config.checkpoint_every == 0:
+                _save_checkpoint(work, student, optimizer, state)
+            if config.max_minutes is not None and state["seconds"] > 60 * config.max_minutes:
+                stopped_early = True
+                break
+        else:
+            state["epoch"], state["step"] = state["epoch"] + 1, 0
+    bar.close()
+    for router in layer_routers:
+        router.count_load = False
+
+    gate_scales_after = torch.cat([r.gate_scale.detach().clone() for r in layer_routers])
+    merged = student.merge_and_unload()
+    merged.eval()
+    if config.gradient_checkpointing:
+        merged.activation_checkpointing_disable()
+    imbalance_after = expert_load_imbalance(merged, probe)
+    losses = state["losses"]
+    summary = dict(config=asdict(config), steps=len(losses), tokens=state["tokens"], seconds=round(state["seconds"], 1),
+                   stopped_at_time_limit=stopped_early, first_loss=losses[0] if losses else None,
+                   last_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+                   imbalance_before=round(imbalance_before, 4), imbalance_after=round(imbalance_after, 4),
+                   gate_scale_change=float((gate_scales_after - gate_scales_before).abs().max()))
+    merged.config.cmoe = dict(merged.config.cmoe, record=dict(merged.carve_record, finetune=summary))
+    merged.save_pretrained(output, tokenizer=tokenizer)
+    _remove(work)
+    return summary
+
+
+def _trainable_state(model, state: dict | None = None) -> dict:
+    """Get (or, given `state`, set) the trainable tensors and the selection biases."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    names |= {n for n, _ in model.named_buffers() if n.endswith("selection_bias")}
+    if state is None:
+        return {n: t.detach().clone() for n, t in model.state_dict().items() if n in names}
+    missing = names - set(state)
+    if missing:
+        raise CMoEError(f"The checkpoint does not match this model ({len(missing)} tensors missing); delete it and start over.")
+    model.load_state_dict(state, strict=False)
+    return state
+
+
+def _save_checkpoint(work: Path, model, optimizer, state: dict) -> None:
+    tmp = work / (CHECKPOINT + ".tmp")
+    torch.save(dict(trainable=_trainable_state(model), optimizer=optimizer.state_dict(), state=state), tmp)
+    os.replace(tmp, work / CHECKPOINT)
+    (work / "progress.json").write_text(json.dumps({k: v for k, v in state.items() if k != "losses"}))
+
+
+def _remove(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""Recovery fine-tuning on a tiny carved model."""
+
+import copy
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_text_model
+
+import cmoe
+from cmoe import finetune as finetune_module
+from cmoe.finetune import FinetuneConfig, add_lora, finetune, routers
+from cmoe.models import load_model
+
+# A short repeated pattern: a model that learns anything at all lowers its loss on it quickly.
+PATTERN = torch.arange(40).repeat(100)[None] * 5 % 256
+
+
+@pytest.fixture(scope="module")
+def carved():
+    model = tiny_text_model()
+    return cmoe.carve(model, cmoe.CarveConfig(shared=1, active=1, experts=4), PATTERN[:, :256].view(4, 64), progress=False)
+
+
+def _config(**changes):
+    fields = dict(samples=24, seqlen=32, batch_size=2, lr=1e-2, router_lr=1e-2, bias_speed=1e-2, checkpoint_every=4)
+    return FinetuneConfig(**{**fields, **changes})
+
+
+def test_a_few_steps_lower_the_loss_and_train_gates_router_and_bias(carved, tmp_path):
+    model = copy.deepcopy(carved)
+    router_before = routers(model)[0].weight.detach().clone()
+    summary = finetune(model, byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN, progress=False)
+    assert summary["steps"] == 12 and summary["tokens"] == 24 * 32
+    assert summary["last_loss"] < summary["first_loss"] - 0.5
+    assert summary["gate_scale_change"] > 0
+    tuned, _ = load_model(str(tmp_path / "ft"))
+    assert not torch.allclose(routers(tuned)[0].weight, router_before)
+    assert routers(tuned)[0].selection_bias.abs().sum() > 0  # balancing moved the bias, and it was saved
+    assert tuned.carve_record["finetune"]["steps"] == 12
+    assert "lora" not in " ".join(n for n, _ in tuned.named_parameters())  # merged: loads without peft
+    assert not (tmp_path / "ft.partial").exists()
+
+
+def test_merged_lora_gives_the_logits_of_the_unmerged_model(carved):
+    model = add_lora(copy.deepcopy(carved), _config())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(std=0.05)  # lora_B starts at 0; make the adapter do something
+        ids = PATTERN[:, :48]
+        unmerged = model(ids).logits
+        merged = model.merge_and_unload()(ids).logits
+    assert not torch.allclose(unmerged, carved(ids).logits, atol=1e-3)
+    assert torch.allclose(merged, unmerged, atol=1e-4)
+
+
+def test_resume_continues_from_the_saved_step(carved, tmp_path, monkeypatch):
+    real_loss = finetune_module._loss
+    calls = []
+
+    def stop_after_six(*args):
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_loss(*args)
+
+    monkeypatch.setattr(finetune_module, "_loss", stop_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(copy.deepcopy(carved), byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN,
+                 progress=False)
+    assert not (tmp_path / "ft").exists() and (tmp_path / "ft.partial" / "checkpoint.pt").exists()
+    with pytest.raises(cmoe.CMoEError, match="--resume"):
+        finetune(copy.deepcopy(carved), byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN,
+                 progress=False)
+
+    calls.clear()
+    monkeypatch.setattr(finetune_module, "_loss", lambda *a: (calls.append(1), real_loss(*a))[1])
+    summary = finetune(copy.deepcopy(carved), byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN,
+                       resume=True, progress=False)
+    assert len(calls) == 8  # steps 5..12: the checkpoint was written after step 4
+    assert summary["steps"] == 12
+
+
+def test_distillation_needs_a_teacher_and_lowers_the_kl(carved, tmp_path):
+    with pytest.raises(cmoe.CMoEError, match="--teacher"):
+        finetune(copy.deepcopy(carved), byte_tokenizer(), _config(loss="distill"), tmp_path / "a", calibration_ids=PATTERN)
+    teacher = tiny_text_model(seed=1).eval()  # a different network: a KL worth closing
+    summary = finetune(copy.deepcopy(carved), byte_tokenizer(), _config(loss="distill"), tmp_path / "b",
+                       teacher=teacher, calibration_ids=PATTERN, progress=False)
+    assert summary["last_loss"] < summary["first_loss"]
+
+
+def test_a_dense_model_is_refused(tmp_path):
+    with pytest.raises(cmoe.CMoEError, match="carve the model first"):
+        finetune(tiny_text_model(), byte_tokenizer(), _config(), tmp_path / "x", calibration_ids=PATTERN)
+
+
+def test_cli_finetune_on_a_text_file(carved, tmp_path, capsys):
+    from cmoe.cli import main
+
+    carved.save_pretrained(tmp_path / "moe", tokenizer=byte_tokenizer())
+    (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    args = ["finetune", str(tmp_path / "moe"), "-o", str(tmp_path / "ft"), "--data", str(tmp_path / "train.txt"),
+            "--samples", "4", "--seqlen", "32", "--batch-size", "2"]
+    assert main(args) == 0
+    assert "fine-tuned 2 steps (128 tokens)" in capsys.readouterr().out
+    assert main(args) == 2  # OUT_FT exists now
+    assert "already exists" in capsys.readouterr().err
