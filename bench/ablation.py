@@ -1,4 +1,4 @@
-"""Quick ablation of carving choices on SmolLM2-135M: WikiText-2 perplexity on the first few windows.
+"""Quick ablation of carving choices on SmolLM2-135M: perplexity on the first few windows.
 
     .venv/bin/python bench/ablation.py --configs S1A1E8 --variants reference paper paper:activation=cosine
 
@@ -37,10 +37,11 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["reference", "paper"])
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
+    parser.add_argument("--sets", default="wikitext2", help="evaluation sets, comma separated (default wikitext2)")
     args = parser.parse_args()
 
     _, tokenizer = load_model("smollm2")
-    ids = tokenize(tokenizer, eval_text("wikitext2"))
+    sets = {name: tokenize(tokenizer, eval_text(name)) for name in args.sets.split(",")}
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
     runs = [(None, None)] if args.dense else []
     runs += [(name, variant) for name in args.configs.split(",") for variant in args.variants]
@@ -55,7 +56,8 @@ def main():
             row["carve_seconds"] = round(time.perf_counter() - started, 1)
             layers = model.carve_record["layers"]
             row["imbalance_after"] = round(sum(r.get("imbalance_after", 1) for r in layers) / len(layers), 3)
-        row["wikitext2"] = round(perplexity(model, ids, 2048, args.windows, progress=False), 2)
+        for name, ids in sets.items():
+            row[name] = round(perplexity(model, ids, 2048, args.windows, progress=False), 2)
         print(json.dumps(row), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:

@@ -28,10 +28,13 @@ def main():
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--limit", type=int, help="items per task (quick runs)")
     parser.add_argument("--output", default=str(OUTPUT))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
     plan = SweepPlan(model="smollm2", configs=args.configs.split(","), ppl=[], tasks=args.tasks.split(","),
-                     limit=args.limit, task_limits={"hellaswag": min(1000, args.limit or 1000)}, batch_size=16)
+                     limit=args.limit, task_limits={"hellaswag": min(1000, args.limit or 1000)}, batch_size=args.batch_size,
+                     device=args.device)
     print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     run_sweep(plan, args.output, overwrite=True)
     print((Path(args.output) / "report.md").read_text())

@@ -158,12 +158,13 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
 
         calibration_ids = tokenize(tokenizer, calibration_text(config.data, data_dir))
     windows = TrainingWindows(calibration_ids, config.samples, config.seqlen, config.batch_size, config.seed)
+    device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    probe = [windows.batch(i, epoch=10_000) for i in range(min(2, len(windows)))]
+    probe = [windows.batch(i, epoch=10_000).to(device) for i in range(min(2, len(windows)))]
     imbalance_before = expert_load_imbalance(model, probe)
 
     if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
     student = add_lora(model, config)
     student.train()
     lora_parameters = [p for n, p in student.named_parameters() if p.requires_grad and "lora_" in n]
@@ -188,8 +189,10 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
                disable=not progress)
     while state["epoch"] < config.epochs and not stopped_early:
         while state["step"] < len(windows):
-            batch = windows.batch(state["step"], state["epoch"])
-            loss = _loss(student, teacher, batch, config)
+            batch = windows.batch(state["step"], state["epoch"]).to(device)
+            # On a GPU the matrix products run in bfloat16 (the weights and optimiser stay float32)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = _loss(student, teacher, batch, config)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -216,7 +219,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     merged = student.merge_and_unload()
     merged.eval()
     if config.gradient_checkpointing:
-        merged.activation_checkpointing_disable()
+        _checkpointing(merged, False)
     imbalance_after = expert_load_imbalance(merged, probe)
     losses = state["losses"]
     summary = dict(config=asdict(config), steps=len(losses), tokens=state["tokens"], seconds=round(state["seconds"], 1),
@@ -228,6 +231,16 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     merged.save_pretrained(output, tokenizer=tokenizer)
     _remove(work)
     return summary
+
+
+def _checkpointing(model, enable: bool) -> None:
+    # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (5.2x); accept both
+    if enable:
+        enable_fn = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        kwargs = "activation_checkpointing_kwargs" if enable_fn.__name__.startswith("activation") else "gradient_checkpointing_kwargs"
+        enable_fn(**{kwargs: {"use_reentrant": False}})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
 def _trainable_state(model, state: dict | None = None) -> dict:

@@ -52,7 +52,8 @@ class Router(nn.Module):
         probs = self.probabilities(x)
         chosen = (probs + self.selection_bias).topk(self.top_k, dim=-1).indices  # [T, k]
         if self.count_load:  # fine-tuning reads how many token slots each expert got, to balance them
-            self.load_counts += torch.bincount(chosen.reshape(-1).detach(), minlength=self.num_experts)
+            flat = chosen.reshape(-1).detach()
+            self.load_counts.scatter_add_(0, flat, torch.ones_like(flat))
         weights = 1 + probs.gather(-1, chosen) * self.gate_scale[chosen]
         return weights.to(x.dtype), chosen
 
@@ -73,18 +74,22 @@ class RoutedExperts(nn.Module):
         """x [T, H]; chosen, weights [T, k] -> sum over chosen experts of weight * expert(x), [T, H]."""
         if x.device.type == "cpu" and chosen.numel() <= FEW_SLOTS and not torch.is_grad_enabled():
             return self._few(x, chosen, weights)
-        top_k = chosen.shape[-1]
+        tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)  # token slots grouped by expert
-        token = order // top_k
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        routed_x = x[token]
+        # group sizes without a host sync (bincount on CUDA reads the maximum back to the host)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        routed_x = x[order // top_k]
         if self._can_group(x) and not torch.is_grad_enabled():
             out = self._grouped(routed_x, counts, flat[order])
         else:
             out = self._looped(routed_x, counts)
-        out = out * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token, out)
+        # back to token order by a gather (no atomics): slot s of the flat [T*k] order sits at position[s]
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel(), device=x.device)
+        out = out[position].view(tokens, top_k, -1) * weights.unsqueeze(-1)
+        return out[:, 0] if top_k == 1 else out.sum(dim=1)
 
     def _can_group(self, x: torch.Tensor) -> bool:
         # grouped_mm needs row strides that are multiples of 16 bytes, and on CUDA (torch 2.11) bfloat16

@@ -37,13 +37,14 @@ class SweepPlan:
     calib_seqlen: int = 2048
     seed: int = 0
     data_dir: str | None = None
+    device: str | None = None  # where models are carved and evaluated (default cpu)
 
     def carve_configs(self) -> list[CarveConfig]:
         return [CarveConfig.from_name(name, preset=self.preset, seed=self.seed) for name in self.configs]
 
     def key(self) -> dict:
         """What must match for a stopped run to be resumed."""
-        return {k: v for k, v in self.__dict__.items() if k != "data_dir"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("data_dir", "device", "batch_size")}  # how, not what, is measured
 
 
 def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> dict:
@@ -56,7 +57,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
         raise CMoEError(f"{output} already exists and is not empty; choose another -o or pass --overwrite.")
     work = _work_folder(output, plan)
 
-    dense, tokenizer = load_model(plan.model)
+    dense, tokenizer = load_model(plan.model, device=plan.device)
     if tokenizer is None:
         raise CMoEError(f"{plan.model} has no tokenizer that transformers can load, so it cannot be evaluated.")
     names = ["dense"] + plan.configs
@@ -123,7 +124,7 @@ def _carve_and_evaluate(dense, tokenizer, name: str, calibration, plan: SweepPla
 
     config = CarveConfig.from_name(name, preset=plan.preset, seed=plan.seed)
     started = time.perf_counter()
-    moe = carve(copy.deepcopy(dense), config, calibration, progress=progress,
+    moe = carve(copy.deepcopy(dense), config, calibration, progress=progress, device=plan.device,
                 calibration_source=f"{plan.calib} ({plan.calib_samples}x{plan.calib_seqlen}, seed {plan.seed})")
     row = dict(config=name, preset=plan.preset, carve_seconds=round(time.perf_counter() - started, 1))
     counts, dense_counts = ffn_parameters(moe), ffn_parameters(dense)

@@ -1,0 +1,97 @@
+"""Recovery fine-tuning benchmark (issue 5): SmolLM2-135M carved, then fine-tuned, quality before and after.
+
+    .venv/bin/python bench/finetune.py [--configs S2A2E8,S3A3E8] [--losses lm,distill] [--max-minutes 20]
+                                       [--samples 2048 --seqlen 2048 --batch-size 1] [--device cpu|cuda]
+
+For each configuration: carve with the paper preset (calibration 8 x 2048 WikiText-2 validation tokens,
+seed 0), measure WikiText-2 and C4 perplexity (seqlen 2048, first 32 windows) and zero-shot PIQA,
+ARC-Easy and HellaSwag (first 1,000 items); then for each loss fine-tune (training text: WikiText-2
+validation, never the evaluation text) until the samples or the time limit run out, and measure again.
+Each finished run is appended to bench/results/finetune_<device>.jsonl, and runs already there are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import cmoe
+from cmoe.data import calibration_tokens
+from cmoe.evaluation import evaluate_perplexity
+from cmoe.finetune import FinetuneConfig, finetune
+from cmoe.models import load_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def quality(model, tokenizer, tasks: list[str], device: str) -> dict:
+    scores = {name: round(v["ppl"], 3) for name, v in
+              evaluate_perplexity(model, tokenizer, ["wikitext2", "c4"], 2048, 32, progress=False).items()}
+    if tasks:
+        from cmoe.zeroshot import evaluate_tasks
+
+        batch = 64 if device == "cuda" else 16
+        results = evaluate_tasks(model, tokenizer, tasks, None, batch, limits={"hellaswag": 1000})
+        for task, metrics in results.items():
+            scores[task] = round(metrics.get("acc_norm", metrics["acc"]), 4)
+    return scores
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="S2A2E8,S3A3E8")
+    parser.add_argument("--losses", default="lm,distill")
+    parser.add_argument("--max-minutes", type=float, default=20)
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--tasks", default="piqa,arc_easy,hellaswag", help="zero-shot tasks ('' for none)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    results = RESULTS / f"finetune_{args.device}.jsonl"
+    done = set()
+    if results.exists():
+        done = {(r["config"], r["loss"]) for r in map(json.loads, results.read_text().splitlines())}
+    tasks = [t for t in args.tasks.split(",") if t]
+    dense, tokenizer = load_model("smollm2", device=args.device)
+    dense.eval()
+    calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    for name in args.configs.split(","):
+        losses = [loss for loss in args.losses.split(",") if (name, loss) not in done]
+        if not losses:
+            continue
+        carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
+        before = quality(carved.eval(), tokenizer, tasks, args.device)
+        print(json.dumps(dict(config=name, before=before)), flush=True)
+        for loss in losses:
+            config = FinetuneConfig(loss=loss, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
+                                    max_minutes=args.max_minutes)
+            with tempfile.TemporaryDirectory() as tmp:
+                student = copy.deepcopy(carved)
+                summary = finetune(student, tokenizer, config, Path(tmp) / "out",
+                                   teacher=dense if loss == "distill" else None, progress=False)
+                tuned, _ = load_model(str(Path(tmp) / "out"), device=args.device)
+            after = quality(tuned.eval(), tokenizer, tasks, args.device)
+            row = dict(config=name, loss=loss, machine=machine, date=time.strftime("%Y-%m-%d"),
+                       steps=summary["steps"], tokens=summary["tokens"], train_seconds=summary["seconds"],
+                       first_loss=summary["first_loss"], last_loss=summary["last_loss"],
+                       imbalance_before=summary["imbalance_before"], imbalance_after=summary["imbalance_after"],
+                       before=before, after=after)
+            print(json.dumps(row), flush=True)
+            results.parent.mkdir(parents=True, exist_ok=True)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            del student, tuned
+
+
+if __name__ == "__main__":
+    main()
