@@ -7,6 +7,8 @@ scales at zero, the output equals the dense FFN's up to float rounding.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,16 @@ from transformers.activations import ACT2FN
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 FEW_SLOTS = 4  # at most this many (token, expert) pairs on CPU take the expert-by-expert decode path
+
+
+# Plain functions for the common activations: a module call costs microseconds, which decode notices.
+_FUNCTIONAL = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+               "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
+def activation(name: str):
+    """The activation `name` (a key of transformers' ACT2FN) as a plain function where one exists."""
+    return _FUNCTIONAL.get(name) or ACT2FN[name]
 
 
 def _hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: torch.Tensor | None) -> torch.Tensor:
@@ -41,7 +53,7 @@ class Router(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.count_load = False
-        self.act_fn = ACT2FN[act]
+        self.act_fn = activation(act)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax of the representative-neuron scores, float32 [T, E]."""
@@ -57,6 +69,21 @@ class Router(nn.Module):
         weights = 1 + probs.gather(-1, chosen) * self.gate_scale[chosen]
         return weights.to(x.dtype), chosen
 
+    def _gates_are_one(self) -> bool:
+        # cached per (storage, in-place version) of gate_scale, so that decode does not test it every token
+        key = (self.gate_scale.data_ptr(), self.gate_scale._version)
+        if getattr(self, "_gates_key", None) != key:
+            self._gates_key, self._gates_one = key, not bool(self.gate_scale.any())
+        return self._gates_one
+
+    def choose_few(self, x: torch.Tensor) -> tuple[list[list[int]], torch.Tensor | None]:
+        """Decode on CPU: the chosen experts as Python ints, and their gates (None while every gate is 1)."""
+        probs = self.probabilities(x)
+        chosen = (probs + self.selection_bias).topk(self.top_k, dim=-1).indices
+        if self._gates_are_one():  # training-free: every gate is exactly 1, so skip the product
+            return chosen.tolist(), None
+        return chosen.tolist(), (1 + probs.gather(-1, chosen) * self.gate_scale[chosen]).to(x.dtype)
+
 
 class RoutedExperts(nn.Module):
     """E experts of W neurons each, run on the tokens routed to them."""
@@ -68,12 +95,10 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, rows, hidden_size))  # gated: [gate; up]
         self.up_bias = nn.Parameter(torch.zeros(num_experts, width)) if bias else None
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, width))
-        self.act_fn = ACT2FN[act]
+        self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; chosen, weights [T, k] -> sum over chosen experts of weight * expert(x), [T, H]."""
-        if x.device.type == "cpu" and chosen.numel() <= FEW_SLOTS and not torch.is_grad_enabled():
-            return self._few(x, chosen, weights)
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)  # token slots grouped by expert
@@ -104,16 +129,20 @@ class RoutedExperts(nn.Module):
         hidden = _hidden(projected, self.width, self.gated, self.act_fn, bias)
         return F.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs=offsets)
 
-    def _few(self, x, chosen, weights):
-        # Decode on CPU: each chosen expert runs on views of its own weights, so only those bytes are read,
-        # with the fewest operations. Reading the expert ids on the host costs nothing on a CPU.
-        out = torch.zeros_like(x)
-        for token, (experts, gates) in enumerate(zip(chosen.tolist(), weights)):
-            for e, gate in zip(experts, gates):
+    def add_few(self, out: torch.Tensor, x: torch.Tensor, chosen: list[list[int]], gates) -> None:
+        """Decode on CPU: add each chosen expert's output to `out` in place, reading only that expert's weights.
+
+        Few tokens means per-operation overhead dominates, so this takes the fewest operations: weight
+        views, one matrix-vector product in and one fused multiply-add out per (token, expert).
+        """
+        for token, experts in enumerate(chosen):
+            row = x[token]
+            for slot, e in enumerate(experts):
                 bias = None if self.up_bias is None else self.up_bias[e]
-                hidden = _hidden(F.linear(x[token], self.gate_up_proj[e]), self.width, self.gated, self.act_fn, bias)
-                out[token] += gate * F.linear(hidden, self.down_proj[e])
-        return out
+                hidden = _hidden(F.linear(row, self.gate_up_proj[e]), self.width, self.gated, self.act_fn, bias)
+                if gates is not None:
+                    hidden = hidden * gates[token, slot]  # the gate scales the expert's output; down is linear
+                out[token].addmv_(self.down_proj[e], hidden)
 
     def _looped(self, routed_x, counts):
         # Fallback for autograd, odd widths and old torch: one host sync to learn the group sizes.
@@ -134,7 +163,7 @@ class SharedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(width * (2 if gated else 1), hidden_size))
         self.up_bias = nn.Parameter(torch.zeros(width)) if bias else None
         self.down_proj = nn.Parameter(torch.zeros(hidden_size, width))
-        self.act_fn = ACT2FN[act]
+        self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = _hidden(F.linear(x, self.gate_up_proj), self.width, self.gated, self.act_fn, self.up_bias)
@@ -162,6 +191,8 @@ class MoEFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
+        if self._few_tokens(x):
+            return self._decode(x).reshape(shape)
         out = torch.zeros_like(x) if self.shared is None else self.shared(x)
         if self.router is not None:
             weights, chosen = self.router(x)
@@ -169,3 +200,14 @@ class MoEFFN(nn.Module):
         if self.down_bias is not None:
             out = out + self.down_bias
         return out.reshape(shape)
+
+    def _few_tokens(self, x: torch.Tensor) -> bool:
+        """CPU decode: so few (token, expert) pairs that reading only the chosen experts' weights wins."""
+        return (self.router is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and x.shape[0] * self.router.top_k <= FEW_SLOTS and not self.router.count_load)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        chosen, gates = self.router.choose_few(x)
+        out = torch.zeros_like(x) if self.shared is None else self.shared(x)
+        self.experts.add_few(out, x, chosen, gates)
+        return out if self.down_bias is None else out + self.down_bias
