@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-speed bench-zeroshot clean
+.PHONY: install demo test bench bench-speed bench-zeroshot bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench-speed: $(STAMP)
 
 bench-zeroshot: $(STAMP)
 	$(BIN)/python bench/zeroshot.py
+
+bench-finetune: $(STAMP)
+	$(BIN)/python bench/finetune.py
 
 clean:
 	rm -rf $(VENV) demo_results .pytest_cache

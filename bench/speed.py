@@ -38,11 +38,21 @@ def smollm2_rows(configs, device, dtype, batches) -> list[dict]:
     for name in configs:
         carved, _ = load_model("smollm2", dtype, device)
         carved = cmoe.carve(carved, cmoe.CarveConfig.from_name(name), calibration, progress=False)
+        dense_mb, carved_mb = _weight_megabytes(dense), _weight_megabytes(carved)
+        rows.append(dict(model="SmolLM2-135M", config=name, level="model", mode="memory", dense_mb=dense_mb,
+                         carved_mb=carved_mb, ratio=carved_mb / dense_mb))
+        print(json.dumps(rows[-1]), flush=True)
         for row in run_benchmark(carved.eval(), dense.eval(), batches=batches, seqlen=2048):
             rows.append(dict(model="SmolLM2-135M", config=name, **row))
             print(json.dumps(rows[-1]), flush=True)
         del carved
     return rows
+
+
+def _weight_megabytes(model) -> float:
+    """Parameters and buffers, as held in memory (tied weights counted once)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
 def llama7b_ffn_rows(configs, device, dtype) -> list[dict]:

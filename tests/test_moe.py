@@ -53,6 +53,19 @@ def test_few_token_decode_path_matches_naive():
                 assert torch.allclose(moe(x), naive_forward(moe, x), atol=1e-4, rtol=1e-4)
 
 
+def test_decode_path_notices_gate_scales_changed_in_place():
+    moe = random_moe(top_k=1)
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        moe.router.gate_scale.zero_()  # training-free gates: the decode path skips the product
+        ones = moe(x)
+        assert torch.allclose(ones, naive_forward(moe, x), atol=1e-5)
+        moe.router.gate_scale.fill_(3.0)  # as an optimiser step would: the cached "all ones" must not stick
+        scaled = moe(x)
+        assert torch.allclose(scaled, naive_forward(moe, x), atol=1e-5)
+        assert not torch.allclose(scaled, ones, atol=1e-3)
+
+
 def test_autograd_path_matches_inference_path():
     moe = random_moe()
     x = torch.randn(3, 11, 16)

@@ -1,0 +1,69 @@
+"""Markdown tables for BENCHMARKS.md from the raw results in bench/results.
+
+    .venv/bin/python bench/tables.py speed bench/results/speed_cpu_float32.json
+    .venv/bin/python bench/tables.py finetune bench/results/finetune_cuda.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cmoe.report import table
+
+
+def speed(path: Path) -> str:
+    report = json.loads(path.read_text())
+    rows = []
+    for r in report["rows"]:
+        if r["model"].startswith("SmolLM2"):
+            what = "SmolLM2-135M, " + ("FFN (middle layer)" if r["level"] == "ffn" else "whole model")
+        else:
+            what = "Llama-2-7B-shaped FFN"
+        size = f"{r['tokens']:,} tokens" if r["mode"] == "prefill" or r["level"] == "ffn" else f"batch {r['batch']}"
+        if r["mode"] == "memory":
+            rows.append(dict(what="SmolLM2-135M, weights in memory", config=r["config"], mode="memory", unit="MiB",
+                             dense=r["dense_mb"], carved=r["carved_mb"], ratio=f"carved/dense {r['ratio']:.4f}",
+                             ideal="-"))
+            continue
+        if "dense_ms" in r:
+            dense, carved, unit = r["dense_ms"], r["carved_ms"], "ms"
+        else:
+            dense, carved, unit = r["dense_tok_s"], r["carved_tok_s"], "tok/s"
+        ideal = r.get("ideal_ratio", r.get("ffn_ideal_ratio"))
+        rows.append(dict(what=what, config=r["config"], mode=f"{r['mode']}, {size}", unit=unit,
+                         dense=dense, carved=carved, ratio=f"{r['ratio']:.2f}x",
+                         ideal=f"{ideal:.2f}x" + (" (FFN)" if r["level"] == "model" else "")))
+    header = (f"{report['device']}, {report['threads']} threads, {report['dtype']}, torch {report['torch']}, "
+              f"{report['date']}, `{report['command']}`\n\n")
+    return header + table(rows, [("what", "what"), ("config", "config"), ("mode", "mode"), ("unit", "unit"),
+                                 ("dense", "dense"), ("carved", "carved"), ("ratio", "dense/carved"),
+                                 ("ideal", "ideal")], markdown=True)
+
+
+def finetune(path: Path) -> str:
+    rows = []
+    for r in map(json.loads, path.read_text().splitlines()):
+        row = dict(config=r["config"], loss=r["loss"], tokens=r["tokens"], seconds=r["train_seconds"])
+        for key in ("wikitext2", "c4", "piqa", "arc_easy", "hellaswag"):
+            if key in r["after"]:
+                row[key] = f"{r['before'][key]:.4g} -> {r['after'][key]:.4g}"
+        row["load"] = f"{r['imbalance_before']:.2f} -> {r['imbalance_after']:.2f}"
+        rows.append(row)
+    return table(rows, [("config", "config"), ("loss", "loss"), ("tokens", "tokens"), ("seconds", "train s"),
+                        ("wikitext2", "WikiText-2 PPL"), ("c4", "C4 PPL"), ("piqa", "PIQA"),
+                        ("arc_easy", "ARC-E"), ("hellaswag", "HellaSwag"), ("load", "load max/mean")],
+                 markdown=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=("speed", "finetune"))
+    parser.add_argument("path", type=Path)
+    args = parser.parse_args()
+    print(dict(speed=speed, finetune=finetune)[args.kind](args.path))
+
+
+if __name__ == "__main__":
+    main()
