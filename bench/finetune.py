@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from cmoe.data import calibration_tokens
 from cmoe.evaluation import evaluate_perplexity
 from cmoe.finetune import FinetuneConfig, finetune
 from cmoe.models import load_model
+from provenance import device_name
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,7 +64,7 @@ def main():
     dense, tokenizer = load_model("smollm2", device=args.device)
     dense.eval()
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     for name in args.configs.split(","):
         losses = [loss for loss in args.losses.split(",") if (name, loss) not in done]
         if not losses:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import cmoe
 from cmoe.data import calibration_tokens, eval_text, tokenize
 from cmoe.evaluation import perplexity
 from cmoe.models import load_model
+from provenance import device_name, git_commit
 
 RESULTS = Path(__file__).parent / "results" / "perplexity_smollm2.json"
 
@@ -59,8 +58,8 @@ def main():
         benchmark="perplexity", model="SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)",
         protocol=f"seqlen 2048, first {args.windows} windows; calibration wikitext2 validation 8x2048 seed 0",
         command=" ".join([Path(sys.executable).name] + sys.argv), date=time.strftime("%Y-%m-%d"),
-        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, no GPU",
-        torch=torch.__version__, cmoe=cmoe.__version__, git=_git(), rows=rows,
+        machine=f"{device_name(None)}, {torch.get_num_threads()} threads, no GPU",
+        torch=torch.__version__, cmoe=cmoe.__version__, git=git_commit(), rows=rows,
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
@@ -86,13 +85,6 @@ def plot(report: dict, path: Path) -> Path:
                 series[f"{set_name}, {preset}"] = values
     return quality_vs_active(rows, series, path, log_y=True, ylabel="perplexity (log scale)",
                              title=f"SmolLM2-135M carved: perplexity vs FFN active ({report['protocol']})")
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

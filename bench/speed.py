@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 
 import cmoe
 from cmoe.speed import bench_ffn, random_ffn_pair, run_benchmark, shape_of
+from provenance import device_name, git_commit
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,21 +81,13 @@ def main():
     configs = args.configs.split(",")
     rows = [] if args.skip_smollm2 else smollm2_rows(configs, args.device, dtype, [int(b) for b in args.batches.split(",")])
     rows += llama7b_ffn_rows(configs, args.device, dtype)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     report = dict(benchmark="speed", command=" ".join([Path(sys.executable).name] + sys.argv),
-                  date=time.strftime("%Y-%m-%d"), device=device_name, threads=torch.get_num_threads(),
-                  dtype=args.dtype, torch=torch.__version__, cmoe=cmoe.__version__, git=_git(), rows=rows)
+                  date=time.strftime("%Y-%m-%d"), device=device_name(args.device), threads=torch.get_num_threads(),
+                  dtype=args.dtype, torch=torch.__version__, cmoe=cmoe.__version__, git=git_commit(), rows=rows)
     path = RESULTS / f"speed_{args.device}_{args.dtype}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -235,12 +235,16 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
 
 def _checkpointing(model, enable: bool) -> None:
     # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (5.2x); accept both
-    if enable:
-        enable_fn = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        kwargs = "activation_checkpointing_kwargs" if enable_fn.__name__.startswith("activation") else "gradient_checkpointing_kwargs"
-        enable_fn(**{kwargs: {"use_reentrant": False}})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enable:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        model.gradient_checkpointing_disable()
 
 
 def _trainable_state(model, state: dict | None = None) -> dict:
