@@ -32,7 +32,9 @@ def _hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: torc
     """The FFN hidden activation from the input projection: act(gate) * up, or act(up + bias)."""
     if gated:
         gate, up = projected.split(width, dim=-1)
-        return act_fn(gate) * up
+        hidden = act_fn(gate)
+        # in place when nothing needs the product's inputs: one [T, W] allocation fewer
+        return hidden * up if torch.is_grad_enabled() else hidden.mul_(up)
     return act_fn(projected if bias is None else projected + bias)
 
 
@@ -60,16 +62,25 @@ class Router(nn.Module):
         score = _hidden(F.linear(x, self.weight), self.num_experts, self.gated, self.act_fn, self.bias)
         return score.abs().float().softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router softmax [T, E] and the chosen experts [T, k] (counted when `count_load` is on)."""
         probs = self.probabilities(x)
-        chosen = (probs + self.selection_bias).topk(self.top_k, dim=-1).indices  # [T, k]
+        chosen = (probs + self.selection_bias).topk(self.top_k, dim=-1).indices
         if self.count_load:  # fine-tuning reads how many token slots each expert got, to balance them
             flat = chosen.reshape(-1).detach()
             self.load_counts.scatter_add_(0, flat, torch.ones_like(flat))
-        weights = 1 + probs.gather(-1, chosen) * self.gate_scale[chosen]
-        return weights.to(x.dtype), chosen
+        return probs, chosen
 
-    def _gates_are_one(self) -> bool:
+    def gates(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Each chosen expert's gate, 1 + p * gate_scale: [T, k]."""
+        return 1 + probs.gather(-1, chosen) * self.gate_scale[chosen]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs, chosen = self.select(x)
+        return self.gates(probs, chosen).to(x.dtype), chosen
+
+    def gates_are_one(self) -> bool:
+        """Whether every gate is exactly 1 (gate_scale all 0, as after carving), so the product can be skipped."""
         # cached per (storage, in-place version) of gate_scale, so that decode does not test it every token
         key = (self.gate_scale.data_ptr(), self.gate_scale._version)
         if getattr(self, "_gates_key", None) != key:
@@ -78,11 +89,10 @@ class Router(nn.Module):
 
     def choose_few(self, x: torch.Tensor) -> tuple[list[list[int]], torch.Tensor | None]:
         """Decode on CPU: the chosen experts as Python ints, and their gates (None while every gate is 1)."""
-        probs = self.probabilities(x)
-        chosen = (probs + self.selection_bias).topk(self.top_k, dim=-1).indices
-        if self._gates_are_one():  # training-free: every gate is exactly 1, so skip the product
+        probs, chosen = self.select(x)
+        if self.gates_are_one():  # training-free: every gate is exactly 1, so skip the product
             return chosen.tolist(), None
-        return chosen.tolist(), (1 + probs.gather(-1, chosen) * self.gate_scale[chosen]).to(x.dtype)
+        return chosen.tolist(), self.gates(probs, chosen).to(x.dtype)
 
 
 class RoutedExperts(nn.Module):
@@ -97,24 +107,34 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, width))
         self.act_fn = activation(act)
 
-    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; chosen, weights [T, k] -> sum over chosen experts of weight * expert(x), [T, H]."""
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        """Add each token's chosen experts, times their gates, to `out` [T, H] and return it.
+
+        x [T, H]; chosen [T, k]; gates [T, k], or None when every gate is 1. Without autograd `out` is
+        updated in place.
+        """
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)  # token slots grouped by expert
         # group sizes without a host sync (bincount on CUDA reads the maximum back to the host)
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))
-        routed_x = x[order // top_k]
+        token_of_slot = order // top_k
+        routed_x = x[token_of_slot]
         if self._can_group(x) and not torch.is_grad_enabled():
-            out = self._grouped(routed_x, counts, flat[order])
+            expert_out = self._grouped(routed_x, counts, flat[order])
         else:
-            out = self._looped(routed_x, counts)
-        # back to token order by a gather (no atomics): slot s of the flat [T*k] order sits at position[s]
+            expert_out = self._looped(routed_x, counts)
+        if gates is not None:
+            expert_out = expert_out * gates.reshape(-1)[order].unsqueeze(-1)
+        if x.device.type == "cpu":  # one scatter-add pass; serial on CPU, so the sums are reproducible
+            return out.index_add(0, token_of_slot, expert_out) if torch.is_grad_enabled() else \
+                out.index_add_(0, token_of_slot, expert_out)
+        # CUDA: index_add would use atomics; gather the slots back to token order instead
         position = torch.empty_like(order)
         position[order] = torch.arange(order.numel(), device=x.device)
-        out = out[position].view(tokens, top_k, -1) * weights.unsqueeze(-1)
-        return out[:, 0] if top_k == 1 else out.sum(dim=1)
+        back = expert_out[position].view(tokens, top_k, -1)
+        return out + (back[:, 0] if top_k == 1 else back.sum(dim=1))
 
     def _can_group(self, x: torch.Tensor) -> bool:
         # grouped_mm needs row strides that are multiples of 16 bytes, and on CUDA (torch 2.11) bfloat16
@@ -195,8 +215,11 @@ class MoEFFN(nn.Module):
             return self._decode(x).reshape(shape)
         out = torch.zeros_like(x) if self.shared is None else self.shared(x)
         if self.router is not None:
-            weights, chosen = self.router(x)
-            out = out + self.experts(x, chosen, weights)
+            probs, chosen = self.router.select(x)
+            # CPU only: the check reads gate_scale on the host once per change, which CUDA graphs would not allow
+            skip_gates = x.device.type == "cpu" and not torch.is_grad_enabled() and self.router.gates_are_one()
+            gates = None if skip_gates else self.router.gates(probs, chosen).to(x.dtype)
+            out = self.experts(x, chosen, gates, out)
         if self.down_bias is not None:
             out = out + self.down_bias
         return out.reshape(shape)
