@@ -31,14 +31,14 @@ from provenance import device_name
 RESULTS = Path(__file__).parent / "results"
 
 
-def quality(model, tokenizer, tasks: list[str], device: str) -> dict:
+def quality(model, tokenizer, tasks: list[str], device: str, limit: int | None = None) -> dict:
     scores = {name: round(v["ppl"], 3) for name, v in
               evaluate_perplexity(model, tokenizer, ["wikitext2", "c4"], 2048, 32, progress=False).items()}
     if tasks:
         from cmoe.zeroshot import evaluate_tasks
 
         batch = 64 if device == "cuda" else 16
-        results = evaluate_tasks(model, tokenizer, tasks, None, batch, limits={"hellaswag": 1000})
+        results = evaluate_tasks(model, tokenizer, tasks, limit, batch, limits={"hellaswag": min(1000, limit or 1000)})
         for task, metrics in results.items():
             scores[task] = round(metrics.get("acc_norm", metrics["acc"]), 4)
     return scores
@@ -53,6 +53,8 @@ def main():
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--tasks", default="piqa,arc_easy,hellaswag", help="zero-shot tasks ('' for none)")
+    parser.add_argument("--limit", type=int, help="zero-shot items per task (default: all; HellaSwag at most 1,000)")
+    parser.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="LoRA learning rate")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -70,20 +72,20 @@ def main():
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
-        before = quality(carved.eval(), tokenizer, tasks, args.device)
+        before = quality(carved.eval(), tokenizer, tasks, args.device, args.limit)
         print(json.dumps(dict(config=name, before=before)), flush=True)
         for loss in losses:
             config = FinetuneConfig(loss=loss, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
-                                    max_minutes=args.max_minutes)
+                                    max_minutes=args.max_minutes, lr=args.lr)
             with tempfile.TemporaryDirectory() as tmp:
                 student = copy.deepcopy(carved)
                 summary = finetune(student, tokenizer, config, Path(tmp) / "out",
                                    teacher=dense if loss == "distill" else None, progress=False)
                 tuned, _ = load_model(str(Path(tmp) / "out"), device=args.device)
-            after = quality(tuned.eval(), tokenizer, tasks, args.device)
+            after = quality(tuned.eval(), tokenizer, tasks, args.device, args.limit)
             row = dict(config=name, loss=loss, machine=machine, date=time.strftime("%Y-%m-%d"),
                        steps=summary["steps"], tokens=summary["tokens"], train_seconds=summary["seconds"],
-                       first_loss=summary["first_loss"], last_loss=summary["last_loss"],
+                       lr=args.lr, zero_shot_limit=args.limit, first_loss=summary["first_loss"], last_loss=summary["last_loss"],
                        imbalance_before=summary["imbalance_before"], imbalance_after=summary["imbalance_after"],
                        before=before, after=after)
             print(json.dumps(row), flush=True)

@@ -106,3 +106,16 @@ def test_cli_finetune_on_a_text_file(carved, tmp_path, capsys):
     assert "fine-tuned 2 steps (128 tokens)" in capsys.readouterr().out
     assert main(args) == 2  # OUT_FT exists now
     assert "already exists" in capsys.readouterr().err
+
+
+def test_checkpointing_is_used_only_when_the_activations_would_not_fit(carved, tmp_path, monkeypatch):
+    def tuned(name, **changes):
+        config = _config(samples=4, **changes)
+        return finetune(copy.deepcopy(carved), byte_tokenizer(), config, tmp_path / name, calibration_ids=PATTERN,
+                        progress=False)["gradient_checkpointing"]
+
+    assert tuned("auto") is False  # a tiny model's activations fit many times over
+    assert tuned("forced", gradient_checkpointing=True) is True
+    monkeypatch.setattr(finetune_module, "free_memory", lambda device: 1000)
+    assert tuned("scarce") is True
+    assert tuned("refused", gradient_checkpointing=False) is False

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--bias-speed", type=float, default=1e-3, help="selection-bias step per update (default 1e-3)")
     tune.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
     tune.add_argument("--max-minutes", type=float, help="stop (and save) after this many minutes")
+    tune.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
+                      help="gradient checkpointing: recompute activations in the backward pass to save memory, "
+                           "about a third more compute; auto turns it on only when they would not fit (default auto)")
     tune.add_argument("--resume", action="store_true", help="continue a stopped fine-tune from its checkpoint")
     tune.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     tune.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
@@ -281,7 +284,8 @@ def cmd_finetune(args) -> dict:
     config = FinetuneConfig(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
                             loss=args.loss, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
                             router_lr=args.router_lr, bias_speed=args.bias_speed, epochs=args.epochs,
-                            max_minutes=args.max_minutes, seed=args.seed)
+                            max_minutes=args.max_minutes, seed=args.seed,
+                            gradient_checkpointing=dict(auto=None, on=True, off=False)[args.checkpointing])
     model, tokenizer = load_model(args.model, device=args.device)
     if not is_carved(model):
         raise CMoEError(f"{args.model} is a dense model; carve it first (cmoe carve), then fine-tune the carved folder.")

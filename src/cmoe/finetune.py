@@ -46,7 +46,7 @@ class FinetuneConfig:
     epochs: int = 1
     max_minutes: float | None = None
     checkpoint_every: int = 50  # steps
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = None  # None: on only when the activations would not fit (see below)
     seed: int = 0
 
     def __post_init__(self):
@@ -163,7 +163,10 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     probe = [windows.batch(i, epoch=10_000).to(device) for i in range(min(2, len(windows)))]
     imbalance_before = expert_load_imbalance(model, probe)
 
-    if config.gradient_checkpointing:
+    checkpointing = config.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = activation_bytes(model, config) > 0.5 * free_memory(device)
+    if checkpointing:
         _checkpointing(model, True)
     student = add_lora(model, config)
     student.train()
@@ -218,11 +221,11 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     gate_scales_after = torch.cat([r.gate_scale.detach().clone() for r in layer_routers])
     merged = student.merge_and_unload()
     merged.eval()
-    if config.gradient_checkpointing:
+    if checkpointing:
         _checkpointing(merged, False)
     imbalance_after = expert_load_imbalance(merged, probe)
     losses = state["losses"]
-    summary = dict(config=asdict(config), steps=len(losses), tokens=state["tokens"], seconds=round(state["seconds"], 1),
+    summary = dict(config=asdict(config), gradient_checkpointing=checkpointing, steps=len(losses), tokens=state["tokens"], seconds=round(state["seconds"], 1),
                    stopped_at_time_limit=stopped_early, first_loss=losses[0] if losses else None,
                    last_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                    imbalance_before=round(imbalance_before, 4), imbalance_after=round(imbalance_after, 4),
@@ -231,6 +234,26 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     merged.save_pretrained(output, tokenizer=tokenizer)
     _remove(work)
     return summary
+
+
+def activation_bytes(model, config: FinetuneConfig) -> int:
+    """A rough size of what one training step keeps for the backward pass without checkpointing.
+
+    Per token and layer: about 16 hidden-size and 6 FFN-width float32 tensors; plus the logits, their
+    softmax and gradient. Checkpointing trades about a third more compute for most of this.
+    """
+    c = model.config
+    hidden = c.hidden_size
+    width = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or 4 * hidden
+    layers = c.num_hidden_layers
+    per_token = 4 * (layers * (16 * hidden + 6 * width) + 3 * c.vocab_size)
+    return per_token * config.batch_size * config.seqlen
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _checkpointing(model, enable: bool) -> None:
