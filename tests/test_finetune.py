@@ -119,3 +119,14 @@ def test_checkpointing_is_used_only_when_the_activations_would_not_fit(carved, t
     monkeypatch.setattr(finetune_module, "free_memory", lambda device: 1000)
     assert tuned("scarce") is True
     assert tuned("refused", gradient_checkpointing=False) is False
+
+
+def test_rebalance_evens_a_skewed_load(carved):
+    model = copy.deepcopy(carved)
+    batches = [PATTERN[:, i * 64 : (i + 1) * 64] for i in range(4)]
+    for router in routers(model):
+        router.selection_bias.copy_(torch.tensor([2.0, 0.0, 0.0]))  # everything to expert 0
+    skewed = finetune_module.expert_load_imbalance(model, batches)
+    finetune_module.rebalance(model, batches)
+    even = finetune_module.expert_load_imbalance(model, batches)
+    assert skewed > 2.5 and even < 1.3

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (default 1e-4)")
     tune.add_argument("--router-lr", type=float, default=1e-3, help="router and gate-scale learning rate (default 1e-3)")
     tune.add_argument("--bias-speed", type=float, default=1e-3, help="selection-bias step per update (default 1e-3)")
+    tune.add_argument("--no-rebalance", action="store_true",
+                      help="keep the selection bias as training left it instead of setting it afresh at the end")
     tune.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
     tune.add_argument("--max-minutes", type=float, help="stop (and save) after this many minutes")
     tune.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
@@ -284,7 +286,7 @@ def cmd_finetune(args) -> dict:
     config = FinetuneConfig(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
                             loss=args.loss, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
                             router_lr=args.router_lr, bias_speed=args.bias_speed, epochs=args.epochs,
-                            max_minutes=args.max_minutes, seed=args.seed,
+                            max_minutes=args.max_minutes, seed=args.seed, rebalance=not args.no_rebalance,
                             gradient_checkpointing=dict(auto=None, on=True, off=False)[args.checkpointing])
     model, tokenizer = load_model(args.model, device=args.device)
     if not is_carved(model):
@@ -301,7 +303,8 @@ def cmd_finetune(args) -> dict:
     summary = finetune(model, tokenizer, config, out, teacher=teacher, resume=args.resume, data_dir=args.data_dir)
     print(f"fine-tuned {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['seconds']:.0f} s; "
           f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; routed load max/mean "
-          f"{summary['imbalance_before']:.3f} -> {summary['imbalance_after']:.3f} -> {out}")
+          f"{summary['imbalance_before']:.3f} carved, {summary['imbalance_trained']:.3f} trained, "
+          f"{summary['imbalance_after']:.3f} rebalanced -> {out}")
     return summary
 
 

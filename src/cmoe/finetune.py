@@ -43,6 +43,7 @@ class FinetuneConfig:
     lr: float = 1e-4  # LoRA
     router_lr: float = 1e-3  # router rows and gate scales
     bias_speed: float = 1e-3  # selection-bias step per optimiser step
+    rebalance: bool = True  # at the end, set the selection bias afresh for the trained router (as carving does)
     epochs: int = 1
     max_minutes: float | None = None
     checkpoint_every: int = 50  # steps
@@ -160,8 +161,10 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     windows = TrainingWindows(calibration_ids, config.samples, config.seqlen, config.batch_size, config.seed)
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
+    # windows outside the training order: `probe` to rebalance on at the end, `check` to measure the load
     probe = [windows.batch(i, epoch=10_000).to(device) for i in range(min(2, len(windows)))]
-    imbalance_before = expert_load_imbalance(model, probe)
+    check = [windows.batch(i, epoch=10_001).to(device) for i in range(min(2, len(windows)))]
+    imbalance_before = expert_load_imbalance(model, check)
 
     checkpointing = config.gradient_checkpointing
     if checkpointing is None:
@@ -223,12 +226,16 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     merged.eval()
     if checkpointing:
         _checkpointing(merged, False)
-    imbalance_after = expert_load_imbalance(merged, probe)
+    imbalance_trained = imbalance_after = expert_load_imbalance(merged, check)
+    if config.rebalance:
+        rebalance(merged, probe)
+        imbalance_after = expert_load_imbalance(merged, check)
     losses = state["losses"]
     summary = dict(config=asdict(config), gradient_checkpointing=checkpointing, steps=len(losses), tokens=state["tokens"], seconds=round(state["seconds"], 1),
                    stopped_at_time_limit=stopped_early, first_loss=losses[0] if losses else None,
                    last_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-                   imbalance_before=round(imbalance_before, 4), imbalance_after=round(imbalance_after, 4),
+                   imbalance_before=round(imbalance_before, 4), imbalance_trained=round(imbalance_trained, 4),
+                   imbalance_after=round(imbalance_after, 4),
                    gate_scale_change=float((gate_scales_after - gate_scales_before).abs().max()))
     merged.config.cmoe = dict(merged.config.cmoe, record=dict(merged.carve_record, finetune=summary))
     merged.save_pretrained(output, tokenizer=tokenizer)
@@ -254,6 +261,32 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@torch.no_grad()
+def rebalance(model, batches) -> None:
+    """Set every router's selection bias afresh, by the training-free balancing pass that carving uses, from
+    the router's softmax on `batches`. Training moves the router rows faster than the per-step bias nudges
+    follow; this evens the load for the router as it ended up."""
+    from .router import balance_selection_bias
+
+    layers = [m for m in model.modules() if isinstance(m, MoEFFN) and m.router is not None]
+    probs = {id(m): [] for m in layers}
+
+    def record(module, args):
+        x = args[0].reshape(-1, module.hidden_size)
+        probs[id(module)].append(module.router.probabilities(x))
+
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    try:
+        for batch in batches:
+            model(batch, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for m in layers:
+        bias = balance_selection_bias(torch.cat(probs[id(m)]), m.router.top_k)
+        m.router.selection_bias.copy_(bias.to(m.router.selection_bias))
 
 
 def _checkpointing(model, enable: bool) -> None:
