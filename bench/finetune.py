@@ -86,7 +86,8 @@ def main():
             row = dict(config=name, loss=loss, machine=machine, date=time.strftime("%Y-%m-%d"),
                        steps=summary["steps"], tokens=summary["tokens"], train_seconds=summary["seconds"],
                        lr=args.lr, zero_shot_limit=args.limit, first_loss=summary["first_loss"], last_loss=summary["last_loss"],
-                       imbalance_before=summary["imbalance_before"], imbalance_after=summary["imbalance_after"],
+                       imbalance_before=summary["imbalance_before"], imbalance_trained=summary["imbalance_trained"],
+                       imbalance_after=summary["imbalance_after"], gradient_checkpointing=summary["gradient_checkpointing"],
                        before=before, after=after)
             print(json.dumps(row), flush=True)
             results.parent.mkdir(parents=True, exist_ok=True)
