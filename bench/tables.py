@@ -42,6 +42,15 @@ def speed(path: Path) -> str:
                                  ("ideal", "ideal")], markdown=True)
 
 
+DENSE_PPL = dict(wikitext2=21.81, c4=36.01)  # SmolLM2-135M, the 32-window protocol (BENCHMARKS.md)
+
+
+def gap_closed(row: dict, key: str) -> float:
+    """Share of the perplexity gap to dense that fine-tuning closed."""
+    before, after = row["before"][key], row["after"][key]
+    return (before - after) / (before - DENSE_PPL[key])
+
+
 def finetune(path: Path) -> str:
     rows = []
     for r in map(json.loads, path.read_text().splitlines()):
@@ -49,11 +58,14 @@ def finetune(path: Path) -> str:
         for key in ("wikitext2", "c4", "piqa", "arc_easy", "hellaswag"):
             if key in r["after"]:
                 row[key] = f"{r['before'][key]:.4g} -> {r['after'][key]:.4g}"
-        row["load"] = f"{r['imbalance_before']:.2f} -> {r['imbalance_after']:.2f}"
+        stages = [r["imbalance_before"], r.get("imbalance_trained"), r["imbalance_after"]]
+        row["load"] = " -> ".join(f"{v:.2f}" for v in stages if v is not None)
+        row["gap"] = " / ".join(f"{gap_closed(r, key):.0%}" for key in ("wikitext2", "c4") if key in r["after"])
         rows.append(row)
     return table(rows, [("config", "config"), ("loss", "loss"), ("tokens", "tokens"), ("seconds", "train s"),
                         ("wikitext2", "WikiText-2 PPL"), ("c4", "C4 PPL"), ("piqa", "PIQA"),
-                        ("arc_easy", "ARC-E"), ("hellaswag", "HellaSwag"), ("load", "load max/mean")],
+                        ("arc_easy", "ARC-E"), ("hellaswag", "HellaSwag"), ("gap", "PPL gap closed"),
+                        ("load", "load max/mean")],
                  markdown=True)
 
 
