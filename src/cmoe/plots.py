@@ -41,7 +41,10 @@ def quality_vs_active(rows: list[dict], series: dict[str, list[float | None]], p
         line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)[0]
         if dense_lines and rows[0]["config"] == "dense" and values[0] is not None:
             ax.axhline(values[0], color=line.get_color(), linestyle=":", linewidth=1)
-        _label_points(ax, [p[0] for p in points], [p[1] for p in points], [p[2] for p in points])
+        if len(series) <= 2:  # few lines: name each point; more: name the configurations once, on top
+            _label_points(ax, [p[0] for p in points], [p[1] for p in points], [p[2] for p in points])
+    if len(series) > 2:
+        _name_configurations_on_top(ax, xs, [rows[i]["config"] for i in order])
     if log_y:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(PLAIN)
@@ -53,6 +56,14 @@ def quality_vs_active(rows: list[dict], series: dict[str, list[float | None]], p
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=9)
     return _finish(fig, path)
+
+
+def _name_configurations_on_top(ax, xs: list[float], names: list[str]) -> None:
+    at = {}
+    for x, name in zip(xs, names):  # configurations with the same active share (S1A1E8, S2A2E16) share a tick
+        at.setdefault(round(x, 1), []).append(name)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(list(at), ["/".join(n) for n in at.values()], fontsize=8)
 
 
 def activation_rate_histograms(layers: list[dict], path: Path, *, title: str, panels: int = 8) -> Path:

@@ -130,10 +130,13 @@ def write_report(folder, results: dict, records: dict) -> list:
     for title, text in report_tables(rows).items():
         lines += [f"## {title}", "", text, ""]
     tasks = list(rows[0].get("tasks", {}))
-    times = [dict(model=r["config"], carve=r.get("carve_seconds"), total=r["seconds"],
-                  **{t: r["tasks"][t].get("seconds") for t in tasks}) for r in rows]
-    lines += ["## Run time (seconds)", "", table(times, [("model", "model"), ("carve", "carve")] + [(t, t) for t in tasks]
-                                                 + [("total", "all")], markdown=True), ""]
+    times = [dict(model=r["config"] + (" *" if r.get("resumed") else ""), device=r.get("device", "-"),
+                  carve=r.get("carve_seconds"), total=r["seconds"], **{t: r["tasks"][t].get("seconds") for t in tasks})
+             for r in rows]
+    lines += ["## Run time (seconds)", "", table(times, [("model", "model"), ("device", "device"), ("carve", "carve")]
+                                                 + [(t, t) for t in tasks] + [("total", "all")], markdown=True), ""]
+    if any(r.get("resumed") for r in rows):
+        lines += ["\\* resumed from a stopped run: answers the harness had cached then are not timed again.", ""]
     lines += ["## Plots", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     (folder / "report.md").write_text("\n".join(lines))
     return figures

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import __version__
 from .config import CarveConfig
 from .errors import CMoEError
@@ -68,6 +70,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
     calibration = None
     for name in pending:
         started = time.perf_counter()
+        resumed = any(runs.glob(f"{name}.lmeval*"))  # answers cached by a stopped run make this one look faster
         if name == "dense":
             row = dict(config="dense", preset="-", active_fraction=1.0)
             row.update(_evaluate(dense, tokenizer, plan, progress, cache=runs / "dense.lmeval"))
@@ -76,6 +79,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
             row, record = _carve_and_evaluate(dense, tokenizer, name, calibration, plan, progress, runs / f"{name}.lmeval")
             (runs / f"{name}.record.json").write_text(json.dumps(record))
         row["seconds"] = round(time.perf_counter() - started, 1)
+        row.update(device=_device_name(plan.device), resumed=resumed)
         _write_atomically(runs / f"{name}.json", json.dumps(row, indent=2))
         for cache in runs.glob(f"{name}.lmeval*"):  # the harness's request cache, kept only until the row is written
             cache.unlink()
@@ -91,6 +95,12 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
         shutil.rmtree(output)
     os.replace(work, output)
     return results
+
+
+def _device_name(device: str | None) -> str:
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu, {torch.get_num_threads()} threads"
 
 
 def _work_folder(output: Path, plan: SweepPlan) -> Path:
