@@ -32,6 +32,7 @@ def main():
     parser.add_argument("--presets", default="paper,reference")
     parser.add_argument("--sets", default="wikitext2,c4")
     parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense model (its numbers do not change)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from an earlier run's JSON")
     args = parser.parse_args()
     if args.plot_only:
@@ -41,7 +42,7 @@ def main():
     _, tokenizer = load_model("smollm2")
     texts = {name: tokenize(tokenizer, eval_text(name)) for name in args.sets.split(",")}
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
-    runs = [("dense", None)] + [(c, p) for c in args.configs.split(",") for p in args.presets.split(",")]
+    runs = ([] if args.no_dense else [("dense", None)]) + [(c, p) for c in args.configs.split(",") for p in args.presets.split(",")]
     rows = []
     for name, preset in runs:
         model, _ = load_model("smollm2")

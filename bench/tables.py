@@ -21,12 +21,12 @@ def speed(path: Path) -> str:
             what = "SmolLM2-135M, " + ("FFN (middle layer)" if r["level"] == "ffn" else "whole model")
         else:
             what = "Llama-2-7B-shaped FFN"
-        size = f"{r['tokens']:,} tokens" if r["mode"] == "prefill" or r["level"] == "ffn" else f"batch {r['batch']}"
         if r["mode"] == "memory":
             rows.append(dict(what="SmolLM2-135M, weights in memory", config=r["config"], mode="memory", unit="MiB",
                              dense=r["dense_mb"], carved=r["carved_mb"], ratio=f"carved/dense {r['ratio']:.4f}",
                              ideal="-"))
             continue
+        size = f"{r['tokens']:,} tokens" if r["mode"] == "prefill" or r["level"] == "ffn" else f"batch {r['batch']}"
         if "dense_ms" in r:
             dense, carved, unit = r["dense_ms"], r["carved_ms"], "ms"
         else:
