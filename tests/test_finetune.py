@@ -130,3 +130,10 @@ def test_rebalance_evens_a_skewed_load(carved):
     finetune_module.rebalance(model, batches)
     even = finetune_module.expert_load_imbalance(model, batches)
     assert skewed > 2.5 and even < 1.3
+
+
+def test_max_minutes_stops_early_and_still_saves(carved, tmp_path):
+    summary = finetune(copy.deepcopy(carved), byte_tokenizer(), _config(max_minutes=1e-7), tmp_path / "ft",
+                       calibration_ids=PATTERN, progress=False)
+    assert summary["stopped_at_time_limit"] and summary["steps"] == 1
+    assert load_model(str(tmp_path / "ft"))[0].carve_record["finetune"]["steps"] == 1

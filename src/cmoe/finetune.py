@@ -195,6 +195,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
                disable=not progress)
     while state["epoch"] < config.epochs and not stopped_early:
         while state["step"] < len(windows):
+            step_started = time.perf_counter()
             batch = windows.batch(state["step"], state["epoch"]).to(device)
             # On a GPU the matrix products run in bfloat16 (the weights and optimiser stay float32)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -212,7 +213,9 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if state["step"] % config.checkpoint_every == 0:
                 _save_checkpoint(work, student, optimizer, state)
-            if config.max_minutes is not None and state["seconds"] > 60 * config.max_minutes:
+            # stop when another step like this one would run past the limit, so the limit is never passed
+            step_seconds = time.perf_counter() - step_started
+            if config.max_minutes is not None and state["seconds"] + step_seconds > 60 * config.max_minutes:
                 stopped_early = True
                 break
         else:
