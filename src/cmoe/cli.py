@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--teacher", metavar="DENSE", help="the dense model for --loss distill (default: the source)")
     tune.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
     tune.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
-    tune.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (default 1e-4)")
+    tune.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (default 1e-4; for a run of a few dozen steps, as "
+                      "--max-minutes 20 on a CPU gives, 1e-3 recovers far more: see BENCHMARKS.md)")
     tune.add_argument("--router-lr", type=float, default=1e-3, help="router and gate-scale learning rate (default 1e-3)")
     tune.add_argument("--bias-speed", type=float, default=1e-3, help="selection-bias step per update (default 1e-3)")
     tune.add_argument("--no-rebalance", action="store_true",
