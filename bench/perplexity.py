@@ -43,8 +43,11 @@ def main():
     texts = {name: tokenize(tokenizer, eval_text(name)) for name in args.sets.split(",")}
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
     runs = ([] if args.no_dense else [("dense", None)]) + [(c, p) for c in args.configs.split(",") for p in args.presets.split(",")]
-    rows = []
+    rows = finished_rows(Path(args.output), args.windows)
+    done = {(r["config"], r["preset"]) for r in rows}
     for name, preset in runs:
+        if (name, preset or "-") in done:
+            continue
         model, _ = load_model("smollm2")
         row = dict(config=name, preset=preset or "-")
         if preset:
@@ -55,6 +58,21 @@ def main():
             row[set_name] = round(perplexity(model, ids, 2048, args.windows, progress=False), 3)
         print(json.dumps(row), flush=True)
         rows.append(row)
+        write_report(rows, args)
+    report = write_report(rows, args)
+    print(f"wrote {args.output} and {plot(report, Path(args.output).with_suffix('.png'))}")
+
+
+def finished_rows(path: Path, windows: int) -> list[dict]:
+    """Rows of an earlier, stopped run with the same protocol, so that a rerun only does what is missing."""
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    return report["rows"] if report.get("protocol", "").startswith(f"seqlen 2048, first {windows} windows") else []
+
+
+def write_report(rows: list[dict], args) -> dict:
+    """The whole report, rewritten after every row (a stopped run keeps what it measured)."""
     report = dict(
         benchmark="perplexity", model="SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)",
         protocol=f"seqlen 2048, first {args.windows} windows; calibration wikitext2 validation 8x2048 seed 0",
@@ -64,7 +82,7 @@ def main():
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output} and {plot(report, Path(args.output).with_suffix('.png'))}")
+    return report
 
 
 def active_fraction(name: str, hidden: int = 576, width: int = 1536) -> float:

@@ -54,7 +54,7 @@ def gap_closed(row: dict, key: str) -> float:
 def finetune(path: Path) -> str:
     rows = []
     for r in map(json.loads, path.read_text().splitlines()):
-        row = dict(config=r["config"], loss=r["loss"], tokens=r["tokens"], seconds=r["train_seconds"])
+        row = dict(config=r["config"], loss=r["loss"], tokens=r["tokens"], seconds=round(r["train_seconds"]))
         for key in ("wikitext2", "c4", "piqa", "arc_easy", "hellaswag"):
             if key in r["after"]:
                 row[key] = f"{r['before'][key]:.4g} -> {r['after'][key]:.4g}"
