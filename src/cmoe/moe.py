@@ -38,6 +38,13 @@ def _hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: torc
     return act_fn(projected if bias is None else projected + bias)
 
 
+def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: torch.Tensor | None) -> torch.Tensor:
+    """`_hidden` for one token [2W or W], in place: slicing a vector is cheaper than `split`."""
+    if gated:
+        return act_fn(projected[:width]).mul_(projected[width:])
+    return act_fn(projected if bias is None else projected.add_(bias))
+
+
 class Router(nn.Module):
     """Scores each routed expert by its representative neuron: |act(g_r . x) * (u_r . x)|; softmax; top-k.
 
@@ -87,12 +94,14 @@ class Router(nn.Module):
             self._gates_key, self._gates_one = key, not bool(self.gate_scale.any())
         return self._gates_one
 
-    def choose_few(self, x: torch.Tensor) -> tuple[list[list[int]], torch.Tensor | None]:
-        """Decode on CPU: the chosen experts as Python ints, and their gates (None while every gate is 1)."""
-        probs, chosen = self.select(x)
+    def choose_row(self, row: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """Decode on CPU, one token [H]: its chosen experts as Python ints, and their gates (None while all are 1)."""
+        score = _row_hidden(torch.mv(self.weight, row), self.num_experts, self.gated, self.act_fn, self.bias)
+        probs = score.abs_().float().softmax(dim=-1)
+        chosen = (probs + self.selection_bias).topk(self.top_k).indices
         if self.gates_are_one():  # training-free: every gate is exactly 1, so skip the product
             return chosen.tolist(), None
-        return chosen.tolist(), self.gates(probs, chosen).to(x.dtype)
+        return chosen.tolist(), (1 + probs[chosen] * self.gate_scale[chosen]).to(row.dtype)
 
 
 class RoutedExperts(nn.Module):
@@ -149,20 +158,18 @@ class RoutedExperts(nn.Module):
         hidden = _hidden(projected, self.width, self.gated, self.act_fn, bias)
         return F.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs=offsets)
 
-    def add_few(self, out: torch.Tensor, x: torch.Tensor, chosen: list[list[int]], gates) -> None:
-        """Decode on CPU: add each chosen expert's output to `out` in place, reading only that expert's weights.
+    def add_row(self, out_row: torch.Tensor, row: torch.Tensor, experts: list[int], gates) -> None:
+        """Decode on CPU, one token: add its chosen experts' outputs to `out_row` [H] in place.
 
-        Few tokens means per-operation overhead dominates, so this takes the fewest operations: weight
-        views, one matrix-vector product in and one fused multiply-add out per (token, expert).
+        Reads only those experts' weights, in the fewest operations (a few tokens means per-operation
+        overhead dominates): one matrix-vector product in and one fused multiply-add out per expert.
         """
-        for token, experts in enumerate(chosen):
-            row = x[token]
-            for slot, e in enumerate(experts):
-                bias = None if self.up_bias is None else self.up_bias[e]
-                hidden = _hidden(F.linear(row, self.gate_up_proj[e]), self.width, self.gated, self.act_fn, bias)
-                if gates is not None:
-                    hidden = hidden * gates[token, slot]  # the gate scales the expert's output; down is linear
-                out[token].addmv_(self.down_proj[e], hidden)
+        for slot, e in enumerate(experts):
+            bias = None if self.up_bias is None else self.up_bias[e]
+            hidden = _row_hidden(torch.mv(self.gate_up_proj[e], row), self.width, self.gated, self.act_fn, bias)
+            if gates is not None:
+                hidden.mul_(gates[slot])  # the gate scales the expert's output; down is linear
+            out_row.addmv_(self.down_proj[e], hidden)
 
     def _looped(self, routed_x, counts):
         # Fallback for autograd, odd widths and old torch: one host sync to learn the group sizes.
@@ -188,6 +195,11 @@ class SharedExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = _hidden(F.linear(x, self.gate_up_proj), self.width, self.gated, self.act_fn, self.up_bias)
         return F.linear(hidden, self.down_proj)
+
+    def row_into(self, out_row: torch.Tensor, row: torch.Tensor) -> None:
+        """Decode on CPU, one token [H]: write the shared part's output into `out_row`."""
+        hidden = _row_hidden(torch.mv(self.gate_up_proj, row), self.width, self.gated, self.act_fn, self.up_bias)
+        torch.mv(self.down_proj, hidden, out=out_row)
 
 
 class MoEFFN(nn.Module):
@@ -230,7 +242,11 @@ class MoEFFN(nn.Module):
                 and x.shape[0] * self.router.top_k <= FEW_SLOTS and not self.router.count_load)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        chosen, gates = self.router.choose_few(x)
-        out = torch.zeros_like(x) if self.shared is None else self.shared(x)
-        self.experts.add_few(out, x, chosen, gates)
+        out = torch.zeros_like(x) if self.shared is None else torch.empty_like(x)
+        for token in range(x.shape[0]):
+            row, out_row = x[token], out[token]
+            if self.shared is not None:
+                self.shared.row_into(out_row, row)
+            experts, gates = self.router.choose_row(row)
+            self.experts.add_row(out_row, row, experts, gates)
         return out if self.down_bias is None else out + self.down_bias
