@@ -54,8 +54,8 @@ def test_training_free_forward_skips_gates_and_still_matches_naive():
 
 
 def test_few_token_decode_path_matches_naive():
-    for gated, bias in [(True, False), (False, True)]:
-        moe = random_moe(gated, bias)
+    for gated, bias, shared in [(True, False, 1), (False, True, 1), (True, False, 0)]:
+        moe = random_moe(gated, bias, shared=shared)
         for tokens in (1, 2):  # 2 and 4 (token, expert) pairs: the CPU decode path
             x = torch.randn(tokens, 16)
             with torch.no_grad():
