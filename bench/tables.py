@@ -13,12 +13,16 @@ from pathlib import Path
 from cmoe.report import table
 
 
+def _ffn_label(row: dict) -> str:
+    return f"FFN (each of {row['layers']} layers in turn)" if row.get("layers", 1) > 1 else "FFN (middle layer)"
+
+
 def speed(path: Path) -> str:
     report = json.loads(path.read_text())
     rows = []
     for r in report["rows"]:
         if r["model"].startswith("SmolLM2"):
-            what = "SmolLM2-135M, " + ("FFN (middle layer)" if r["level"] == "ffn" else "whole model")
+            what = "SmolLM2-135M, " + ("whole model" if r["level"] == "model" else _ffn_label(r))
         else:
             what = "Llama-2-7B-shaped FFN"
         if r["mode"] == "memory":

@@ -37,8 +37,11 @@ def test_cli_bench_compares_a_carved_folder_with_its_source(tmp_path, capsys):
             "--repeats", "2", "--json", str(tmp_path / "bench.json")]
     assert main(args) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert [(r["level"], r["mode"]) for r in rows] == [("ffn", "prefill"), ("model", "prefill"), ("ffn", "decode"),
-                                                         ("ffn", "decode"), ("model", "decode"), ("model", "decode")]
+    layers = dense.config.num_hidden_layers
+    assert [(r["level"], r["mode"], r.get("layers", 1)) for r in rows] == [
+        ("ffn", "prefill", 1), ("model", "prefill", 1), ("ffn", "decode", 1), ("ffn", "decode", 1),
+        ("ffn", "decode", layers), ("ffn", "decode", layers), ("model", "decode", 1), ("model", "decode", 1)]
+    assert layers > 1
     assert all(r["ratio"] > 0 for r in rows)
     assert "dense/carved" in capsys.readouterr().out
     assert main(["bench", str(tmp_path / "dense")]) == 2

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from . import kernels
+from .kernels import ACTIVATION_CODES
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 FEW_SLOTS = 4  # at most this many (token, expert) pairs on CPU take the expert-by-expert decode path
 
@@ -242,6 +245,24 @@ class MoEFFN(nn.Module):
                 and x.shape[0] * self.router.top_k <= FEW_SLOTS and not self.router.count_load)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self._decode_kernel(x)
+        if kernel is None:
+            return self._decode_eager(x)
+        shared, router, experts = self.shared, self.router, self.experts
+        return kernel.moe_decode(
+            x, None if shared is None else shared.gate_up_proj, None if shared is None else shared.down_proj,
+            None if shared is None else shared.up_bias, router.weight, router.bias, router.selection_bias,
+            router.gate_scale, router.gates_are_one(), experts.gate_up_proj, experts.up_bias, experts.down_proj,
+            self.down_bias, router.top_k, ACTIVATION_CODES[router.act], experts.gated)
+
+    def _decode_kernel(self, x: torch.Tensor):
+        """The compiled decode step, where it applies: float32 and an activation it knows."""
+        if x.dtype != torch.float32 or self.experts.down_proj.dtype != torch.float32:
+            return None
+        return kernels.decode_cpu() if self.router.act in ACTIVATION_CODES else None
+
+    def _decode_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The decode step in PyTorch operations: the fallback of the compiled kernel, and its reference."""
         out = torch.zeros_like(x) if self.shared is None else torch.empty_like(x)
         for token in range(x.shape[0]):
             row, out_row = x[token], out[token]

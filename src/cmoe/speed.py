@@ -1,6 +1,7 @@
 """Speed, measured honestly: dense and carved side by side in one process, interleaved, medians after warm-up.
 
-Two levels: the FFN of one layer (dense module vs `MoEFFN` on the same input), and the whole model
+Two levels: the FFN (dense module vs `MoEFFN` on the same input: the middle layer, and for decode also
+every layer in turn, so that the weights come from memory rather than the cache), and the whole model
 (prefill of one sequence, and greedy decoding with the KV cache at several batch sizes). Each result
 carries the ideal ratio: from the FLOPs for prefill, and from the bytes of FFN weights read for decode.
 """
@@ -137,6 +138,30 @@ def bench_ffn(dense: nn.Module, moe: nn.Module, shape: Shape, tokens: int, *, de
 
 
 @torch.no_grad()
+def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: Shape, tokens: int, repeats: int = 20,
+                     warmup: int = 3) -> dict:
+    """Decode through every layer's FFN in turn, as generation does: time per layer, dense vs carved.
+
+    One layer run again and again keeps its weights in the CPU cache (SmolLM2's FFN is 10.6 MB, a server
+    L3 is 32 MB or more); running all layers in turn makes each read its weights from memory, which is
+    where the bytes not read pay off.
+    """
+    parameter = next(dense_ffns[0].parameters())
+    inputs = [torch.randn(1, tokens, shape.hidden, dtype=parameter.dtype, device=parameter.device) for _ in dense_ffns]
+
+    def through(ffns):
+        for ffn, x in zip(ffns, inputs):
+            ffn(x)
+
+    medians = interleaved_medians(dict(dense=lambda: through(dense_ffns), carved=lambda: through(moes)), repeats,
+                                  warmup, parameter.device)
+    layers = len(dense_ffns)
+    return dict(level="ffn", layers=layers, mode="decode", tokens=tokens, dense_ms=1e3 * medians["dense"] / layers,
+                carved_ms=1e3 * medians["carved"] / layers, ratio=medians["dense"] / medians["carved"],
+                ideal_ratio=shape.ideal_decode_ratio(tokens), ideal_basis="weight bytes read", repeats=repeats)
+
+
+@torch.no_grad()
 def bench_prefill(dense_model, carved_model, seqlen: int, shape: Shape, repeats: int = 5, warmup: int = 1) -> dict:
     parameter = next(dense_model.parameters())
     ids = torch.randint(3, dense_model.config.vocab_size, (1, seqlen), device=parameter.device)
@@ -181,5 +206,8 @@ def run_benchmark(carved_model, dense_model, modes=("prefill", "decode"), batche
                  lambda: bench_prefill(dense_model, carved_model, seqlen, shape, repeats=repeats or 5)]
     if "decode" in modes:
         jobs += [lambda b=b: bench_ffn(dense_ffn, moe, shape, b, decode=True, repeats=repeats or 50) for b in batches]
+        dense_ffns = [adapter.ffn_module(layer) for layer in adapter.layers(dense_model)]
+        moes = [adapter.ffn_module(layer) for layer in adapter.layers(carved_model)]
+        jobs += [lambda b=b: bench_ffn_layers(dense_ffns, moes, shape, b, repeats=repeats or 20) for b in batches]
         jobs += [lambda b=b: bench_decode(dense_model, carved_model, b, shape, repeats=repeats or 3) for b in batches]
     return [job() for job in tqdm(jobs, desc="benchmark", disable=not progress)]

@@ -1,0 +1,56 @@
+"""Compiled kernels, optional: built on first use with the machine's C++ compiler, plain PyTorch otherwise.
+
+`decode_cpu()` gives the CPU decode step of `MoEFFN` (decode_cpu.cpp) once it is built; the build takes
+about a minute, once per machine (torch keeps it under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR).
+Set CMOE_CPU_KERNEL=0 to use the PyTorch path instead. If the build fails (no compiler, say), cmoe says so
+once and carries on with the PyTorch path, which gives the same outputs, only slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("cmoe")
+
+_SOURCE = Path(__file__).with_name("decode_cpu.cpp")
+_state: dict = {}
+
+# activation names (transformers' ACT2FN keys) the kernel knows, and its codes for them
+ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "relu": 3}
+
+
+def enabled() -> bool:
+    return os.environ.get("CMOE_CPU_KERNEL", "1") != "0"
+
+
+def decode_cpu():
+    """The compiled module with `moe_decode`, or None where it is switched off or cannot be built."""
+    if not enabled():
+        return None
+    if "decode" not in _state:
+        _state["decode"] = _build()
+    return _state["decode"]
+
+
+def _build():
+    try:
+        from torch.utils.cpp_extension import load
+
+        if not _already_built("cmoe_decode_cpu"):
+            logger.warning("cmoe: building the CPU decode kernel (once per machine, about a minute)")
+        return load(name="cmoe_decode_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
+    except Exception as error:  # any build failure falls back to the PyTorch path
+        logger.warning("cmoe: could not build the CPU decode kernel, so decode uses plain PyTorch (slower): %s",
+                       str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
+        return None
+
+
+def _already_built(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, False)).glob("*.so"))
+    except Exception:  # a private helper of torch: if it moves, we only lose the accuracy of one message
+        return False

@@ -1,0 +1,84 @@
+"""The compiled CPU decode kernel: the same outputs as the PyTorch decode path, and a clean fallback."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from cmoe import kernels
+from cmoe.moe import MoEFFN
+
+
+def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0):
+    torch.manual_seed(seed)
+    moe = MoEFFN(hidden_size=32, expert_width=8, shared=shared, routed=routed, top_k=top_k, act=act, gated=gated,
+                 bias=bias)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.5)
+        moe.router.selection_bias.normal_(std=0.1)
+        if not trained_gates:
+            moe.router.gate_scale.zero_()
+    return moe.eval()
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    module = kernels.decode_cpu()
+    assert module is not None, "the CPU decode kernel did not build on a machine with a C++ compiler"
+    return module
+
+
+CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh"), dict(act="gelu", gated=False, bias=True),
+         dict(act="relu", gated=False, bias=True), dict(act="silu", shared=0), dict(act="silu", trained_gates=False),
+         dict(act="silu", top_k=1, routed=7)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_kernel_matches_the_pytorch_decode_path(kernel, case):
+    moe = random_moe(**case)
+    for tokens in (1, 2):
+        x = torch.randn(tokens, 32)
+        with torch.no_grad():
+            assert moe._few_tokens(x) and moe._decode_kernel(x) is kernel
+            fast, eager = moe(x), moe._decode_eager(x)
+        assert torch.allclose(fast, eager, atol=1e-5, rtol=1e-5), (fast - eager).abs().max()
+
+
+def test_kernel_output_depends_on_the_chosen_experts(kernel):
+    moe = random_moe(top_k=1)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        before = moe(x)
+        chosen = moe.router.select(x)[1].item()
+        moe.router.selection_bias[chosen] = -10.0  # forbid the expert it chose: the output must change
+        after = moe(x)
+        assert torch.allclose(after, moe._decode_eager(x), atol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
+def test_kernel_is_not_used_where_it_does_not_apply(kernel, monkeypatch):
+    moe = random_moe()
+    assert moe._decode_kernel(torch.randn(1, 32, dtype=torch.bfloat16)) is None
+    monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
+    assert kernels.decode_cpu() is None
+
+
+def test_a_failed_build_falls_back_to_pytorch_with_one_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Error building extension 'cmoe_decode_cpu'\nc++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken_load)
+    monkeypatch.setattr(kernels, "_state", {})
+    moe = random_moe()
+    x = torch.randn(1, 32)
+    with caplog.at_level(logging.WARNING, logger="cmoe"), torch.no_grad():
+        first, second, eager = moe(x), moe(x), moe._decode_eager(x)
+    assert torch.equal(first, eager) and torch.equal(first, second)
+    failures = [r for r in caplog.records if "could not build" in r.getMessage()]
+    assert len(failures) == 1 and "command not found" in failures[0].getMessage()
