@@ -82,3 +82,11 @@ def test_a_failed_build_falls_back_to_pytorch_with_one_warning(monkeypatch, capl
     assert torch.equal(first, eager) and torch.equal(first, second)
     failures = [r for r in caplog.records if "could not build" in r.getMessage()]
     assert len(failures) == 1 and "command not found" in failures[0].getMessage()
+
+
+def test_kernel_takes_more_tokens_than_the_eager_decode_path(kernel):
+    moe = random_moe(top_k=2)
+    eight_pairs, many_pairs = torch.randn(4, 32), torch.randn(20, 32)
+    with torch.no_grad():
+        assert moe._few_tokens(eight_pairs) and not moe._few_tokens(many_pairs)
+        assert torch.allclose(moe(eight_pairs), moe._decode_eager(eight_pairs), atol=1e-5)
