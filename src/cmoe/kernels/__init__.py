@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 logger = logging.getLogger("cmoe")
@@ -38,6 +39,7 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         if not _already_built("cmoe_decode_cpu"):
             logger.warning("cmoe: building the CPU decode kernel (once per machine, about a minute)")
         return load(name="cmoe_decode_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
@@ -54,3 +56,14 @@ def _already_built(name: str) -> bool:
         return any(Path(_get_build_directory(name, False)).glob("*.so"))
     except Exception:  # a private helper of torch: if it moves, we only lose the accuracy of one message
         return False
+
+
+def _put_ninja_on_path() -> None:
+    """torch builds with the `ninja` command; the pip package's copy is not on PATH unless the venv is active."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass  # the build then fails with torch's own message, and decode falls back
