@@ -5,8 +5,9 @@
 
 For each configuration: carve with the paper preset (calibration 8 x 2048 WikiText-2 validation tokens,
 seed 0), measure WikiText-2 and C4 perplexity (seqlen 2048, first 32 windows) and zero-shot PIQA,
-ARC-Easy and HellaSwag (first 1,000 items); then for each loss fine-tune (training text: WikiText-2
-validation, never the evaluation text) until the samples or the time limit run out, and measure again.
+ARC-Easy and HellaSwag (first 1,000 items); then for each loss fine-tune (training text: `--data`, by
+default WikiText-2 validation; never the evaluation text) until the samples or the time limit run out, and
+measure again.
 Each finished run is appended to bench/results/finetune_<device>.jsonl, and runs already there are skipped.
 """
 
@@ -55,35 +56,37 @@ def main():
     parser.add_argument("--tasks", default="piqa,arc_easy,hellaswag", help="zero-shot tasks ('' for none)")
     parser.add_argument("--limit", type=int, help="zero-shot items per task (default: all; HellaSwag at most 1,000)")
     parser.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="LoRA learning rate")
+    parser.add_argument("--data", default="wikitext2", help="training text (a `cmoe finetune --data` source)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     results = RESULTS / f"finetune_{args.device}.jsonl"
     done = set()
     if results.exists():
-        done = {(r["config"], r["loss"]) for r in map(json.loads, results.read_text().splitlines())}
+        done = {(r["config"], r["loss"], r.get("data", "wikitext2"))
+                for r in map(json.loads, results.read_text().splitlines())}
     tasks = [t for t in args.tasks.split(",") if t]
     dense, tokenizer = load_model("smollm2", device=args.device)
     dense.eval()
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
     machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     for name in args.configs.split(","):
-        losses = [loss for loss in args.losses.split(",") if (name, loss) not in done]
+        losses = [loss for loss in args.losses.split(",") if (name, loss, args.data) not in done]
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
         before = quality(carved.eval(), tokenizer, tasks, args.device, args.limit)
         print(json.dumps(dict(config=name, before=before)), flush=True)
         for loss in losses:
-            config = FinetuneConfig(loss=loss, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
-                                    max_minutes=args.max_minutes, lr=args.lr)
+            config = FinetuneConfig(loss=loss, data=args.data, samples=args.samples, seqlen=args.seqlen,
+                                    batch_size=args.batch_size, max_minutes=args.max_minutes, lr=args.lr)
             with tempfile.TemporaryDirectory() as tmp:
                 student = copy.deepcopy(carved)
                 summary = finetune(student, tokenizer, config, Path(tmp) / "out",
                                    teacher=dense if loss == "distill" else None, progress=False)
                 tuned, _ = load_model(str(Path(tmp) / "out"), device=args.device)
             after = quality(tuned.eval(), tokenizer, tasks, args.device, args.limit)
-            row = dict(config=name, loss=loss, machine=machine, date=time.strftime("%Y-%m-%d"),
+            row = dict(config=name, loss=loss, data=args.data, machine=machine, date=time.strftime("%Y-%m-%d"),
                        steps=summary["steps"], tokens=summary["tokens"], train_seconds=summary["seconds"],
                        lr=args.lr, zero_shot_limit=args.limit, first_loss=summary["first_loss"], last_loss=summary["last_loss"],
                        imbalance_before=summary["imbalance_before"], imbalance_trained=summary["imbalance_trained"],

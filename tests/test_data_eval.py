@@ -46,3 +46,9 @@ def test_eval_and_calibration_texts_do_not_overlap():
     assert len(wiki_test) == 1_294_336  # the standard raw test string
     assert wiki_test[:500] not in wiki_valid
     assert "<unk>" in eval_text("ptb")
+
+
+@needs_data
+def test_joined_sources_give_both_texts():
+    mixed = calibration_text("wikitext2+c4")
+    assert mixed == calibration_text("wikitext2") + "\n\n" + calibration_text("c4")

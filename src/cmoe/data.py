@@ -105,7 +105,13 @@ def eval_text(name: str, root: str | os.PathLike | None = None) -> str:
 
 
 def calibration_text(source: str, root: str | os.PathLike | None = None) -> str:
-    """Calibration text that never overlaps evaluation: WikiText-2 validation, C4 documents 500 on, or a file."""
+    """Calibration text that never overlaps evaluation: WikiText-2 validation, C4 documents 500 on, or a file.
+
+    Sources joined by `+` ("wikitext2+c4") give their texts one after another, so that windows sampled from
+    the result mix the domains in proportion to their sizes.
+    """
+    if "+" in source and not Path(source).is_file():
+        return "\n\n".join(calibration_text(part, root) for part in source.split("+"))
     if source in CALIBRATION_SETS:
         local = _local_root(root, source)
         if local is None:
