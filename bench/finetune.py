@@ -8,7 +8,8 @@ seed 0), measure WikiText-2 and C4 perplexity (seqlen 2048, first 32 windows) an
 ARC-Easy and HellaSwag (first 1,000 items); then for each loss fine-tune (training text: `--data`, by
 default WikiText-2 validation; never the evaluation text) until the samples or the time limit run out, and
 measure again.
-Each finished run is appended to bench/results/finetune_<device>.jsonl, and runs already there are skipped.
+Each finished run is appended to bench/results/finetune_<device>.jsonl, and runs already there are skipped;
+a configuration's "before" is taken from an earlier row where one measured the same items (carving is seeded).
 """
 
 from __future__ import annotations
@@ -61,22 +62,25 @@ def main():
     args = parser.parse_args()
 
     results = RESULTS / f"finetune_{args.device}.jsonl"
-    done = set()
-    if results.exists():
-        done = {(r["config"], r["loss"], r.get("data", "wikitext2"))
-                for r in map(json.loads, results.read_text().splitlines())}
+    finished = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = {(r["config"], r["loss"], r.get("data", "wikitext2")) for r in finished}
     tasks = [t for t in args.tasks.split(",") if t]
+    machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
+    # carving is seeded, so an earlier row's "before" is this run's where it measured the same items on the
+    # same machine and thread count (float sums, and so the carve, depend on those): reuse it
+    measured_before = {r["config"]: r["before"] for r in finished if r["machine"] == machine
+                       and r.get("zero_shot_limit") == args.limit and set(tasks) <= set(r["before"])}
     dense, tokenizer = load_model("smollm2", device=args.device)
     dense.eval()
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
-    machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     for name in args.configs.split(","):
         losses = [loss for loss in args.losses.split(",") if (name, loss, args.data) not in done]
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
-        before = quality(carved.eval(), tokenizer, tasks, args.device, args.limit)
-        print(json.dumps(dict(config=name, before=before)), flush=True)
+        reused = name in measured_before
+        before = measured_before[name] if reused else quality(carved.eval(), tokenizer, tasks, args.device, args.limit)
+        print(json.dumps(dict(config=name, before=before, reused=reused)), flush=True)
         for loss in losses:
             config = FinetuneConfig(loss=loss, data=args.data, samples=args.samples, seqlen=args.seqlen,
                                     batch_size=args.batch_size, max_minutes=args.max_minutes, lr=args.lr)
@@ -91,7 +95,7 @@ def main():
                        lr=args.lr, zero_shot_limit=args.limit, first_loss=summary["first_loss"], last_loss=summary["last_loss"],
                        imbalance_before=summary["imbalance_before"], imbalance_trained=summary["imbalance_trained"],
                        imbalance_after=summary["imbalance_after"], gradient_checkpointing=summary["gradient_checkpointing"],
-                       before=before, after=after)
+                       before=before, before_reused=reused, after=after)
             print(json.dumps(row), flush=True)
             results.parent.mkdir(parents=True, exist_ok=True)
             with results.open("a") as f:
