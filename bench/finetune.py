@@ -63,7 +63,7 @@ def main():
 
     results = RESULTS / f"finetune_{args.device}.jsonl"
     finished = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = {(r["config"], r["loss"], r.get("data", "wikitext2")) for r in finished}
+    done = {(r["config"], r["loss"], r.get("data", "wikitext2"), r["lr"]) for r in finished}
     tasks = [t for t in args.tasks.split(",") if t]
     machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     # carving is seeded, so an earlier row's "before" is this run's where it measured the same items on the
@@ -74,7 +74,7 @@ def main():
     dense.eval()
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
     for name in args.configs.split(","):
-        losses = [loss for loss in args.losses.split(",") if (name, loss, args.data) not in done]
+        losses = [loss for loss in args.losses.split(",") if (name, loss, args.data, args.lr) not in done]
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
