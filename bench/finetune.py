@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from cmoe.finetune import FinetuneConfig, finetune
 from cmoe.models import load_model
 from provenance import device_name
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("CMOE_RESULTS", Path(__file__).parent / "results"))  # elsewhere on a lent GPU
 
 
 def quality(model, tokenizer, tasks: list[str], device: str, limit: int | None = None) -> dict:
@@ -63,7 +64,7 @@ def main():
 
     results = RESULTS / f"finetune_{args.device}.jsonl"
     finished = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = {(r["config"], r["loss"], r.get("data", "wikitext2"), r["lr"]) for r in finished}
+    done = {(r["config"], r["loss"], r.get("data", "wikitext2"), r.get("lr", 1e-4)) for r in finished}
     tasks = [t for t in args.tasks.split(",") if t]
     machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     # carving is seeded, so an earlier row's "before" is this run's where it measured the same items on the

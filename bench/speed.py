@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import cmoe
 from cmoe.speed import bench_ffn, random_ffn_pair, run_benchmark, shape_of
 from provenance import device_name, git_commit
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("CMOE_RESULTS", Path(__file__).parent / "results"))  # elsewhere on a lent GPU
 
 
 def smollm2_rows(configs, device, dtype, batches) -> list[dict]:
@@ -60,10 +61,11 @@ def llama7b_ffn_rows(configs, device, dtype) -> list[dict]:
     for name in configs:
         dense, moe = random_ffn_pair(4096, 11008, cmoe.CarveConfig.from_name(name), dtype, device)
         shape = shape_of(moe, 11008)
-        for tokens, decode, repeats in ((prefill, False, 5 if device == "cpu" else 20), (1, True, 50)):
-            row = bench_ffn(dense, moe, shape, tokens, decode=decode, repeats=repeats)
-            rows.append(dict(model="Llama-2-7B-shaped FFN (random weights)", config=name, **row))
-            print(json.dumps(rows[-1]), flush=True)
+        for graphs in (False, True) if device == "cuda" else (False,):
+            for tokens, decode, repeats in ((prefill, False, 5 if device == "cpu" else 20), (1, True, 50)):
+                row = bench_ffn(dense, moe, shape, tokens, decode=decode, repeats=repeats, graphs=graphs)
+                rows.append(dict(model="Llama-2-7B-shaped FFN (random weights)", config=name, **row))
+                print(json.dumps(rows[-1]), flush=True)
         del dense, moe
     return rows
 

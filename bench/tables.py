@@ -25,6 +25,8 @@ def speed(path: Path) -> str:
             what = "SmolLM2-135M, " + ("whole model" if r["level"] == "model" else _ffn_label(r))
         else:
             what = "Llama-2-7B-shaped FFN"
+        if r.get("cuda_graph"):
+            what += ", CUDA graph"
         if r["mode"] == "memory":
             rows.append(dict(what="SmolLM2-135M, weights in memory", config=r["config"], mode="memory", unit="MiB",
                              dense=r["dense_mb"], carved=r["carved_mb"], ratio=f"carved/dense {r['ratio']:.4f}",

@@ -350,7 +350,7 @@ def _bench_table(rows: list[dict]) -> str:
         else:
             dense, carved = f"{r['dense_ms']:.2f} ms", f"{r['carved_ms']:.2f} ms"
         ideal = r.get("ideal_ratio", r.get("ffn_ideal_ratio"))
-        level = "ffn, every layer" if r.get("layers", 1) > 1 else r["level"]
+        level = ("ffn, every layer" if r.get("layers", 1) > 1 else r["level"]) + (", CUDA graph" if r.get("cuda_graph") else "")
         cells.append(dict(what=f"{level} {r['mode']}", size=size, dense=dense, carved=carved,
                           ratio=f"{r['ratio']:.2f}x", ideal=f"{ideal:.2f}x" + ("" if r["level"] == "ffn" else " (FFN)")))
     return table(cells, [("what", "measured"), ("size", "size"), ("dense", "dense"), ("carved", "carved"),

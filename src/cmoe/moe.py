@@ -97,6 +97,8 @@ class Router(nn.Module):
         # cached per (storage, in-place version) of gate_scale, so that decode does not test it every token
         key = (self.gate_scale.data_ptr(), self.gate_scale._version)
         if getattr(self, "_gates_key", None) != key:
+            if self.gate_scale.is_cuda and torch.cuda.is_current_stream_capturing():
+                return False  # reading the device while a CUDA graph is captured is not allowed
             self._gates_key, self._gates_one = key, not bool(self.gate_scale.any())
         return self._gates_one
 
@@ -136,20 +138,19 @@ class RoutedExperts(nn.Module):
             0, flat, torch.ones_like(flat))
         token_of_slot = order // top_k
         routed_x = x[token_of_slot]
+        # the gate scales an expert's output; down is linear, so scale its hidden rows (W wide, not H)
+        slot_gates = None if gates is None else gates.reshape(-1)[order].unsqueeze(-1)
         if self._can_group(x) and not torch.is_grad_enabled():
-            expert_out = self._grouped(routed_x, counts, flat[order])
+            expert_out = self._grouped(routed_x, counts, flat[order], slot_gates)
         else:
-            expert_out = self._looped(routed_x, counts)
-        if gates is not None:
-            expert_out = expert_out * gates.reshape(-1)[order].unsqueeze(-1)
+            expert_out = self._looped(routed_x, counts, slot_gates)
+        in_place = not torch.is_grad_enabled()
         if x.device.type == "cpu":  # one scatter-add pass; serial on CPU, so the sums are reproducible
-            return out.index_add(0, token_of_slot, expert_out) if torch.is_grad_enabled() else \
-                out.index_add_(0, token_of_slot, expert_out)
-        # CUDA: index_add would use atomics; gather the slots back to token order instead
-        position = torch.empty_like(order)
-        position[order] = torch.arange(order.numel(), device=x.device)
-        back = expert_out[position].view(tokens, top_k, -1)
-        return out + (back[:, 0] if top_k == 1 else back.sum(dim=1))
+            return out.index_add_(0, token_of_slot, expert_out) if in_place else out.index_add(0, token_of_slot, expert_out)
+        # CUDA: index_add would use atomics; put the slots back in token order with one row scatter instead
+        back = torch.empty_like(expert_out).index_copy_(0, order, expert_out).view(tokens, top_k, -1)
+        back = back[:, 0] if top_k == 1 else back.sum(dim=1)
+        return out.add_(back) if in_place else out + back
 
     def _can_group(self, x: torch.Tensor) -> bool:
         # grouped_mm needs row strides that are multiples of 16 bytes, and on CUDA (torch 2.11) bfloat16
@@ -157,11 +158,13 @@ class RoutedExperts(nn.Module):
         dtype_ok = x.device.type == "cpu" or x.dtype == torch.bfloat16
         return _HAS_GROUPED_MM and dtype_ok and all((n * size) % 16 == 0 for n in (self.width, x.shape[-1]))
 
-    def _grouped(self, routed_x, counts, expert_of_slot):
+    def _grouped(self, routed_x, counts, expert_of_slot, slot_gates):
         offsets = counts.cumsum(0).to(torch.int32)
         projected = F.grouped_mm(routed_x, self.gate_up_proj.transpose(1, 2), offs=offsets)
         bias = None if self.up_bias is None else self.up_bias[expert_of_slot]
         hidden = _hidden(projected, self.width, self.gated, self.act_fn, bias)
+        if slot_gates is not None:
+            hidden = hidden.mul_(slot_gates)  # no autograd on this path
         return F.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs=offsets)
 
     def add_row(self, out_row: torch.Tensor, row: torch.Tensor, experts: list[int], gates) -> None:
@@ -177,13 +180,15 @@ class RoutedExperts(nn.Module):
                 hidden.mul_(gates[slot])  # the gate scales the expert's output; down is linear
             out_row.addmv_(self.down_proj[e], hidden)
 
-    def _looped(self, routed_x, counts):
+    def _looped(self, routed_x, counts, slot_gates):
         # Fallback for autograd, odd widths and old torch: one host sync to learn the group sizes.
+        sizes = counts.tolist()
+        gate_parts = [None] * len(sizes) if slot_gates is None else slot_gates.split(sizes)
         pieces = []
-        for e, part in enumerate(routed_x.split(counts.tolist())):
+        for e, (part, part_gates) in enumerate(zip(routed_x.split(sizes), gate_parts)):
             bias = None if self.up_bias is None else self.up_bias[e]
             hidden = _hidden(F.linear(part, self.gate_up_proj[e]), self.width, self.gated, self.act_fn, bias)
-            pieces.append(F.linear(hidden, self.down_proj[e]))
+            pieces.append(F.linear(hidden if part_gates is None else hidden * part_gates, self.down_proj[e]))
         return torch.cat(pieces)
 
 
@@ -234,8 +239,9 @@ class MoEFFN(nn.Module):
         out = torch.zeros_like(x) if self.shared is None else self.shared(x)
         if self.router is not None:
             probs, chosen = self.router.select(x)
-            # CPU only: the check reads gate_scale on the host once per change, which CUDA graphs would not allow
-            skip_gates = x.device.type == "cpu" and not torch.is_grad_enabled() and self.router.gates_are_one()
+            # the check reads gate_scale on the host once per change; torch.compile traces the gates instead
+            skip_gates = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                          and self.router.gates_are_one())
             gates = None if skip_gates else self.router.gates(probs, chosen).to(x.dtype)
             out = self.experts(x, chosen, gates, out)
         if self.down_bias is not None:

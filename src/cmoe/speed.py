@@ -38,6 +38,26 @@ def interleaved_medians(runs: dict[str, callable], repeats: int, warmup: int, de
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def cuda_graph(fn):
+    """`fn` (its inputs fixed) captured in a CUDA graph; calling the result replays it with no launch gaps.
+
+    A GPU runs a small FFN's kernels faster than the host can launch them, so eager timings there measure
+    the launches; replaying a graph measures the GPU's work, as a served model under CUDA graphs sees it.
+    """
+    if not torch.cuda.is_available():
+        raise ValueError("CUDA graphs need a CUDA GPU; time the eager forward on this machine instead.")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the capture (also fills the gates-are-one cache)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 # -- what the ideal speed-up is ----------------------------------------------------------------------------
 
 @dataclass
@@ -126,20 +146,26 @@ def random_ffn_pair(hidden: int, intermediate: int, config: CarveConfig, dtype=t
 
 @torch.no_grad()
 def bench_ffn(dense: nn.Module, moe: nn.Module, shape: Shape, tokens: int, *, decode: bool, repeats: int = 20,
-              warmup: int = 3) -> dict:
-    """Dense FFN vs carved FFN on `tokens` random inputs (a prefill of that many tokens, or a decode batch)."""
+              warmup: int = 3, graphs: bool = False) -> dict:
+    """Dense FFN vs carved FFN on `tokens` random inputs (a prefill of that many tokens, or a decode batch).
+
+    `graphs` (CUDA): time replays of CUDA graphs of both, rather than eager calls.
+    """
     parameter = next(dense.parameters())
     x = torch.randn(1, tokens, shape.hidden, dtype=parameter.dtype, device=parameter.device)
-    medians = interleaved_medians(dict(dense=lambda: dense(x), carved=lambda: moe(x)), repeats, warmup, parameter.device)
+    runs = dict(dense=lambda: dense(x), carved=lambda: moe(x))
+    if graphs:
+        runs = {name: cuda_graph(run) for name, run in runs.items()}
+    medians = interleaved_medians(runs, repeats, warmup, parameter.device)
     ideal = shape.ideal_decode_ratio(tokens) if decode else shape.ideal_prefill_ratio(tokens)
     return dict(level="ffn", mode="decode" if decode else "prefill", tokens=tokens, dense_ms=1e3 * medians["dense"],
                 carved_ms=1e3 * medians["carved"], ratio=medians["dense"] / medians["carved"], ideal_ratio=ideal,
-                ideal_basis="weight bytes read" if decode else "FLOPs", repeats=repeats)
+                ideal_basis="weight bytes read" if decode else "FLOPs", repeats=repeats, cuda_graph=graphs)
 
 
 @torch.no_grad()
 def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: Shape, tokens: int, repeats: int = 20,
-                     warmup: int = 3) -> dict:
+                     warmup: int = 3, graphs: bool = False) -> dict:
     """Decode through every layer's FFN in turn, as generation does: time per layer, dense vs carved.
 
     One layer run again and again keeps its weights in the CPU cache (SmolLM2's FFN is 10.6 MB, a server
@@ -153,12 +179,15 @@ def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: 
         for ffn, x in zip(ffns, inputs):
             ffn(x)
 
-    medians = interleaved_medians(dict(dense=lambda: through(dense_ffns), carved=lambda: through(moes)), repeats,
-                                  warmup, parameter.device)
+    runs = dict(dense=lambda: through(dense_ffns), carved=lambda: through(moes))
+    if graphs:
+        runs = {name: cuda_graph(run) for name, run in runs.items()}
+    medians = interleaved_medians(runs, repeats, warmup, parameter.device)
     layers = len(dense_ffns)
     return dict(level="ffn", layers=layers, mode="decode", tokens=tokens, dense_ms=1e3 * medians["dense"] / layers,
                 carved_ms=1e3 * medians["carved"] / layers, ratio=medians["dense"] / medians["carved"],
-                ideal_ratio=shape.ideal_decode_ratio(tokens), ideal_basis="weight bytes read", repeats=repeats)
+                ideal_ratio=shape.ideal_decode_ratio(tokens), ideal_basis="weight bytes read", repeats=repeats,
+                cuda_graph=graphs)
 
 
 @torch.no_grad()
@@ -210,4 +239,12 @@ def run_benchmark(carved_model, dense_model, modes=("prefill", "decode"), batche
         moes = [adapter.ffn_module(layer) for layer in adapter.layers(carved_model)]
         jobs += [lambda b=b: bench_ffn_layers(dense_ffns, moes, shape, b, repeats=repeats or 20) for b in batches]
         jobs += [lambda b=b: bench_decode(dense_model, carved_model, b, shape, repeats=repeats or 3) for b in batches]
+    if next(dense_model.parameters()).is_cuda:  # the FFN again under CUDA graphs: the GPU's work, not the launches
+        if "prefill" in modes:
+            jobs += [lambda: bench_ffn(dense_ffn, moe, shape, seqlen, decode=False, repeats=repeats or 10, graphs=True)]
+        if "decode" in modes:
+            jobs += [lambda b=b: bench_ffn(dense_ffn, moe, shape, b, decode=True, repeats=repeats or 50, graphs=True)
+                     for b in batches]
+            jobs += [lambda b=b: bench_ffn_layers(dense_ffns, moes, shape, b, repeats=repeats or 20, graphs=True)
+                     for b in batches]
     return [job() for job in tqdm(jobs, desc="benchmark", disable=not progress)]

@@ -1,0 +1,183 @@
+"""Where the carved FFN's time goes on a GPU, and which forward variant is fastest (a lent H100/H200).
+
+    PYTHONPATH=src:bench python3 bench/cuda_variants.py [--tokens 8192] [--configs S1A1E8] [--out DIR]
+
+A Llama-2-7B-shaped FFN (hidden 4096, intermediate 11008, random weights), bfloat16. For each config:
+the profiler's kernel table of the current forward, then the dense FFN, the pieces (shared part, the two
+grouped GEMMs) and forward variants timed side by side (CUDA events, medians), each variant checked
+against the current forward. Prints a table last. Runs on the CPU too (small shapes) to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import cmoe
+from cmoe.moe import _hidden
+from cmoe.speed import random_ffn_pair
+
+
+def median_ms(fn, repeats: int = 30, warmup: int = 5) -> float:
+    cuda = torch.cuda.is_available()
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            started = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times.append(1e3 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def routed_inputs(moe, x):
+    probs, chosen = moe.router.select(x)
+    flat = chosen.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(moe.experts.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    return probs, chosen, flat, order, counts
+
+
+def previous_forward(moe, x):
+    """The forward as it was before 2026-11-23 (gates on output rows, un-permute by gather), for comparison."""
+    out = moe.shared(x)
+    probs, chosen = moe.router.select(x)
+    gates = moe.router.gates(probs, chosen).to(x.dtype)
+    tokens, top_k = chosen.shape
+    flat = chosen.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(moe.experts.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    routed_x = x[order // top_k]
+    expert_out = moe.experts._grouped(routed_x, counts, flat[order], None)
+    expert_out = expert_out * gates.reshape(-1)[order].unsqueeze(-1)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=x.device)
+    back = expert_out[position].view(tokens, top_k, -1)
+    return out + (back[:, 0] if top_k == 1 else back.sum(dim=1))
+
+
+def graphed(fn):
+    """`fn` (static inputs) captured in a CUDA graph: the replay has no launch gaps."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def pieces(moe, x):
+    """Time each piece of the forward alone."""
+    probs, chosen, flat, order, counts = routed_inputs(moe, x)
+    routed_x = x[order // chosen.shape[1]]
+    offsets = counts.cumsum(0).to(torch.int32)
+    e = moe.experts
+    projected = F.grouped_mm(routed_x, e.gate_up_proj.transpose(1, 2), offs=offsets)
+    hidden = _hidden(projected, e.width, e.gated, e.act_fn, None)
+    s = moe.shared
+    return {
+        "shared part (2 GEMMs + act)": lambda: s(x),
+        "shared gate_up GEMM": lambda: F.linear(x, s.gate_up_proj),
+        "router select": lambda: moe.router.select(x),
+        "argsort + counts": lambda: routed_inputs(moe, x),
+        "gather x to expert order": lambda: x[order // chosen.shape[1]],
+        "grouped gate_up GEMM": lambda: F.grouped_mm(routed_x, e.gate_up_proj.transpose(1, 2), offs=offsets),
+        "act(gate)*up (routed)": lambda: _hidden(projected, e.width, e.gated, e.act_fn, None),
+        "grouped down GEMM": lambda: F.grouped_mm(hidden, e.down_proj.transpose(1, 2), offs=offsets),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--configs", default="S1A1E8,S2A2E8,S3A3E8")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16
+    out_dir = Path(args.out)
+    rows = []
+    torch.set_grad_enabled(False)
+    for name in args.configs.split(","):
+        dense, moe = random_ffn_pair(args.hidden, args.intermediate, cmoe.CarveConfig.from_name(name), dtype, device)
+        x = torch.randn(args.tokens, args.hidden, dtype=dtype, device=device)
+        reference = previous_forward(moe, x).float()
+        if device == "cuda" and args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    moe(x)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            (out_dir / f"profile_{name}.txt").write_text(table)
+            print(name, "\n", table, flush=True)
+        variants = {"dense FFN": lambda: dense(x), "carved, previous": lambda: previous_forward(moe, x),
+                    "carved, current": lambda: moe(x)}
+        if not args.no_compile:
+            compiled = torch.compile(moe, fullgraph=True)
+            variants["carved, torch.compile"] = lambda: compiled(x)
+        if device == "cuda":
+            for label in list(variants):
+                variants[label + ", CUDA graph"] = graphed(variants[label])
+        for label, fn in variants.items():
+            error = None
+            if label.startswith("carved") and "graph" not in label:
+                got = fn().float()
+                error = ((got - reference).norm() / reference.norm()).item()
+            ms = median_ms(fn)
+            rows.append(dict(config=name, what=label, ms=ms, rel_error=error))
+            print(json.dumps(rows[-1]), flush=True)
+        for label, fn in pieces(moe, x).items():
+            rows.append(dict(config=name, what="piece: " + label, ms=median_ms(fn)))
+            print(json.dumps(rows[-1]), flush=True)
+        # decode at batch 1: launch-bound, so also through CUDA graphs
+        x1 = torch.randn(1, args.hidden, dtype=dtype, device=device)
+        decode = {"decode b1 dense": lambda: dense(x1), "decode b1 carved": lambda: moe(x1)}
+        if device == "cuda":
+            for label in list(decode):
+                decode[label + ", CUDA graph"] = graphed(decode[label])
+        for label, fn in decode.items():
+            rows.append(dict(config=name, what=label, ms=median_ms(fn, repeats=100, warmup=10)))
+            print(json.dumps(rows[-1]), flush=True)
+        del dense, moe
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    (out_dir / "cuda_variants.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name() if device == "cuda"
+                                                                else "cpu", torch=torch.__version__,
+                                                                tokens=args.tokens, rows=rows), indent=1))
+    dense_ms = {r["config"]: r["ms"] for r in rows if r["what"] == "dense FFN"}
+    print(f"\n{'config':8} {'what':40} {'ms':>9} {'dense/x':>8} {'rel err':>9}")
+    for r in rows:
+        ratio = dense_ms[r["config"]] / r["ms"] if not r["what"].startswith("decode") else float("nan")
+        err = "" if r.get("rel_error") is None else f"{r['rel_error']:.1e}"
+        print(f"{r['config']:8} {r['what']:40} {r['ms']:9.3f} {ratio:8.2f} {err:>9}")
+
+
+if __name__ == "__main__":
+    main()
