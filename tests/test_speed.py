@@ -46,3 +46,11 @@ def test_cli_bench_compares_a_carved_folder_with_its_source(tmp_path, capsys):
     assert "dense/carved" in capsys.readouterr().out
     assert main(["bench", str(tmp_path / "dense")]) == 2
     assert "is a dense model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_graph_timing_without_a_gpu_says_so():
+    from cmoe.speed import cuda_graph
+
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA GPU"):
+        cuda_graph(lambda: None)
