@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import cmoe
 from cmoe.moe import _hidden
-from cmoe.speed import random_ffn_pair
+from cmoe.speed import cuda_graph as graphed, random_ffn_pair
 
 
 def median_ms(fn, repeats: int = 30, warmup: int = 5) -> float:
@@ -71,20 +71,6 @@ def previous_forward(moe, x):
     position[order] = torch.arange(order.numel(), device=x.device)
     back = expert_out[position].view(tokens, top_k, -1)
     return out + (back[:, 0] if top_k == 1 else back.sum(dim=1))
-
-
-def graphed(fn):
-    """`fn` (static inputs) captured in a CUDA graph: the replay has no launch gaps."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def pieces(moe, x):
