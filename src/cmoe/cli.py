@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time a carved model against its dense source, side by side",
                                 description="Time the FFN of the middle layer and the whole model, dense and carved, "
                                 "interleaved in one process; medians after warm-up, with the ideal ratio from FLOPs "
-                                "(prefill) or weight bytes read (decode).")
+                                "(prefill) or weight bytes read (decode). On CUDA the FFN is also timed as CUDA-graph replays, "
+                                "which leave out the host's kernel launches.")
     bench.add_argument("model", metavar="OUT", help="a carved folder (cmoe carve)")
     bench.add_argument("--against", metavar="DENSE", help="the dense model (default: the one OUT was carved from)")
     bench.add_argument("--mode", type=_csv, default=["prefill", "decode"], help="prefill,decode (default both)")
