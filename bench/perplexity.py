@@ -103,7 +103,7 @@ def plot(report: dict, path: Path) -> Path:
             if any(v is not None for v in values[1:]):
                 series[f"{set_name}, {preset}"] = values
     return quality_vs_active(rows, series, path, log_y=True, ylabel="perplexity (log scale)",
-                             title=f"SmolLM2-135M carved: perplexity vs FFN active ({report['protocol']})")
+                             title=f"SmolLM2-135M carved: perplexity vs FFN active\n({report['protocol']})")
 
 
 if __name__ == "__main__":
