@@ -22,6 +22,7 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # one: more with the compiled kernel, whose per-token cost is lower (measured crossover: 16-24 pairs).
 FEW_SLOTS = 4
 KERNEL_SLOTS = 16
+_EAGER = "eager"  # MoEFFN._decode_step: decode token by token in PyTorch operations
 
 
 # Plain functions for the common activations: a module call costs microseconds, which decode notices.
@@ -95,11 +96,12 @@ class Router(nn.Module):
     def gates_are_one(self) -> bool:
         """Whether every gate is exactly 1 (gate_scale all 0, as after carving), so the product can be skipped."""
         # cached per (storage, in-place version) of gate_scale, so that decode does not test it every token
-        key = (self.gate_scale.data_ptr(), self.gate_scale._version)
-        if getattr(self, "_gates_key", None) != key:
-            if self.gate_scale.is_cuda and torch.cuda.is_current_stream_capturing():
+        gate_scale = self._parameters["gate_scale"]  # (a dict read: this runs every decode step)
+        key = (gate_scale.data_ptr(), gate_scale._version)
+        if self.__dict__.get("_gates_key") != key:
+            if gate_scale.is_cuda and torch.cuda.is_current_stream_capturing():
                 return False  # reading the device while a CUDA graph is captured is not allowed
-            self._gates_key, self._gates_one = key, not bool(self.gate_scale.any())
+            self._gates_key, self._gates_one = key, not bool(gate_scale.any())
         return self._gates_one
 
     def choose_row(self, row: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
@@ -234,8 +236,9 @@ class MoEFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        if self._few_tokens(x):
-            return self._decode(x).reshape(shape)
+        step = self._decode_step(x)
+        if step is not None:
+            return (self._decode_eager(x) if step is _EAGER else self._decode_compiled(step, x)).view(shape)
         out = torch.zeros_like(x) if self.shared is None else self.shared(x)
         if self.router is not None:
             probs, chosen = self.router.select(x)
@@ -248,29 +251,47 @@ class MoEFFN(nn.Module):
             out = out + self.down_bias
         return out.reshape(shape)
 
-    def _few_tokens(self, x: torch.Tensor) -> bool:
-        """CPU decode: so few (token, expert) pairs that reading only the chosen experts' weights wins."""
-        if (self.router is None or x.device.type != "cpu" or torch.is_grad_enabled() or self.router.count_load
-                or x.shape[0] * self.router.top_k > KERNEL_SLOTS):
-            return False
-        return x.shape[0] * self.router.top_k <= FEW_SLOTS or self._decode_kernel(x) is not None
+    # CPU decode. A step in the compiled kernel takes under 100 us for SmolLM2, so the Python around it
+    # counts: these read submodules and parameters from nn.Module's dicts (an attribute lookup through
+    # nn.Module.__getattr__ costs about half a microsecond, and a step needs some twenty).
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode_step(self, x: torch.Tensor):
+        """How to run a CPU decode step token by token: the compiled kernel, `_EAGER`, or None (grouped path).
+
+        Token by token pays when so few (token, expert) pairs come that reading only the chosen experts'
+        weights wins: up to KERNEL_SLOTS with the kernel, FEW_SLOTS without.
+        """
+        router = self._modules.get("router")
+        if router is None or x.device.type != "cpu" or torch.is_grad_enabled() or router.count_load:
+            return None
+        slots = x.shape[0] * router.top_k
+        if slots > KERNEL_SLOTS:
+            return None
         kernel = self._decode_kernel(x)
-        if kernel is None:
-            return self._decode_eager(x)
-        shared, router, experts = self.shared, self.router, self.experts
-        return kernel.moe_decode(
-            x, None if shared is None else shared.gate_up_proj, None if shared is None else shared.down_proj,
-            None if shared is None else shared.up_bias, router.weight, router.bias, router.selection_bias,
-            router.gate_scale, router.gates_are_one(), experts.gate_up_proj, experts.up_bias, experts.down_proj,
-            self.down_bias, router.top_k, ACTIVATION_CODES[router.act], experts.gated)
+        if kernel is not None:
+            return kernel
+        return _EAGER if slots <= FEW_SLOTS else None
+
+    def _few_tokens(self, x: torch.Tensor) -> bool:
+        return self._decode_step(x) is not None
 
     def _decode_kernel(self, x: torch.Tensor):
         """The compiled decode step, where it applies: float32 and an activation it knows."""
-        if x.dtype != torch.float32 or self.experts.down_proj.dtype != torch.float32:
+        experts = self._modules.get("experts")
+        if x.dtype != torch.float32 or experts._parameters["down_proj"].dtype != torch.float32:
             return None
-        return kernels.decode_cpu() if self.router.act in ACTIVATION_CODES else None
+        return kernels.decode_cpu() if self._modules.get("router").act in ACTIVATION_CODES else None
+
+    def _decode_compiled(self, kernel, x: torch.Tensor) -> torch.Tensor:
+        modules = self._modules
+        shared, router, experts = modules.get("shared"), modules["router"], modules["experts"]
+        s = {} if shared is None else shared._parameters
+        r, e = router._parameters, experts._parameters
+        return kernel.moe_decode(
+            x, s.get("gate_up_proj"), s.get("down_proj"), s.get("up_bias"), r["weight"], r.get("bias"),
+            router._buffers["selection_bias"], r["gate_scale"], router.gates_are_one(), e["gate_up_proj"],
+            e.get("up_bias"), e["down_proj"], self._parameters.get("down_bias"), router.top_k,
+            ACTIVATION_CODES[router.act], experts.gated)
 
     def _decode_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The decode step in PyTorch operations: the fallback of the compiled kernel, and its reference."""
