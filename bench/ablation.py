@@ -4,7 +4,9 @@
 
 A variant is a preset, optionally with field overrides: `paper:activation=contribution,k_act=32`.
 Each result row is appended to bench/results/ablation_smollm2.jsonl as soon as it is measured.
-Calibration: 8 x 2048 WikiText-2 validation tokens, seed 0 (the benchmark protocol).
+Calibration: 8 x 2048 WikiText-2 validation tokens, seed 0 (the benchmark protocol); `--seeds 0,1,2`
+repeats each carve with other seeds (calibration windows and carving), to see how much of a difference
+between variants is chance.
 """
 
 from __future__ import annotations
@@ -38,19 +40,22 @@ def main():
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     parser.add_argument("--sets", default="wikitext2", help="evaluation sets, comma separated (default wikitext2)")
+    parser.add_argument("--seeds", default="0", help="calibration and carving seeds, comma separated (default 0)")
     args = parser.parse_args()
 
     _, tokenizer = load_model("smollm2")
     sets = {name: tokenize(tokenizer, eval_text(name)) for name in args.sets.split(",")}
-    calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
-    runs = [(None, None)] if args.dense else []
-    runs += [(name, variant) for name in args.configs.split(",") for variant in args.variants]
-    for name, variant in runs:
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    runs = [(None, None, 0)] if args.dense else []
+    runs += [(name, variant, seed) for seed in seeds for name in args.configs.split(",") for variant in args.variants]
+    for name, variant, seed in runs:
         model, _ = load_model("smollm2")
         row = dict(config=name or "dense", variant=variant or "-", windows=args.windows)
         if name:
             preset, overrides = parse_variant(variant)
-            config = cmoe.CarveConfig.from_name(name, preset=preset, **overrides)
+            config = cmoe.CarveConfig.from_name(name, preset=preset, seed=seed, **overrides)
+            calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=seed)
+            row["seed"] = seed
             started = time.perf_counter()
             model = cmoe.carve(model, config, calibration, progress=False)
             row["carve_seconds"] = round(time.perf_counter() - started, 1)

@@ -64,7 +64,8 @@ def main():
 
     results = RESULTS / f"finetune_{args.device}.jsonl"
     finished = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = {(r["config"], r["loss"], r.get("data", "wikitext2"), r.get("lr", 1e-4)) for r in finished}
+    done = {(r["config"], r["loss"], r.get("data", "wikitext2"), r.get("lr", 1e-4), r.get("seqlen", 2048))
+            for r in finished}
     tasks = [t for t in args.tasks.split(",") if t]
     machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     # carving is seeded, so an earlier row's "before" is this run's where it measured the same items on the
@@ -75,7 +76,7 @@ def main():
     dense.eval()
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
     for name in args.configs.split(","):
-        losses = [loss for loss in args.losses.split(",") if (name, loss, args.data, args.lr) not in done]
+        losses = [loss for loss in args.losses.split(",") if (name, loss, args.data, args.lr, args.seqlen) not in done]
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
@@ -93,7 +94,7 @@ def main():
             after = quality(tuned.eval(), tokenizer, tasks, args.device, args.limit)
             row = dict(config=name, loss=loss, data=args.data, machine=machine, date=time.strftime("%Y-%m-%d"),
                        steps=summary["steps"], tokens=summary["tokens"], train_seconds=summary["seconds"],
-                       lr=args.lr, zero_shot_limit=args.limit, first_loss=summary["first_loss"], last_loss=summary["last_loss"],
+                       lr=args.lr, seqlen=args.seqlen, zero_shot_limit=args.limit, first_loss=summary["first_loss"], last_loss=summary["last_loss"],
                        imbalance_before=summary["imbalance_before"], imbalance_trained=summary["imbalance_trained"],
                        imbalance_after=summary["imbalance_after"], gradient_checkpointing=summary["gradient_checkpointing"],
                        before=before, before_reused=reused, after=after)

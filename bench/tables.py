@@ -62,7 +62,7 @@ def finetune(path: Path) -> str:
     for r in map(json.loads, path.read_text().splitlines()):
         threads = r["machine"].rsplit(", ", 1)[1].split()[0] if "threads" in r["machine"] else "GPU"
         row = dict(config=r["config"], loss=r["loss"], data=r.get("data", "wikitext2"), lr=f"{r.get('lr', 1e-4):g}",
-                   threads=threads, tokens=r["tokens"], seconds=round(r["train_seconds"]))
+                   seqlen=r.get("seqlen", 2048), threads=threads, tokens=r["tokens"], seconds=round(r["train_seconds"]))
         for key in ("wikitext2", "c4", "piqa", "arc_easy", "hellaswag"):
             if key in r["after"]:
                 row[key] = f"{r['before'][key]:.4g} -> {r['after'][key]:.4g}"
@@ -71,7 +71,7 @@ def finetune(path: Path) -> str:
         row["gap"] = " / ".join(f"{gap_closed(r, key):.0%}" for key in ("wikitext2", "c4") if key in r["after"])
         rows.append(row)
     return table(rows, [("config", "config"), ("loss", "loss"), ("data", "trained on"), ("lr", "LoRA lr"),
-                        ("threads", "threads"), ("tokens", "tokens"),
+                        ("seqlen", "window"), ("threads", "threads"), ("tokens", "tokens"),
                         ("seconds", "train s"),
                         ("wikitext2", "WikiText-2 PPL"), ("c4", "C4 PPL"), ("piqa", "PIQA"),
                         ("arc_easy", "ARC-E"), ("hellaswag", "HellaSwag"), ("gap", "PPL gap closed"),
