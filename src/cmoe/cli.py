@@ -22,6 +22,10 @@ examples:
 """
 
 
+TEXT_SOURCES = ("wikitext2 (validation split), c4 (documents 500 on), a text file, "
+                "or several joined by + (wikitext2+c4)")
+
+
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -48,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     carve.add_argument("--k-act", type=int, help="neurons marked per token when profiling (default: the preset's)")
     carve.add_argument("--no-balance", action="store_true", help="leave the routers' selection bias at zero")
     carve.add_argument("--calib", default="wikitext2", metavar="SOURCE",
-                       help="calibration text: wikitext2 (validation split), c4 (documents 500 on), a text file, "
-                            "or several joined by + (wikitext2+c4)")
+                       help=f"calibration text: {TEXT_SOURCES} (default wikitext2)")
     carve.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
     carve.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     carve.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default 0)")
@@ -99,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("model", metavar="OUT", help="a carved folder (cmoe carve)")
     tune.add_argument("-o", "--output", required=True, metavar="OUT_FT", help="folder for the fine-tuned model")
     tune.add_argument("--data", default="wikitext2", metavar="SOURCE",
-                      help="wikitext2 (validation split, default), c4 (documents 500 on), a text file, or several "
-                           "joined by + (wikitext2+c4: both domains)")
+                      help=f"training text: {TEXT_SOURCES} (default wikitext2)")
     tune.add_argument("--samples", type=int, default=2048, help="training windows (default 2048)")
     tune.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     tune.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
