@@ -58,14 +58,16 @@ def main():
     parser.add_argument("--tasks", default="piqa,arc_easy,hellaswag", help="zero-shot tasks ('' for none)")
     parser.add_argument("--limit", type=int, help="zero-shot items per task (default: all; HellaSwag at most 1,000)")
     parser.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="LoRA learning rate")
+    parser.add_argument("--hidden-weight", type=float, default=0.0,
+                        help="distillation's layer-output term weight (cmoe finetune --hidden-weight)")
     parser.add_argument("--data", default="wikitext2", help="training text (a `cmoe finetune --data` source)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     results = RESULTS / f"finetune_{args.device}.jsonl"
     finished = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = {(r["config"], r["loss"], r.get("data", "wikitext2"), r.get("lr", 1e-4), r.get("seqlen", 2048))
-            for r in finished}
+    done = {(r["config"], r["loss"], r.get("data", "wikitext2"), r.get("lr", 1e-4), r.get("seqlen", 2048),
+             r.get("hidden_weight", 0.0)) for r in finished}
     tasks = [t for t in args.tasks.split(",") if t]
     machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     # carving is seeded, so an earlier row's "before" is this run's where it measured the same items on the
@@ -76,7 +78,8 @@ def main():
     dense.eval()
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
     for name in args.configs.split(","):
-        losses = [loss for loss in args.losses.split(",") if (name, loss, args.data, args.lr, args.seqlen) not in done]
+        losses = [loss for loss in args.losses.split(",") if (name, loss, args.data, args.lr, args.seqlen,
+                                                                 args.hidden_weight if loss == "distill" else 0.0) not in done]
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
@@ -85,7 +88,8 @@ def main():
         print(json.dumps(dict(config=name, before=before, reused=reused)), flush=True)
         for loss in losses:
             config = FinetuneConfig(loss=loss, data=args.data, samples=args.samples, seqlen=args.seqlen,
-                                    batch_size=args.batch_size, max_minutes=args.max_minutes, lr=args.lr)
+                                    batch_size=args.batch_size, max_minutes=args.max_minutes, lr=args.lr,
+                                    hidden_weight=args.hidden_weight if loss == "distill" else 0.0)
             with tempfile.TemporaryDirectory() as tmp:
                 student = copy.deepcopy(carved)
                 summary = finetune(student, tokenizer, config, Path(tmp) / "out",
@@ -94,7 +98,8 @@ def main():
             after = quality(tuned.eval(), tokenizer, tasks, args.device, args.limit)
             row = dict(config=name, loss=loss, data=args.data, machine=machine, date=time.strftime("%Y-%m-%d"),
                        steps=summary["steps"], tokens=summary["tokens"], train_seconds=summary["seconds"],
-                       lr=args.lr, seqlen=args.seqlen, zero_shot_limit=args.limit, first_loss=summary["first_loss"], last_loss=summary["last_loss"],
+                       lr=args.lr, seqlen=args.seqlen, hidden_weight=config.hidden_weight, zero_shot_limit=args.limit,
+                       first_loss=summary["first_loss"], last_loss=summary["last_loss"],
                        imbalance_before=summary["imbalance_before"], imbalance_trained=summary["imbalance_trained"],
                        imbalance_after=summary["imbalance_after"], gradient_checkpointing=summary["gradient_checkpointing"],
                        before=before, before_reused=reused, after=after)

@@ -61,7 +61,8 @@ def finetune(path: Path) -> str:
     rows = []
     for r in map(json.loads, path.read_text().splitlines()):
         threads = r["machine"].rsplit(", ", 1)[1].split()[0] if "threads" in r["machine"] else "GPU"
-        row = dict(config=r["config"], loss=r["loss"], data=r.get("data", "wikitext2"), lr=f"{r.get('lr', 1e-4):g}",
+        loss = r["loss"] + (f" + layers x{r['hidden_weight']:g}" if r.get("hidden_weight") else "")
+        row = dict(config=r["config"], loss=loss, data=r.get("data", "wikitext2"), lr=f"{r.get('lr', 1e-4):g}",
                    seqlen=r.get("seqlen", 2048), threads=threads, tokens=r["tokens"], seconds=round(r["train_seconds"]))
         for key in ("wikitext2", "c4", "piqa", "arc_easy", "hellaswag"):
             if key in r["after"]:

@@ -90,6 +90,23 @@ def test_distillation_needs_a_teacher_and_lowers_the_kl(carved, tmp_path):
     assert summary["last_loss"] < summary["first_loss"]
 
 
+def test_layer_output_term_is_zero_for_the_teacher_itself_and_lowers_with_training(carved, tmp_path):
+    teacher = tiny_text_model(seed=1).eval()
+    batch = PATTERN[:, :32]
+    with torch.no_grad():
+        states = teacher(batch, output_hidden_states=True).hidden_states
+        student_states = carved(batch, output_hidden_states=True).hidden_states
+    assert float(finetune_module.layer_output_error(states, states)) == 0.0
+    before = float(finetune_module.layer_output_error(student_states, states))
+    assert before > 0.01
+    finetune(copy.deepcopy(carved), byte_tokenizer(), _config(loss="distill", hidden_weight=1.0), tmp_path / "out",
+             teacher=teacher, calibration_ids=PATTERN, progress=False)
+    tuned, _ = load_model(str(tmp_path / "out"))
+    with torch.no_grad():
+        after = float(finetune_module.layer_output_error(tuned(batch, output_hidden_states=True).hidden_states, states))
+    assert after < before
+
+
 def test_a_dense_model_is_refused(tmp_path):
     with pytest.raises(cmoe.CMoEError, match="carve the model first"):
         finetune(tiny_text_model(), byte_tokenizer(), _config(), tmp_path / "x", calibration_ids=PATTERN)

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--loss", choices=("lm", "distill"), default="lm",
                       help="lm: next-token loss; distill: KL to the dense model's predictions (default lm)")
     tune.add_argument("--teacher", metavar="DENSE", help="the dense model for --loss distill (default: the source)")
+    tune.add_argument("--hidden-weight", type=float, default=0.0,
+                      help="with --loss distill, also match every layer's output to the teacher's (relative squared "
+                           "error), with this weight (default 0: logits only)")
     tune.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
     tune.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
     tune.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (default 1e-4; for a run of a few dozen steps, as "
@@ -290,7 +293,7 @@ def cmd_finetune(args) -> dict:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CMoEError(f"{out} already exists and is not empty; choose another -o or pass --overwrite.")
     config = FinetuneConfig(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
-                            loss=args.loss, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
+                            loss=args.loss, hidden_weight=args.hidden_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
                             router_lr=args.router_lr, bias_speed=args.bias_speed, epochs=args.epochs,
                             max_minutes=args.max_minutes, seed=args.seed, rebalance=not args.no_rebalance,
                             gradient_checkpointing=dict(auto=None, on=True, off=False)[args.checkpointing])

@@ -38,6 +38,7 @@ class FinetuneConfig:
     batch_size: int = 1
     loss: str = "lm"  # "lm" or "distill"
     temperature: float = 1.0  # distillation temperature
+    hidden_weight: float = 0.0  # distillation: weight of the layer-output matching term (0: logits only)
     lora_rank: int = 8
     lora_alpha: int = 32
     lr: float = 1e-4  # LoRA
@@ -53,6 +54,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.loss not in ("lm", "distill"):
             raise CMoEError(f"loss must be 'lm' or 'distill', got {self.loss!r}.")
+        if self.hidden_weight < 0 or self.temperature <= 0:
+            raise CMoEError("hidden_weight must be at least 0 and temperature above 0.")
         if min(self.samples, self.seqlen, self.batch_size, self.lora_rank, self.epochs) < 1:
             raise CMoEError("samples, seqlen, batch size, LoRA rank and epochs must all be at least 1.")
 
@@ -129,14 +132,35 @@ def _balance_step(layer_routers, speed: float) -> None:
 
 
 def _loss(student, teacher, batch, config: FinetuneConfig):
-    logits = student(batch, use_cache=False).logits[:, :-1].float()
+    layer_outputs = config.loss == "distill" and config.hidden_weight > 0
+    out = student(batch, use_cache=False, output_hidden_states=layer_outputs)
+    logits = out.logits[:, :-1].float()
     if config.loss == "lm":
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     with torch.no_grad():
-        target = teacher(batch, use_cache=False).logits[:, :-1].float()
+        reference = teacher(batch, use_cache=False, output_hidden_states=layer_outputs)
+    target = reference.logits[:, :-1].float()
     t = config.temperature  # KL(teacher || student) per predicted token, scaled by t^2 as usual
     kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="sum")
-    return kl * t * t / (logits.shape[0] * logits.shape[1])
+    loss = kl * t * t / (logits.shape[0] * logits.shape[1])
+    if layer_outputs:
+        loss = loss + config.hidden_weight * layer_output_error(out.hidden_states, reference.hidden_states)
+    return loss
+
+
+def layer_output_error(student_states, teacher_states) -> torch.Tensor:
+    """Mean over decoder layers and tokens of ||student - teacher||^2 / ||teacher||^2 on each layer's output.
+
+    Each layer gets its own signal, so a layer whose experts drifted is corrected where it drifted rather
+    than only through the logits. The error is relative per token: a few tokens carry outputs hundreds of
+    times larger than the rest (attention sinks), and would otherwise set the scale for the whole layer.
+    """
+    errors = []
+    for student_output, teacher_output in zip(student_states[1:], teacher_states[1:]):  # [0]: embeddings
+        teacher_output = teacher_output.float()
+        difference = (student_output.float() - teacher_output).pow(2).sum(-1)
+        errors.append((difference / teacher_output.pow(2).sum(-1).clamp_min(1e-12)).mean())
+    return torch.stack(errors).mean()
 
 
 def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike, *, teacher=None,
