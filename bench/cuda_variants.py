@@ -57,13 +57,9 @@ def routed_inputs(moe, x):
 def previous_forward(moe, x):
     """The forward as it was before 2026-11-23 (gates on output rows, un-permute by gather), for comparison."""
     out = moe.shared(x)
-    probs, chosen = moe.router.select(x)
+    probs, chosen, flat, order, counts = routed_inputs(moe, x)
     gates = moe.router.gates(probs, chosen).to(x.dtype)
     tokens, top_k = chosen.shape
-    flat = chosen.reshape(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.zeros(moe.experts.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
     routed_x = x[order // top_k]
     expert_out = moe.experts._grouped(routed_x, counts, flat[order], None)
     expert_out = expert_out * gates.reshape(-1)[order].unsqueeze(-1)

@@ -77,9 +77,13 @@ def main():
     dense, tokenizer = load_model("smollm2", device=args.device)
     dense.eval()
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
+
+    def hidden_weight(loss: str) -> float:  # the layer-output term belongs to distillation only
+        return args.hidden_weight if loss == "distill" else 0.0
+
     for name in args.configs.split(","):
-        losses = [loss for loss in args.losses.split(",") if (name, loss, args.data, args.lr, args.seqlen,
-                                                                 args.hidden_weight if loss == "distill" else 0.0) not in done]
+        losses = [loss for loss in args.losses.split(",")
+                  if (name, loss, args.data, args.lr, args.seqlen, hidden_weight(loss)) not in done]
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
@@ -89,7 +93,7 @@ def main():
         for loss in losses:
             config = FinetuneConfig(loss=loss, data=args.data, samples=args.samples, seqlen=args.seqlen,
                                     batch_size=args.batch_size, max_minutes=args.max_minutes, lr=args.lr,
-                                    hidden_weight=args.hidden_weight if loss == "distill" else 0.0)
+                                    hidden_weight=hidden_weight(loss))
             with tempfile.TemporaryDirectory() as tmp:
                 student = copy.deepcopy(carved)
                 summary = finetune(student, tokenizer, config, Path(tmp) / "out",

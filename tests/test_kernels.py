@@ -43,7 +43,7 @@ def test_kernel_matches_the_pytorch_decode_path(kernel, case):
     for tokens in (1, 2):
         x = torch.randn(tokens, 32)
         with torch.no_grad():
-            assert moe._few_tokens(x) and moe._decode_kernel(x) is kernel
+            assert moe._decode_step(x) is kernel
             fast, eager = moe(x), moe._decode_eager(x)
         assert torch.allclose(fast, eager, atol=1e-5, rtol=1e-5), (fast - eager).abs().max()
 
@@ -88,5 +88,5 @@ def test_kernel_takes_more_tokens_than_the_eager_decode_path(kernel):
     moe = random_moe(top_k=2)
     eight_pairs, many_pairs = torch.randn(4, 32), torch.randn(20, 32)
     with torch.no_grad():
-        assert moe._few_tokens(eight_pairs) and not moe._few_tokens(many_pairs)
+        assert moe._decode_step(eight_pairs) is kernel and moe._decode_step(many_pairs) is None
         assert torch.allclose(moe(eight_pairs), moe._decode_eager(eight_pairs), atol=1e-5)

@@ -272,9 +272,6 @@ class MoEFFN(nn.Module):
             return kernel
         return _EAGER if slots <= FEW_SLOTS else None
 
-    def _few_tokens(self, x: torch.Tensor) -> bool:
-        return self._decode_step(x) is not None
-
     def _decode_kernel(self, x: torch.Tensor):
         """The compiled decode step, where it applies: float32 and an activation it knows."""
         experts = self._modules.get("experts")
