@@ -107,6 +107,13 @@ def test_layer_output_term_is_zero_for_the_teacher_itself_and_lowers_with_traini
     assert after < before
 
 
+def test_a_layer_output_term_without_a_teacher_loss_or_below_zero_is_refused():
+    with pytest.raises(cmoe.CMoEError, match="needs loss='distill'"):
+        FinetuneConfig(loss="lm", hidden_weight=1.0)
+    with pytest.raises(cmoe.CMoEError, match="hidden_weight must be at least 0"):
+        FinetuneConfig(loss="distill", hidden_weight=-1.0)
+
+
 def test_a_dense_model_is_refused(tmp_path):
     with pytest.raises(cmoe.CMoEError, match="carve the model first"):
         finetune(tiny_text_model(), byte_tokenizer(), _config(), tmp_path / "x", calibration_ids=PATTERN)

@@ -293,8 +293,9 @@ def cmd_finetune(args) -> dict:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CMoEError(f"{out} already exists and is not empty; choose another -o or pass --overwrite.")
     config = FinetuneConfig(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
-                            loss=args.loss, hidden_weight=args.hidden_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
-                            router_lr=args.router_lr, bias_speed=args.bias_speed, epochs=args.epochs,
+                            loss=args.loss, hidden_weight=args.hidden_weight, lora_rank=args.lora_rank,
+                            lora_alpha=args.lora_alpha, lr=args.lr, router_lr=args.router_lr,
+                            bias_speed=args.bias_speed, epochs=args.epochs,
                             max_minutes=args.max_minutes, seed=args.seed, rebalance=not args.no_rebalance,
                             gradient_checkpointing=dict(auto=None, on=True, off=False)[args.checkpointing])
     model, tokenizer = load_model(args.model, device=args.device)
@@ -356,7 +357,8 @@ def _bench_table(rows: list[dict]) -> str:
         else:
             dense, carved = f"{r['dense_ms']:.2f} ms", f"{r['carved_ms']:.2f} ms"
         ideal = r.get("ideal_ratio", r.get("ffn_ideal_ratio"))
-        level = ("ffn, every layer" if r.get("layers", 1) > 1 else r["level"]) + (", CUDA graph" if r.get("cuda_graph") else "")
+        level = "ffn, every layer" if r.get("layers", 1) > 1 else r["level"]
+        level += ", CUDA graph" if r.get("cuda_graph") else ""
         cells.append(dict(what=f"{level} {r['mode']}", size=size, dense=dense, carved=carved,
                           ratio=f"{r['ratio']:.2f}x", ideal=f"{ideal:.2f}x" + ("" if r["level"] == "ffn" else " (FFN)")))
     return table(cells, [("what", "measured"), ("size", "size"), ("dense", "dense"), ("carved", "carved"),

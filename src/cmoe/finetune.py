@@ -56,6 +56,9 @@ class FinetuneConfig:
             raise CMoEError(f"loss must be 'lm' or 'distill', got {self.loss!r}.")
         if self.hidden_weight < 0 or self.temperature <= 0:
             raise CMoEError("hidden_weight must be at least 0 and temperature above 0.")
+        if self.hidden_weight > 0 and self.loss != "distill":
+            raise CMoEError("The layer-output term (hidden_weight) matches a teacher, so it needs loss='distill'; "
+                            "pass --loss distill or leave --hidden-weight out.")
         if min(self.samples, self.seqlen, self.batch_size, self.lora_rank, self.epochs) < 1:
             raise CMoEError("samples, seqlen, batch size, LoRA rank and epochs must all be at least 1.")
 
