@@ -114,6 +114,29 @@ def test_a_layer_output_term_without_a_teacher_loss_or_below_zero_is_refused():
         FinetuneConfig(loss="distill", hidden_weight=-1.0)
 
 
+def test_cosine_schedule_falls_to_zero_by_the_last_step_or_the_time_limit(carved, tmp_path, monkeypatch):
+    assert finetune_module.share_done(0.25, 600.0, max_minutes=20) == 0.5  # the time limit is nearer than the steps
+    assert finetune_module.share_done(0.75, 600.0, max_minutes=20) == 0.75
+    assert finetune_module.share_done(0.25, 10**6, max_minutes=None) == 0.25
+    real_set = finetune_module._set_learning_rates
+    rates = {}
+
+    def record(optimizer, config, progress):
+        real_set(optimizer, config, progress)
+        rates.setdefault(config.schedule, []).append([group["lr"] for group in optimizer.param_groups])
+
+    monkeypatch.setattr(finetune_module, "_set_learning_rates", record)
+    for schedule in ("cosine", "constant"):
+        finetune(copy.deepcopy(carved), byte_tokenizer(), _config(schedule=schedule, lr=1e-2, router_lr=2e-2),
+                 tmp_path / schedule, calibration_ids=PATTERN, progress=False)
+    cosine, constant = torch.tensor(rates["cosine"]), torch.tensor(rates["constant"])
+    assert cosine.shape == (12, 2) and torch.allclose(cosine[0], torch.tensor([1e-2, 2e-2]))
+    assert (cosine[1:] < cosine[:-1]).all() and cosine[-1, 0] < 1e-2 * 0.02
+    assert torch.allclose(constant, torch.tensor([1e-2, 2e-2]).expand(12, 2))
+    with pytest.raises(cmoe.CMoEError, match="schedule must be"):
+        FinetuneConfig(schedule="linear")
+
+
 def test_a_dense_model_is_refused(tmp_path):
     with pytest.raises(cmoe.CMoEError, match="carve the model first"):
         finetune(tiny_text_model(), byte_tokenizer(), _config(), tmp_path / "x", calibration_ids=PATTERN)

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (default 1e-4; for a run of a few dozen steps, as "
                       "--max-minutes 20 on a CPU gives, 1e-3 recovers far more: see BENCHMARKS.md)")
     tune.add_argument("--router-lr", type=float, default=1e-3, help="router and gate-scale learning rate (default 1e-3)")
+    tune.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                      help="learning rates fall along a cosine to 0 at the last step, or at --max-minutes if that "
+                           "comes first; or stay constant (default cosine)")
     tune.add_argument("--bias-speed", type=float, default=1e-3, help="selection-bias step per update (default 1e-3)")
     tune.add_argument("--no-rebalance", action="store_true",
                       help="keep the selection bias as training left it instead of setting it afresh at the end")
@@ -294,7 +297,7 @@ def cmd_finetune(args) -> dict:
         raise CMoEError(f"{out} already exists and is not empty; choose another -o or pass --overwrite.")
     config = FinetuneConfig(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
                             loss=args.loss, hidden_weight=args.hidden_weight, lora_rank=args.lora_rank,
-                            lora_alpha=args.lora_alpha, lr=args.lr, router_lr=args.router_lr,
+                            lora_alpha=args.lora_alpha, lr=args.lr, router_lr=args.router_lr, schedule=args.schedule,
                             bias_speed=args.bias_speed, epochs=args.epochs,
                             max_minutes=args.max_minutes, seed=args.seed, rebalance=not args.no_rebalance,
                             gradient_checkpointing=dict(auto=None, on=True, off=False)[args.checkpointing])

@@ -43,6 +43,7 @@ class FinetuneConfig:
     lora_alpha: int = 32
     lr: float = 1e-4  # LoRA
     router_lr: float = 1e-3  # router rows and gate scales
+    schedule: str = "cosine"  # learning rates: "cosine" (down to 0 at the last step or the time limit) or "constant"
     bias_speed: float = 1e-3  # selection-bias step per optimiser step
     rebalance: bool = True  # at the end, set the selection bias afresh for the trained router (as carving does)
     epochs: int = 1
@@ -54,6 +55,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.loss not in ("lm", "distill"):
             raise CMoEError(f"loss must be 'lm' or 'distill', got {self.loss!r}.")
+        if self.schedule not in ("cosine", "constant"):
+            raise CMoEError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}.")
         if self.hidden_weight < 0 or self.temperature <= 0:
             raise CMoEError("hidden_weight must be at least 0 and temperature above 0.")
         if self.hidden_weight > 0 and self.loss != "distill":
@@ -169,7 +172,8 @@ def layer_output_error(student_states, teacher_states) -> torch.Tensor:
 def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike, *, teacher=None,
              calibration_ids: torch.Tensor | None = None, resume: bool = False, data_dir=None,
              progress: bool = True) -> dict:
-    """Fine-tune the carved `model` and save it to `output`. Returns what was done (also in the saved record)."""
+    """Fine-tune the carved `model` and save it to `output`. Returns what was done (also in the saved record)
+    and the loss of every step (only here)."""
     if not is_carved(model):
         raise CMoEError("Fine-tuning is for carved models; carve the model first (cmoe carve).")
     if config.loss == "distill" and teacher is None:
@@ -224,6 +228,8 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
         while state["step"] < len(windows):
             step_started = time.perf_counter()
             batch = windows.batch(state["step"], state["epoch"]).to(device)
+            done = (state["epoch"] * len(windows) + state["step"]) / total
+            _set_learning_rates(optimizer, config, share_done(done, state["seconds"], config.max_minutes))
             # On a GPU the matrix products run in bfloat16 (the weights and optimiser stay float32)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = _loss(student, teacher, batch, config)
@@ -270,7 +276,21 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     merged.config.cmoe = dict(merged.config.cmoe, record=dict(merged.carve_record, finetune=summary))
     merged.save_pretrained(output, tokenizer=tokenizer)
     _remove(work)
-    return summary
+    return dict(summary, losses=losses)
+
+
+def share_done(done: float, seconds: float, max_minutes: float | None) -> float:
+    """How far the run is, 0 to 1: the share of steps taken or, under a time limit, of the time spent if
+    that is further. A schedule that follows it ends where the run will end, whichever limit comes first."""
+    if max_minutes is None:
+        return done
+    return min(1.0, max(done, seconds / (60 * max_minutes)))
+
+
+def _set_learning_rates(optimizer, config: FinetuneConfig, share: float) -> None:
+    factor = 0.5 * (1 + math.cos(math.pi * share)) if config.schedule == "cosine" else 1.0
+    for group, base in zip(optimizer.param_groups, (config.lr, config.router_lr)):
+        group["lr"] = base * factor
 
 
 def activation_bytes(model, config: FinetuneConfig) -> int:
