@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import cmoe
-from cmoe.moe import _hidden
+import cmoe.moe
+from cmoe.moe import _hidden, group_slots
 from cmoe.speed import cuda_graph as graphed, random_ffn_pair
 
 
@@ -48,14 +49,13 @@ def median_ms(fn, repeats: int = 30, warmup: int = 5) -> float:
 def routed_inputs(moe, x):
     probs, chosen = moe.router.select(x)
     flat = chosen.reshape(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.zeros(moe.experts.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
+    order, counts = group_slots(flat, moe.experts.num_experts, counting=False)
     return probs, chosen, flat, order, counts
 
 
 def previous_forward(moe, x):
-    """The forward as it was before 2026-11-23 (gates on output rows, un-permute by gather), for comparison."""
+    """The forward as it was before 2026-11-23 (gates on output rows, un-permute by gather, slots grouped by
+    a sort), for comparison."""
     out = moe.shared(x)
     probs, chosen, flat, order, counts = routed_inputs(moe, x)
     gates = moe.router.gates(probs, chosen).to(x.dtype)
@@ -67,6 +67,17 @@ def previous_forward(moe, x):
     position[order] = torch.arange(order.numel(), device=x.device)
     back = expert_out[position].view(tokens, top_k, -1)
     return out + (back[:, 0] if top_k == 1 else back.sum(dim=1))
+
+
+def counting_sort(fn):
+    """`fn` run with cmoe.moe.COUNTING_SORT_ON_GPU on (also while a CUDA graph captures it)."""
+    def run():
+        cmoe.moe.COUNTING_SORT_ON_GPU = True
+        try:
+            return fn()
+        finally:
+            cmoe.moe.COUNTING_SORT_ON_GPU = False
+    return run
 
 
 def pieces(moe, x):
@@ -82,7 +93,9 @@ def pieces(moe, x):
         "shared part (2 GEMMs + act)": lambda: s(x),
         "shared gate_up GEMM": lambda: F.linear(x, s.gate_up_proj),
         "router select": lambda: moe.router.select(x),
-        "argsort + counts": lambda: routed_inputs(moe, x),
+        "router select + argsort + counts": lambda: routed_inputs(moe, x),
+        "argsort + counts": lambda: group_slots(flat, e.num_experts, counting=False),
+        "counting sort + counts": lambda: group_slots(flat, e.num_experts, counting=True),
         "gather x to expert order": lambda: x[order // chosen.shape[1]],
         "grouped gate_up GEMM": lambda: F.grouped_mm(routed_x, e.gate_up_proj.transpose(1, 2), offs=offsets),
         "act(gate)*up (routed)": lambda: _hidden(projected, e.width, e.gated, e.act_fn, None),
@@ -121,9 +134,11 @@ def main():
             print(name, "\n", table, flush=True)
         variants = {"dense FFN": lambda: dense(x), "carved, previous": lambda: previous_forward(moe, x),
                     "carved, current": lambda: moe(x)}
+        variants["carved, counting sort"] = counting_sort(lambda: moe(x))
         if not args.no_compile:
             compiled = torch.compile(moe, fullgraph=True)
             variants["carved, torch.compile"] = lambda: compiled(x)
+            variants["carved, counting sort, torch.compile"] = counting_sort(lambda: compiled(x))
         if device == "cuda":
             for label in list(variants):
                 variants[label + ", CUDA graph"] = graphed(variants[label])

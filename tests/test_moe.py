@@ -1,7 +1,9 @@
+from functools import partial
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cmoe.moe import MoEFFN
+from cmoe.moe import MoEFFN, group_slots
 
 
 def random_moe(gated=True, bias=False, shared=1, routed=5, top_k=2, seed=0):
@@ -131,3 +133,27 @@ def test_host_sync_detector_sees_a_sync():
     with _ScalarReads() as mode:  # grad enabled: the looped fallback reads the group sizes on the host
         moe(torch.randn(8, 16))
     assert mode.reads
+
+
+def test_counting_sort_groups_slots_as_the_stable_sort_does():
+    generator = torch.Generator().manual_seed(0)
+    cases = [torch.randint(0, 8, (300,), generator=generator), torch.tensor([5, 5, 1, 5, 1]),  # experts left empty
+             torch.zeros(0, dtype=torch.long)]
+    for flat in cases:
+        order, counts = group_slots(flat, 8, counting=False)
+        counted_order, counted = group_slots(flat, 8, counting=True)
+        assert torch.equal(counted_order, order) and torch.equal(counted, counts)
+        assert torch.equal(counts, torch.bincount(flat, minlength=8))
+
+
+def test_forward_with_the_counting_sort_matches_naive_without_a_host_sync(monkeypatch):
+    import cmoe.moe
+
+    monkeypatch.setattr(cmoe.moe, "group_slots", partial(group_slots, counting=True))  # the GPU's grouping
+    moe = random_moe(top_k=2)
+    x = torch.randn(37, 16)
+    with torch.no_grad():
+        assert torch.allclose(moe(x), naive_forward(moe, x), atol=1e-4, rtol=1e-4)
+        with _ScalarReads() as mode:
+            moe(x)
+    assert mode.reads == []

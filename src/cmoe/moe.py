@@ -52,6 +52,33 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
     return act_fn(projected if bias is None else projected.add_(bias))
 
 
+# Group slots on a GPU by the counting sort of `group_slots` rather than a full sort. Off until timed on a
+# GPU: bench/cuda_variants.py times both.
+COUNTING_SORT_ON_GPU = False
+
+
+def group_slots(flat: torch.Tensor, num_experts: int, counting: bool | None = None):
+    """Order (token, expert) slots by expert, stably, without a host sync: (order, counts), with `order[i]`
+    the slot at place i and `counts[e]` the slots of expert e.
+
+    A stable sort, or with `counting` a counting sort: a slot's place is its expert's start plus the number
+    of earlier slots of that expert, a running count over a [slots, E] one-hot; a few elementwise kernels
+    and one scan rather than a full sort. `counting=None`: per COUNTING_SORT_ON_GPU on a GPU, a sort on CPU.
+    """
+    if counting is None:
+        counting = COUNTING_SORT_ON_GPU and flat.device.type != "cpu"
+    if not counting:
+        # group sizes by scatter-add: bincount on CUDA reads the maximum back to the host
+        counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        return flat.argsort(stable=True), counts
+    running = (flat[:, None] == torch.arange(num_experts, device=flat.device)).cumsum(0)  # [slots, E]
+    counts = running[-1] if flat.numel() else torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    earlier_same = running.gather(1, flat[:, None]).squeeze(1) - 1
+    place = (counts.cumsum(0) - counts)[flat] + earlier_same
+    order = torch.empty_like(place).scatter_(0, place, torch.arange(place.numel(), device=flat.device))
+    return order, counts
+
+
 class Router(nn.Module):
     """Scores each routed expert by its representative neuron: |act(g_r . x) * (u_r . x)|; softmax; top-k.
 
@@ -134,10 +161,7 @@ class RoutedExperts(nn.Module):
         """
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
-        order = flat.argsort(stable=True)  # token slots grouped by expert
-        # group sizes without a host sync (bincount on CUDA reads the maximum back to the host)
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat))
+        order, counts = group_slots(flat, self.num_experts)  # token slots grouped by expert
         token_of_slot = order // top_k
         routed_x = x[token_of_slot]
         # the gate scales an expert's output; down is linear, so scale its hidden rows (W wide, not H)
