@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from cmoe import kernels
-from cmoe.moe import MoEFFN
+from cmoe.moe import KERNEL_SLOTS, MoEFFN
 
 
-def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0):
+def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32):
     torch.manual_seed(seed)
-    moe = MoEFFN(hidden_size=32, expert_width=8, shared=shared, routed=routed, top_k=top_k, act=act, gated=gated,
+    moe = MoEFFN(hidden_size=hidden, expert_width=8, shared=shared, routed=routed, top_k=top_k, act=act, gated=gated,
                  bias=bias)
     with torch.no_grad():
         for p in moe.parameters():
@@ -34,14 +34,14 @@ def kernel():
 
 CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh"), dict(act="gelu", gated=False, bias=True),
          dict(act="relu", gated=False, bias=True), dict(act="silu", shared=0), dict(act="silu", trained_gates=False),
-         dict(act="silu", top_k=1, routed=7)]
+         dict(act="silu", top_k=1, routed=7), dict(act="silu", hidden=53)]  # 53: not a multiple of the lanes
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_kernel_matches_the_pytorch_decode_path(kernel, case):
     moe = random_moe(**case)
-    for tokens in (1, 2):
-        x = torch.randn(tokens, 32)
+    for tokens in (1, 2, 9):  # 9: experts chosen by several tokens at once
+        x = torch.randn(tokens, moe.hidden_size)
         with torch.no_grad():
             assert moe._decode_step(x) is kernel
             fast, eager = moe(x), moe._decode_eager(x)
@@ -86,7 +86,22 @@ def test_a_failed_build_falls_back_to_pytorch_with_one_warning(monkeypatch, capl
 
 def test_kernel_takes_more_tokens_than_the_eager_decode_path(kernel):
     moe = random_moe(top_k=2)
-    eight_pairs, many_pairs = torch.randn(4, 32), torch.randn(20, 32)
+    eight_pairs, many_pairs = torch.randn(4, 32), torch.randn(KERNEL_SLOTS // 2 + 1, 32)
     with torch.no_grad():
         assert moe._decode_step(eight_pairs) is kernel and moe._decode_step(many_pairs) is None
         assert torch.allclose(moe(eight_pairs), moe._decode_eager(eight_pairs), atol=1e-5)
+
+
+def test_kernel_output_does_not_depend_on_the_thread_count(kernel):
+    moe = random_moe(top_k=2, hidden=200)
+    x = torch.randn(16, 200)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = moe(x)
+            torch.set_num_threads(3)
+            three = moe(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)

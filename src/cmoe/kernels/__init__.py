@@ -42,7 +42,10 @@ def _build():
         _put_ninja_on_path()
         if not _already_built("cmoe_decode_cpu"):
             logger.warning("cmoe: building the CPU decode kernel (once per machine, about a minute)")
-        return load(name="cmoe_decode_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
+        # -fopenmp: ATen's parallel_for is a header template that splits work with OpenMP pragmas, which a
+        # build without it silently runs on one thread. The library it links is the libgomp torch loaded.
+        return load(name="cmoe_decode_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # any build failure falls back to the PyTorch path
         logger.warning("cmoe: could not build the CPU decode kernel, so decode uses plain PyTorch (slower): %s",
                        str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
