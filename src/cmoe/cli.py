@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (default 1e-4; for a run of a few dozen steps, as "
                       "--max-minutes 20 on a CPU gives, 1e-3 recovers far more: see BENCHMARKS.md)")
     tune.add_argument("--router-lr", type=float, default=1e-3, help="router and gate-scale learning rate (default 1e-3)")
-    tune.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
-                      help="learning rates fall along a cosine to 0 at the last step, or at --max-minutes if that "
-                           "comes first; or stay constant (default cosine)")
+    tune.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                      help="learning rates stay constant, or fall along a cosine to 0 at the last step, or at "
+                           "--max-minutes if that comes first (default constant: in a 20-minute CPU run cosine "
+                           "recovered less, see BENCHMARKS.md)")
     tune.add_argument("--bias-speed", type=float, default=1e-3, help="selection-bias step per update (default 1e-3)")
     tune.add_argument("--no-rebalance", action="store_true",
                       help="keep the selection bias as training left it instead of setting it afresh at the end")

@@ -43,7 +43,7 @@ class FinetuneConfig:
     lora_alpha: int = 32
     lr: float = 1e-4  # LoRA
     router_lr: float = 1e-3  # router rows and gate scales
-    schedule: str = "cosine"  # learning rates: "cosine" (down to 0 at the last step or the time limit) or "constant"
+    schedule: str = "constant"  # learning rates: "constant", or "cosine" (down to 0 at the last step or time limit)
     bias_speed: float = 1e-3  # selection-bias step per optimiser step
     rebalance: bool = True  # at the end, set the selection bias afresh for the trained router (as carving does)
     epochs: int = 1
