@@ -41,6 +41,9 @@ def speed(path: Path) -> str:
         rows.append(dict(what=what, config=r["config"], mode=f"{r['mode']}, {size}", unit=unit,
                          dense=dense, carved=carved, ratio=f"{r['ratio']:.2f}x",
                          ideal=f"{ideal:.2f}x" + (" (FFN)" if r["level"] == "model" else "")))
+        if "dense_kernel_ms" in r:  # the dense FFN through the carved model's decode kernel: carving's share
+            rows.append(dict(rows[-1], what=what + ", dense also through the kernel", dense=r["dense_kernel_ms"],
+                             ratio=f"{r['ratio_same_kernel']:.2f}x"))
     header = (f"{report['device']}, {report['threads']} threads, {report['dtype']}, torch {report['torch']}, "
               f"{report['date']}, `{report['command']}`\n\n")
     return header + table(rows, [("what", "what"), ("config", "config"), ("mode", "mode"), ("unit", "unit"),

@@ -365,6 +365,9 @@ def _bench_table(rows: list[dict]) -> str:
         level += ", CUDA graph" if r.get("cuda_graph") else ""
         cells.append(dict(what=f"{level} {r['mode']}", size=size, dense=dense, carved=carved,
                           ratio=f"{r['ratio']:.2f}x", ideal=f"{ideal:.2f}x" + ("" if r["level"] == "ffn" else " (FFN)")))
+        if "dense_kernel_ms" in r:  # carving's own share: the dense FFN through the same decode kernel
+            cells.append(dict(cells[-1], what=cells[-1]["what"] + ", dense in cmoe's kernel",
+                              dense=f"{r['dense_kernel_ms']:.2f} ms", ratio=f"{r['ratio_same_kernel']:.2f}x"))
     return table(cells, [("what", "measured"), ("size", "size"), ("dense", "dense"), ("carved", "carved"),
                          ("ratio", "dense/carved"), ("ideal", "ideal")])
 

@@ -165,12 +165,16 @@ def bench_ffn(dense: nn.Module, moe: nn.Module, shape: Shape, tokens: int, *, de
 
 @torch.no_grad()
 def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: Shape, tokens: int, repeats: int = 20,
-                     warmup: int = 3, graphs: bool = False) -> dict:
+                     warmup: int = 3, graphs: bool = False, dense_weights: list | None = None) -> dict:
     """Decode through every layer's FFN in turn, as generation does: time per layer, dense vs carved.
 
     One layer run again and again keeps its weights in the CPU cache (SmolLM2's FFN is 10.6 MB, a server
     L3 is 32 MB or more); running all layers in turn makes each read its weights from memory, which is
     where the bytes not read pay off.
+
+    With `dense_weights` (each layer's FFNWeights) on a CPU where the decode kernel runs, the dense FFNs are
+    also timed through that kernel (`dense_kernel_ms`): the carved FFN's gain over it is the part that comes
+    from carving alone, apart from the kernel reading weights faster than PyTorch's linear does at batch 1.
     """
     parameter = next(dense_ffns[0].parameters())
     inputs = [torch.randn(1, tokens, shape.hidden, dtype=parameter.dtype, device=parameter.device) for _ in dense_ffns]
@@ -180,14 +184,40 @@ def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: 
             ffn(x)
 
     runs = dict(dense=lambda: through(dense_ffns), carved=lambda: through(moes))
+    dense_steps = _dense_kernel_steps(dense_weights, parameter, tokens) if dense_weights and not graphs else None
+    if dense_steps is not None:
+        runs["dense_kernel"] = lambda: [step(x.view(tokens, -1)) for step, x in zip(dense_steps, inputs)]
     if graphs:
         runs = {name: cuda_graph(run) for name, run in runs.items()}
     medians = interleaved_medians(runs, repeats, warmup, parameter.device)
     layers = len(dense_ffns)
-    return dict(level="ffn", layers=layers, mode="decode", tokens=tokens, dense_ms=1e3 * medians["dense"] / layers,
-                carved_ms=1e3 * medians["carved"] / layers, ratio=medians["dense"] / medians["carved"],
-                ideal_ratio=shape.ideal_decode_ratio(tokens), ideal_basis="weight bytes read", repeats=repeats,
-                cuda_graph=graphs)
+    row = dict(level="ffn", layers=layers, mode="decode", tokens=tokens, dense_ms=1e3 * medians["dense"] / layers,
+               carved_ms=1e3 * medians["carved"] / layers, ratio=medians["dense"] / medians["carved"],
+               ideal_ratio=shape.ideal_decode_ratio(tokens), ideal_basis="weight bytes read", repeats=repeats,
+               cuda_graph=graphs)
+    if dense_steps is not None:
+        row.update(dense_kernel_ms=1e3 * medians["dense_kernel"] / layers,
+                   ratio_same_kernel=medians["dense_kernel"] / medians["carved"])
+    return row
+
+
+def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: int):
+    """Each dense FFN as a decode step of the CPU kernel: every neuron shared, no routed experts."""
+    from . import kernels
+    from .moe import KERNEL_SLOTS
+
+    kernel = kernels.decode_cpu() if parameter.device.type == "cpu" and parameter.dtype == torch.float32 else None
+    if kernel is None or tokens > KERNEL_SLOTS or any(w.act not in kernels.ACTIVATION_CODES for w in dense_weights):
+        return None
+    steps = []
+    for w in dense_weights:
+        gate_up = (w.up if w.gate is None else torch.cat([w.gate, w.up])).contiguous()
+        none = torch.zeros(0, dtype=parameter.dtype)
+        steps.append(lambda x, w=w, gate_up=gate_up, none=none: kernel.moe_decode(
+            x, gate_up, w.down.contiguous(), w.up_bias, none.view(0, x.shape[1]), None, none, none, True,
+            none.view(0, 1, x.shape[1]), None, none.view(0, x.shape[1], 1), w.down_bias, 0,
+            kernels.ACTIVATION_CODES[w.act], w.gated))
+    return steps
 
 
 @torch.no_grad()
@@ -237,7 +267,9 @@ def run_benchmark(carved_model, dense_model, modes=("prefill", "decode"), batche
         jobs += [lambda b=b: bench_ffn(dense_ffn, moe, shape, b, decode=True, repeats=repeats or 50) for b in batches]
         dense_ffns = [adapter.ffn_module(layer) for layer in adapter.layers(dense_model)]
         moes = [adapter.ffn_module(layer) for layer in adapter.layers(carved_model)]
-        jobs += [lambda b=b: bench_ffn_layers(dense_ffns, moes, shape, b, repeats=repeats or 20) for b in batches]
+        dense_weights = [adapter.read(layer, dense_model.config) for layer in adapter.layers(dense_model)]
+        jobs += [lambda b=b: bench_ffn_layers(dense_ffns, moes, shape, b, repeats=repeats or 20,
+                                              dense_weights=dense_weights) for b in batches]
         jobs += [lambda b=b: bench_decode(dense_model, carved_model, b, shape, repeats=repeats or 3) for b in batches]
     if next(dense_model.parameters()).is_cuda:  # the FFN again under CUDA graphs: the GPU's work, not the launches
         if "prefill" in modes:
