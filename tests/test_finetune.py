@@ -48,10 +48,12 @@ def test_merged_lora_gives_the_logits_of_the_unmerged_model(carved):
             if "lora_" in name:
                 parameter.normal_(std=0.05)  # lora_B starts at 0; make the adapter do something
         ids = PATTERN[:, :48]
-        unmerged = model(ids).logits
-        merged = model.merge_and_unload()(ids).logits
+        unmerged, unmerged_one = model(ids).logits, model(ids[:, :1]).logits  # one token: the decode path's size
+        merged_model = model.merge_and_unload()
+        merged, merged_one = merged_model(ids).logits, merged_model(ids[:, :1]).logits
     assert not torch.allclose(unmerged, carved(ids).logits, atol=1e-3)
     assert torch.allclose(merged, unmerged, atol=1e-4)
+    assert torch.allclose(merged_one, unmerged_one, atol=1e-4)
 
 
 def test_resume_continues_from_the_saved_step(carved, tmp_path, monkeypatch):

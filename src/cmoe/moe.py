@@ -292,6 +292,10 @@ class MoEFFN(nn.Module):
         slots = x.shape[0] * router.top_k
         if slots > KERNEL_SLOTS:
             return None
+        # wrapped experts (peft LoRA during fine-tuning) hold their weights behind the wrapper: grouped path
+        shared = self._modules.get("shared")
+        if type(self._modules.get("experts")) is not RoutedExperts or not (shared is None or type(shared) is SharedExperts):
+            return None
         kernel = self._decode_kernel(x)
         if kernel is not None:
             return kernel
