@@ -66,7 +66,7 @@ def finetune(path: Path) -> str:
         threads = r["machine"].rsplit(", ", 1)[1].split()[0] if "threads" in r["machine"] else "GPU"
         loss = r["loss"] + (f" + layers x{r['hidden_weight']:g}" if r.get("hidden_weight") else "")
         row = dict(config=r["config"], loss=loss, data=r.get("data", "wikitext2"), lr=f"{r.get('lr', 1e-4):g}",
-                   schedule=r.get("schedule", "constant"),
+                   router_lr=f"{r.get('router_lr', 1e-3):g}", schedule=r.get("schedule", "constant"),
                    seqlen=r.get("seqlen", 2048), threads=threads, tokens=r["tokens"], seconds=round(r["train_seconds"]))
         for key in ("wikitext2", "c4", "piqa", "arc_easy", "hellaswag"):
             if key in r["after"]:
@@ -76,7 +76,7 @@ def finetune(path: Path) -> str:
         row["gap"] = " / ".join(f"{gap_closed(r, key):.0%}" for key in ("wikitext2", "c4") if key in r["after"])
         rows.append(row)
     return table(rows, [("config", "config"), ("loss", "loss"), ("data", "trained on"), ("lr", "LoRA lr"),
-                        ("schedule", "schedule"), ("seqlen", "window"), ("threads", "threads"), ("tokens", "tokens"),
+                        ("router_lr", "router lr"), ("schedule", "schedule"), ("seqlen", "window"), ("threads", "threads"), ("tokens", "tokens"),
                         ("seconds", "train s"),
                         ("wikitext2", "WikiText-2 PPL"), ("c4", "C4 PPL"), ("piqa", "PIQA"),
                         ("arc_easy", "ARC-E"), ("hellaswag", "HellaSwag"), ("gap", "PPL gap closed"),
