@@ -30,7 +30,6 @@ def test_random_pair_with_every_expert_active_is_the_dense_ffn():
 
 
 def test_dense_ffn_through_the_decode_kernel_gives_the_dense_output():
-    from cmoe import kernels
     from cmoe.adapters import FFNWeights
     from cmoe.speed import _dense_kernel_steps
 

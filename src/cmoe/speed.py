@@ -209,14 +209,15 @@ def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: in
     kernel = kernels.decode_cpu() if parameter.device.type == "cpu" and parameter.dtype == torch.float32 else None
     if kernel is None or tokens > KERNEL_SLOTS or any(w.act not in kernels.ACTIVATION_CODES for w in dense_weights):
         return None
+    hidden = dense_weights[0].down.shape[0]
+    none = torch.zeros(0, dtype=parameter.dtype)  # the router and routed experts, all of size 0
+    no_router, no_gate_up, no_down = none.view(0, hidden), none.view(0, 1, hidden), none.view(0, hidden, 1)
     steps = []
     for w in dense_weights:
         gate_up = (w.up if w.gate is None else torch.cat([w.gate, w.up])).contiguous()
-        none = torch.zeros(0, dtype=parameter.dtype)
-        steps.append(lambda x, w=w, gate_up=gate_up, none=none: kernel.moe_decode(
-            x, gate_up, w.down.contiguous(), w.up_bias, none.view(0, x.shape[1]), None, none, none, True,
-            none.view(0, 1, x.shape[1]), None, none.view(0, x.shape[1], 1), w.down_bias, 0,
-            kernels.ACTIVATION_CODES[w.act], w.gated))
+        args = (gate_up, w.down.contiguous(), w.up_bias, no_router, None, none, none, True, no_gate_up, None,
+                no_down, w.down_bias, 0, kernels.ACTIVATION_CODES[w.act], w.gated)
+        steps.append(lambda x, args=args: kernel.moe_decode(x, *args))
     return steps
 
 

@@ -2,7 +2,8 @@
 // single call. Decode at batch 1 is bound by memory bandwidth and per-operation overhead (a Python-level
 // PyTorch op costs a few microseconds, the arithmetic of one expert about as much), so this does all of it
 // in plain loops: its own matrix-vector products, threaded over weight rows with ATen's thread pool. At
-// batch 1 BLAS's products through torch read the weights at about half the bandwidth these reach.
+// batch 1 they read weights faster than torch's linear does through BLAS (SmolLM2, 2 threads: about 14
+// against 10 GB/s).
 //
 // Semantics are those of MoEFFN.forward in moe.py (the reference the tests compare against):
 //   score_e = |act(g_e . x) * (u_e . x)|  (gated)   or   |act(u_e . x + b_e)|  (plain)
@@ -75,7 +76,7 @@ void matvecs(const float* W, int64_t rows, int64_t cols, const float* x, int64_t
   });
 }
 
-// The vectors read element by element must be float32 and contiguous (the weights go through ATen).
+// Every tensor the kernel reads is read through a raw pointer, so it must be float32 and contiguous.
 const float* vector_data(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "cmoe decode kernel: expected a contiguous float32 tensor");
   return t.data_ptr<float>();
