@@ -203,3 +203,12 @@ def test_distillation_kl_has_the_value_and_gradient_of_kl_div(temperature):
     (reference_gradient,) = torch.autograd.grad(2 * reference, student)
     assert fused.item() == pytest.approx(reference.item(), rel=1e-6)  # the value comes back in float32
     assert torch.allclose(fused_gradient.double(), reference_gradient, rtol=1e-5, atol=1e-9)
+
+
+def test_wrapping_with_lora_prints_no_deprecation_warning_from_peft(carved):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(copy.deepcopy(carved), FinetuneConfig())
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

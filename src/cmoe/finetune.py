@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def add_lora(model, config: FinetuneConfig):
     parameters = [p for p in EXPERT_PARAMETERS if getattr(moe, p.split(".")[0]) is not None]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                       target_modules=attention_projection_names(model), target_parameters=parameters)
-    peft_model = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated name; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        peft_model = get_peft_model(model, lora)
     for router in routers(peft_model):
         for parameter in router.parameters():  # peft froze them; the method trains them
             parameter.requires_grad_(True)
