@@ -64,13 +64,15 @@ def main():
                         help="router rows and gate scales learning rate")
     parser.add_argument("--schedule", default=FinetuneConfig.schedule, help="learning-rate schedule: cosine or constant")
     parser.add_argument("--data", default="wikitext2", help="training text (a `cmoe finetune --data` source)")
+    parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed: window order and LoRA initialisation")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     results = RESULTS / f"finetune_{args.device}.jsonl"
     finished = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     done = {(r["config"], r["loss"], r.get("data", "wikitext2"), r.get("lr", 1e-4), r.get("seqlen", 2048),
-             r.get("hidden_weight", 0.0), r.get("schedule", "constant"), r.get("router_lr", 1e-3)) for r in finished}
+             r.get("hidden_weight", 0.0), r.get("schedule", "constant"), r.get("router_lr", 1e-3),
+             r.get("seed", 0)) for r in finished}
     tasks = [t for t in args.tasks.split(",") if t]
     machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     # carving is seeded, so an earlier row's "before" is this run's where it measured the same items on the
@@ -86,7 +88,8 @@ def main():
 
     for name in args.configs.split(","):
         losses = [loss for loss in args.losses.split(",")
-                  if (name, loss, args.data, args.lr, args.seqlen, hidden_weight(loss), args.schedule, args.router_lr) not in done]
+                  if (name, loss, args.data, args.lr, args.seqlen, hidden_weight(loss), args.schedule, args.router_lr,
+                           args.seed) not in done]
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
@@ -97,7 +100,7 @@ def main():
             config = FinetuneConfig(loss=loss, data=args.data, samples=args.samples, seqlen=args.seqlen,
                                     batch_size=args.batch_size, max_minutes=args.max_minutes, lr=args.lr,
                                     hidden_weight=hidden_weight(loss), schedule=args.schedule,
-                                    router_lr=args.router_lr)
+                                    router_lr=args.router_lr, seed=args.seed)
             with tempfile.TemporaryDirectory() as tmp:
                 student = copy.deepcopy(carved)
                 summary = finetune(student, tokenizer, config, Path(tmp) / "out",
@@ -107,7 +110,7 @@ def main():
             row = dict(config=name, loss=loss, data=args.data, machine=machine, date=time.strftime("%Y-%m-%d"),
                        steps=summary["steps"], tokens=summary["tokens"], train_seconds=summary["seconds"],
                        lr=args.lr, router_lr=args.router_lr, schedule=args.schedule, seqlen=args.seqlen, hidden_weight=config.hidden_weight,
-                       zero_shot_limit=args.limit,
+                       seed=args.seed, zero_shot_limit=args.limit,
                        first_loss=summary["first_loss"], last_loss=summary["last_loss"],
                        imbalance_before=summary["imbalance_before"], imbalance_trained=summary["imbalance_trained"],
                        imbalance_after=summary["imbalance_after"], gradient_checkpointing=summary["gradient_checkpointing"],

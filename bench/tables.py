@@ -67,7 +67,7 @@ def finetune(path: Path) -> str:
         loss = r["loss"] + (f" + layers x{r['hidden_weight']:g}" if r.get("hidden_weight") else "")
         row = dict(config=r["config"], loss=loss, data=r.get("data", "wikitext2"), lr=f"{r.get('lr', 1e-4):g}",
                    router_lr=f"{r.get('router_lr', 1e-3):g}", schedule=r.get("schedule", "constant"),
-                   seqlen=r.get("seqlen", 2048), threads=threads, tokens=r["tokens"], seconds=round(r["train_seconds"]))
+                   seqlen=r.get("seqlen", 2048), seed=r.get("seed", 0), threads=threads, tokens=r["tokens"], seconds=round(r["train_seconds"]))
         for key in ("wikitext2", "c4", "piqa", "arc_easy", "hellaswag"):
             if key in r["after"]:
                 row[key] = f"{r['before'][key]:.4g} -> {r['after'][key]:.4g}"
@@ -76,8 +76,8 @@ def finetune(path: Path) -> str:
         row["gap"] = " / ".join(f"{gap_closed(r, key):.0%}" for key in ("wikitext2", "c4") if key in r["after"])
         rows.append(row)
     return table(rows, [("config", "config"), ("loss", "loss"), ("data", "trained on"), ("lr", "LoRA lr"),
-                        ("router_lr", "router lr"), ("schedule", "schedule"), ("seqlen", "window"), ("threads", "threads"), ("tokens", "tokens"),
-                        ("seconds", "train s"),
+                        ("router_lr", "router lr"), ("schedule", "schedule"), ("seqlen", "window"), ("seed", "seed"),
+                        ("threads", "threads"), ("tokens", "tokens"), ("seconds", "train s"),
                         ("wikitext2", "WikiText-2 PPL"), ("c4", "C4 PPL"), ("piqa", "PIQA"),
                         ("arc_easy", "ARC-E"), ("hellaswag", "HellaSwag"), ("gap", "PPL gap closed"),
                         ("load", "load max/mean")],
