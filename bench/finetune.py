@@ -47,6 +47,13 @@ def quality(model, tokenizer, tasks: list[str], device: str, limit: int | None =
     return scores
 
 
+def run_key(row: dict) -> tuple:
+    """The settings that tell fine-tuning runs apart (older rows lack the newer ones: their defaults)."""
+    return (row["config"], row["loss"], row.get("data", "wikitext2"), row.get("lr", 1e-4), row.get("seqlen", 2048),
+            row.get("hidden_weight", 0.0), row.get("schedule", "constant"), row.get("router_lr", 1e-3),
+            row.get("seed", 0))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="S2A2E8,S3A3E8")
@@ -70,9 +77,7 @@ def main():
 
     results = RESULTS / f"finetune_{args.device}.jsonl"
     finished = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = {(r["config"], r["loss"], r.get("data", "wikitext2"), r.get("lr", 1e-4), r.get("seqlen", 2048),
-             r.get("hidden_weight", 0.0), r.get("schedule", "constant"), r.get("router_lr", 1e-3),
-             r.get("seed", 0)) for r in finished}
+    done = {run_key(r) for r in finished}
     tasks = [t for t in args.tasks.split(",") if t]
     machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     # carving is seeded, so an earlier row's "before" is this run's where it measured the same items on the
@@ -83,13 +88,13 @@ def main():
     dense.eval()
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0)
 
-    def hidden_weight(loss: str) -> float:  # the layer-output term belongs to distillation only
-        return args.hidden_weight if loss == "distill" else 0.0
+    def settings(name: str, loss: str) -> dict:  # what a row records of the run, and what tells runs apart
+        hidden_weight = args.hidden_weight if loss == "distill" else 0.0  # the layer-output term is distillation's
+        return dict(config=name, loss=loss, data=args.data, lr=args.lr, router_lr=args.router_lr,
+                    schedule=args.schedule, seqlen=args.seqlen, hidden_weight=hidden_weight, seed=args.seed)
 
     for name in args.configs.split(","):
-        losses = [loss for loss in args.losses.split(",")
-                  if (name, loss, args.data, args.lr, args.seqlen, hidden_weight(loss), args.schedule, args.router_lr,
-                           args.seed) not in done]
+        losses = [loss for loss in args.losses.split(",") if run_key(settings(name, loss)) not in done]
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
@@ -97,20 +102,17 @@ def main():
         before = measured_before[name] if reused else quality(carved.eval(), tokenizer, tasks, args.device, args.limit)
         print(json.dumps(dict(config=name, before=before, reused=reused)), flush=True)
         for loss in losses:
-            config = FinetuneConfig(loss=loss, data=args.data, samples=args.samples, seqlen=args.seqlen,
-                                    batch_size=args.batch_size, max_minutes=args.max_minutes, lr=args.lr,
-                                    hidden_weight=hidden_weight(loss), schedule=args.schedule,
-                                    router_lr=args.router_lr, seed=args.seed)
+            run = settings(name, loss)
+            config = FinetuneConfig(**{k: v for k, v in run.items() if k != "config"}, samples=args.samples,
+                                    batch_size=args.batch_size, max_minutes=args.max_minutes)
             with tempfile.TemporaryDirectory() as tmp:
                 student = copy.deepcopy(carved)
                 summary = finetune(student, tokenizer, config, Path(tmp) / "out",
                                    teacher=dense if loss == "distill" else None, progress=False)
                 tuned, _ = load_model(str(Path(tmp) / "out"), device=args.device)
             after = quality(tuned.eval(), tokenizer, tasks, args.device, args.limit)
-            row = dict(config=name, loss=loss, data=args.data, machine=machine, date=time.strftime("%Y-%m-%d"),
-                       steps=summary["steps"], tokens=summary["tokens"], train_seconds=summary["seconds"],
-                       lr=args.lr, router_lr=args.router_lr, schedule=args.schedule, seqlen=args.seqlen, hidden_weight=config.hidden_weight,
-                       seed=args.seed, zero_shot_limit=args.limit,
+            row = dict(**run, machine=machine, date=time.strftime("%Y-%m-%d"), steps=summary["steps"],
+                       tokens=summary["tokens"], train_seconds=summary["seconds"], zero_shot_limit=args.limit,
                        first_loss=summary["first_loss"], last_loss=summary["last_loss"],
                        imbalance_before=summary["imbalance_before"], imbalance_trained=summary["imbalance_trained"],
                        imbalance_after=summary["imbalance_after"], gradient_checkpointing=summary["gradient_checkpointing"],

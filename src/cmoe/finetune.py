@@ -168,6 +168,7 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     only the gradient.
     """
     if rows_per_chunk is None:
+        # a GPU wants few, large kernels instead (1,024 rows: chosen, not yet timed there)
         rows_per_chunk = 8 if student_logits.device.type == "cpu" else 1024
     return _DistillationKL.apply(student_logits, teacher_logits, float(temperature), rows_per_chunk)
 
