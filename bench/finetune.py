@@ -27,7 +27,7 @@ import torch
 import cmoe
 from cmoe.data import calibration_tokens
 from cmoe.evaluation import evaluate_perplexity
-from cmoe.finetune import FinetuneConfig, finetune
+from cmoe.finetune import FinetuneConfig, finetune, training_precision
 from cmoe.models import load_model
 from provenance import device_name
 
@@ -47,11 +47,14 @@ def quality(model, tokenizer, tasks: list[str], device: str, limit: int | None =
     return scores
 
 
-def run_key(row: dict) -> tuple:
-    """The settings that tell fine-tuning runs apart (older rows lack the newer ones: their defaults)."""
+def run_key(row: dict, device: str) -> tuple:
+    """The settings that tell fine-tuning runs apart (older rows lack the newer ones: their defaults; rows
+    from before --precision and --batch-size were recorded trained in float32 on a CPU, one window a step,
+    and in bfloat16 on a GPU, eight windows a step)."""
     return (row["config"], row["loss"], row.get("data", "wikitext2"), row.get("lr", 1e-4), row.get("seqlen", 2048),
             row.get("hidden_weight", 0.0), row.get("schedule", "constant"), row.get("router_lr", 1e-3),
-            row.get("seed", 0))
+            row.get("seed", 0), row.get("precision", "bfloat16" if device == "cuda" else "float32"),
+            row.get("batch_size", 8 if device == "cuda" else 1))
 
 
 def main():
@@ -72,12 +75,15 @@ def main():
     parser.add_argument("--schedule", default=FinetuneConfig.schedule, help="learning-rate schedule: cosine or constant")
     parser.add_argument("--data", default="wikitext2", help="training text (a `cmoe finetune --data` source)")
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed: window order and LoRA initialisation")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="training matrix products (cmoe finetune --precision)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     results = RESULTS / f"finetune_{args.device}.jsonl"
     finished = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = {run_key(r) for r in finished}
+    done = {run_key(r, args.device) for r in finished}
+    precision = training_precision(args.precision, torch.device(args.device))
     tasks = [t for t in args.tasks.split(",") if t]
     machine = device_name(args.device) + ("" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
     # carving is seeded, so an earlier row's "before" is this run's where it measured the same items on the
@@ -91,10 +97,11 @@ def main():
     def settings(name: str, loss: str) -> dict:  # what a row records of the run, and what tells runs apart
         hidden_weight = args.hidden_weight if loss == "distill" else 0.0  # the layer-output term is distillation's
         return dict(config=name, loss=loss, data=args.data, lr=args.lr, router_lr=args.router_lr,
-                    schedule=args.schedule, seqlen=args.seqlen, hidden_weight=hidden_weight, seed=args.seed)
+                    schedule=args.schedule, seqlen=args.seqlen, batch_size=args.batch_size,
+                    hidden_weight=hidden_weight, seed=args.seed, precision=precision)
 
     for name in args.configs.split(","):
-        losses = [loss for loss in args.losses.split(",") if run_key(settings(name, loss)) not in done]
+        losses = [loss for loss in args.losses.split(",") if run_key(settings(name, loss), args.device) not in done]
         if not losses:
             continue
         carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
@@ -104,7 +111,7 @@ def main():
         for loss in losses:
             run = settings(name, loss)
             config = FinetuneConfig(**{k: v for k, v in run.items() if k != "config"}, samples=args.samples,
-                                    batch_size=args.batch_size, max_minutes=args.max_minutes)
+                                    max_minutes=args.max_minutes)
             with tempfile.TemporaryDirectory() as tmp:
                 student = copy.deepcopy(carved)
                 summary = finetune(student, tokenizer, config, Path(tmp) / "out",

@@ -60,6 +60,9 @@ def gap_closed(row: dict, key: str) -> float:
     return (before - after) / (before - DENSE_PPL[key])
 
 
+SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}
+
+
 def finetune(path: Path) -> str:
     rows = []
     for r in map(json.loads, path.read_text().splitlines()):
@@ -67,7 +70,8 @@ def finetune(path: Path) -> str:
         loss = r["loss"] + (f" + layers x{r['hidden_weight']:g}" if r.get("hidden_weight") else "")
         row = dict(config=r["config"], loss=loss, data=r.get("data", "wikitext2"), lr=f"{r.get('lr', 1e-4):g}",
                    router_lr=f"{r.get('router_lr', 1e-3):g}", schedule=r.get("schedule", "constant"),
-                   seqlen=r.get("seqlen", 2048), seed=r.get("seed", 0), threads=threads, tokens=r["tokens"], seconds=round(r["train_seconds"]))
+                   window=f'{r.get("batch_size", 1 if threads != "GPU" else 8)} x {r.get("seqlen", 2048):,}', seed=r.get("seed", 0), threads=threads,
+                   precision=SHORT_DTYPE[r.get("precision", "bfloat16" if threads == "GPU" else "float32")], tokens=r["tokens"], seconds=round(r["train_seconds"]))
         for key in ("wikitext2", "c4", "piqa", "arc_easy", "hellaswag"):
             if key in r["after"]:
                 row[key] = f"{r['before'][key]:.4g} -> {r['after'][key]:.4g}"
@@ -76,8 +80,8 @@ def finetune(path: Path) -> str:
         row["gap"] = " / ".join(f"{gap_closed(r, key):.0%}" for key in ("wikitext2", "c4") if key in r["after"])
         rows.append(row)
     return table(rows, [("config", "config"), ("loss", "loss"), ("data", "trained on"), ("lr", "LoRA lr"),
-                        ("router_lr", "router lr"), ("schedule", "schedule"), ("seqlen", "window"), ("seed", "seed"),
-                        ("threads", "threads"), ("tokens", "tokens"), ("seconds", "train s"),
+                        ("router_lr", "router lr"), ("schedule", "schedule"), ("window", "windows a step"), ("seed", "seed"),
+                        ("threads", "threads"), ("precision", "matmuls"), ("tokens", "tokens"), ("seconds", "train s"),
                         ("wikitext2", "WikiText-2 PPL"), ("c4", "C4 PPL"), ("piqa", "PIQA"),
                         ("arc_easy", "ARC-E"), ("hellaswag", "HellaSwag"), ("gap", "PPL gap closed"),
                         ("load", "load max/mean")],

@@ -152,7 +152,7 @@ def test_cli_finetune_on_a_text_file(carved, tmp_path, capsys):
     args = ["finetune", str(tmp_path / "moe"), "-o", str(tmp_path / "ft"), "--data", str(tmp_path / "train.txt"),
             "--samples", "4", "--seqlen", "32", "--batch-size", "2"]
     assert main(args) == 0
-    assert "fine-tuned 2 steps (128 tokens)" in capsys.readouterr().out
+    assert "fine-tuned 2 steps (128 tokens, " in capsys.readouterr().out
     assert main(args) == 2  # OUT_FT exists now
     assert "already exists" in capsys.readouterr().err
 
@@ -203,6 +203,52 @@ def test_distillation_kl_has_the_value_and_gradient_of_kl_div(temperature):
     (reference_gradient,) = torch.autograd.grad(2 * reference, student)
     assert fused.item() == pytest.approx(reference.item(), rel=1e-6)  # the value comes back in float32
     assert torch.allclose(fused_gradient.double(), reference_gradient, rtol=1e-5, atol=1e-9)
+
+
+def test_distillation_kl_under_bfloat16_autocast_sums_in_float32():
+    # fine-tuning runs under autocast; the loss's sums must not follow it down to bfloat16
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(64, 4099, generator=generator).bfloat16().requires_grad_(True)
+    teacher = 3 * torch.randn(64, 4099, generator=generator).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = finetune_module.distillation_kl(student, teacher, rows_per_chunk=64)
+    (gradient,) = torch.autograd.grad(fused, student)
+    log_student, log_teacher = torch.log_softmax(student.double(), -1), torch.log_softmax(teacher.double(), -1)
+    reference = torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert gradient.dtype == torch.bfloat16
+    expected = (log_student.exp() - log_teacher.exp()) / student.shape[0]
+    assert torch.allclose(gradient.double(), expected, rtol=1e-2, atol=1e-6)
+
+
+def test_precision_sets_autocast_for_the_training_steps(carved, tmp_path, monkeypatch):
+    autocast_in_steps = []
+    real_loss = finetune_module._loss
+
+    def record(*args):
+        autocast_in_steps.append(torch.is_autocast_enabled("cpu"))
+        return real_loss(*args)
+
+    monkeypatch.setattr(finetune_module, "_loss", record)
+    for precision in ("bfloat16", "float32"):
+        summary = finetune(copy.deepcopy(carved), byte_tokenizer(), _config(samples=4, precision=precision),
+                           tmp_path / precision, calibration_ids=PATTERN, progress=False)
+        assert summary["precision"] == precision
+    assert autocast_in_steps == [True, True, False, False]
+    with pytest.raises(cmoe.CMoEError, match="precision must be"):
+        FinetuneConfig(precision="float16")
+
+
+def test_auto_precision_takes_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
+    cpu = torch.device("cpu")
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    assert finetune_module.training_precision("auto", cpu) == "float32"
+    assert finetune_module.training_precision("bfloat16", cpu) == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert finetune_module.training_precision("auto", cpu) == "bfloat16"
+    assert finetune_module.training_precision("float32", cpu) == "float32"
+    assert finetune_module.training_precision("auto", torch.device("cuda")) == "bfloat16"
 
 
 def test_wrapping_with_lora_prints_no_deprecation_warning_from_peft(carved):

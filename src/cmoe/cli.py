@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
                       help="gradient checkpointing: recompute activations in the backward pass to save memory, "
                            "about a third more compute; auto turns it on only when they would not fit (default auto)")
+    tune.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                      help="matrix products in bfloat16 (autocast: weights, optimiser and loss stay float32) or float32; "
+                           "auto takes bfloat16 on a GPU and on CPUs that multiply it natively (AMX, AVX-512 BF16), "
+                           "else float32 (default auto)")
     tune.add_argument("--resume", action="store_true", help="continue a stopped fine-tune from its checkpoint")
     tune.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     tune.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
@@ -301,6 +305,7 @@ def cmd_finetune(args) -> dict:
                             lora_alpha=args.lora_alpha, lr=args.lr, router_lr=args.router_lr, schedule=args.schedule,
                             bias_speed=args.bias_speed, epochs=args.epochs,
                             max_minutes=args.max_minutes, seed=args.seed, rebalance=not args.no_rebalance,
+                            precision=args.precision,
                             gradient_checkpointing=dict(auto=None, on=True, off=False)[args.checkpointing])
     model, tokenizer = load_model(args.model, device=args.device)
     if not is_carved(model):
@@ -315,7 +320,7 @@ def cmd_finetune(args) -> dict:
         teacher, _ = load_model(source, device=args.device)
         teacher.eval()
     summary = finetune(model, tokenizer, config, out, teacher=teacher, resume=args.resume, data_dir=args.data_dir)
-    print(f"fine-tuned {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['seconds']:.0f} s; "
+    print(f"fine-tuned {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['precision']}) in {summary['seconds']:.0f} s; "
           f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; routed load max/mean "
           f"{summary['imbalance_before']:.3f} carved, {summary['imbalance_trained']:.3f} trained, "
           f"{summary['imbalance_after']:.3f} rebalanced -> {out}")

@@ -51,11 +51,14 @@ class FinetuneConfig:
     max_minutes: float | None = None
     checkpoint_every: int = 50  # steps
     gradient_checkpointing: bool | None = None  # None: on only when the activations would not fit (see below)
+    precision: str = "auto"  # matrix products in "bfloat16" (autocast; weights stay float32) or "float32"; see below
     seed: int = 0
 
     def __post_init__(self):
         if self.loss not in ("lm", "distill"):
             raise CMoEError(f"loss must be 'lm' or 'distill', got {self.loss!r}.")
+        if self.precision not in ("auto", "bfloat16", "float32"):
+            raise CMoEError(f"precision must be 'auto', 'bfloat16' or 'float32', got {self.precision!r}.")
         if self.schedule not in ("cosine", "constant"):
             raise CMoEError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}.")
         if self.hidden_weight < 0 or self.temperature <= 0:
@@ -142,15 +145,16 @@ def _balance_step(layer_routers, speed: float) -> None:
 
 def _loss(student, teacher, batch, config: FinetuneConfig):
     layer_outputs = config.loss == "distill" and config.hidden_weight > 0
-    out = student(batch, use_cache=False, output_hidden_states=layer_outputs)
-    logits = out.logits[:, :-1]
+    # no logits for the last position, which has no next token: slicing them off afterwards would cost a
+    # [tokens, vocabulary] product, and in the backward pass a zero-filled gradient of that size
+    keep = torch.arange(batch.shape[1] - 1, device=batch.device)
+    out = student(batch, use_cache=False, output_hidden_states=layer_outputs, logits_to_keep=keep)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
     if config.loss == "lm":
-        logits = logits.float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        return F.cross_entropy(logits.float(), batch[:, 1:].reshape(-1))
     with torch.no_grad():
-        reference = teacher(batch, use_cache=False, output_hidden_states=layer_outputs)
-    student_logits = logits.reshape(-1, logits.shape[-1])
-    loss = distillation_kl(student_logits, reference.logits[:, :-1].reshape(student_logits.shape), config.temperature)
+        reference = teacher(batch, use_cache=False, output_hidden_states=layer_outputs, logits_to_keep=keep)
+    loss = distillation_kl(logits, reference.logits.reshape(logits.shape), config.temperature)
     if layer_outputs:
         loss = loss + config.hidden_weight * layer_output_error(out.hidden_states, reference.hidden_states)
     return loss
@@ -186,25 +190,30 @@ class _DistillationKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, temperature, rows_per_chunk):
         rows = student_logits.shape[0]
-        gradient = torch.empty(student_logits.shape, dtype=torch.float32, device=student_logits.device)
+        # kept in the logits' dtype: in bfloat16 half the memory, and the backward would round it there anyway
+        gradient = torch.empty_like(student_logits)
         total = torch.zeros((), dtype=torch.float64, device=student_logits.device)
-        for start in range(0, rows, rows_per_chunk):
-            part = slice(start, start + rows_per_chunk)
-            student, student_p, student_lse = _softmax_parts(student_logits[part], temperature)
-            teacher, teacher_p, teacher_lse = _softmax_parts(teacher_logits[part], temperature)
-            # KL per row = sum p_t (log p_t - log p_s) = sum p_t (t - s) + lse(s) - lse(t), as sum p_t = 1
-            expected_gap = torch.einsum("rv,rv->", teacher_p, teacher.sub_(student))
-            total += expected_gap.double() + (student_lse - teacher_lse).sum(dtype=torch.float64)
-            # d KL / d student logit = (p_s - p_t) / t; with the t^2 scale and the mean: * t / rows
-            torch.sub(student_p, teacher_p, out=gradient[part]).mul_(temperature / rows)
+        with torch.autocast(student_logits.device.type, enabled=False):  # autocast would take the einsum to bf16
+            for start in range(0, rows, rows_per_chunk):
+                part = slice(start, start + rows_per_chunk)
+                student, student_p, student_lse = _softmax_parts(student_logits[part], temperature)
+                teacher, teacher_p, teacher_lse = _softmax_parts(teacher_logits[part], temperature)
+                # KL per row = sum p_t (log p_t - log p_s) = sum p_t (t - s) + lse(s) - lse(t), as sum p_t = 1
+                expected_gap = torch.einsum("rv,rv->", teacher_p, teacher.sub_(student))
+                total += expected_gap.double() + (student_lse - teacher_lse).sum(dtype=torch.float64)
+                # d KL / d student logit = (p_s - p_t) / t; with the t^2 scale and the mean: * t / rows
+                gradient[part] = student_p.sub_(teacher_p).mul_(temperature / rows)
         ctx.save_for_backward(gradient)
-        ctx.student_dtype = student_logits.dtype
         return (total * temperature * temperature / rows).float()
 
     @staticmethod
     def backward(ctx, grad_output):
+        if getattr(ctx, "used", False):
+            raise RuntimeError("distillation_kl's backward runs once: it scales its saved gradient in place.")
+        ctx.used = True
         (gradient,) = ctx.saved_tensors
-        return (gradient * grad_output).to(ctx.student_dtype), None, None, None
+        # in place: the gradient is 400 MB at SmolLM2's vocabulary and 2,048 tokens
+        return gradient.mul_(grad_output.to(gradient.dtype)), None, None, None
 
 
 def layer_output_error(student_states, teacher_states) -> torch.Tensor:
@@ -255,6 +264,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
         checkpointing = activation_bytes(model, config) > 0.5 * free_memory(device)
     if checkpointing:
         _checkpointing(model, True)
+    precision = training_precision(config.precision, device)
     student = add_lora(model, config)
     student.train()
     lora_parameters = [p for n, p in student.named_parameters() if p.requires_grad and "lora_" in n]
@@ -283,8 +293,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
             batch = windows.batch(state["step"], state["epoch"]).to(device)
             done = (state["epoch"] * len(windows) + state["step"]) / total
             _set_learning_rates(optimizer, config, share_done(done, state["seconds"], config.max_minutes))
-            # On a GPU the matrix products run in bfloat16 (the weights and optimiser stay float32)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 loss = _loss(student, teacher, batch, config)
             loss.backward()
             optimizer.step()
@@ -320,7 +329,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
         rebalance(merged, probe)
         imbalance_after = expert_load_imbalance(merged, check)
     losses = state["losses"]
-    summary = dict(config=asdict(config), gradient_checkpointing=checkpointing, steps=len(losses), tokens=state["tokens"], seconds=round(state["seconds"], 1),
+    summary = dict(config=asdict(config), gradient_checkpointing=checkpointing, precision=precision, steps=len(losses), tokens=state["tokens"], seconds=round(state["seconds"], 1),
                    stopped_at_time_limit=stopped_early, first_loss=losses[0] if losses else None,
                    last_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                    imbalance_before=round(imbalance_before, 4), imbalance_trained=round(imbalance_trained, 4),
@@ -330,6 +339,21 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     merged.save_pretrained(output, tokenizer=tokenizer)
     _remove(work)
     return dict(summary, losses=losses)
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """The matrix-product precision for `precision` ("auto": bfloat16 where the hardware multiplies it natively,
+    a GPU or a CPU with AMX or AVX-512 BF16, else float32).
+
+    Under bfloat16 autocast the weights, the optimiser and the loss's sums stay float32. On a 2-core Xeon with
+    AMX a 2,048-token SmolLM2 distillation step takes about 8 s instead of 14 s.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bfloat16"
+    native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return "bfloat16" if device.type == "cpu" and any(check() for check in native) else "float32"
 
 
 def share_done(done: float, seconds: float, max_minutes: float | None) -> float:
