@@ -248,7 +248,9 @@ def test_auto_precision_takes_bfloat16_only_where_the_hardware_multiplies_it(mon
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert finetune_module.training_precision("auto", cpu) == "bfloat16"
     assert finetune_module.training_precision("float32", cpu) == "float32"
-    assert finetune_module.training_precision("auto", torch.device("cuda")) == "bfloat16"
+    for bf16_gpu in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_gpu)
+        assert finetune_module.training_precision("auto", torch.device("cuda")) == ("bfloat16" if bf16_gpu else "float32")
 
 
 def test_wrapping_with_lora_prints_no_deprecation_warning_from_peft(carved):

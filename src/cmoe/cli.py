@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "about a third more compute; auto turns it on only when they would not fit (default auto)")
     tune.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
                       help="matrix products in bfloat16 (autocast: weights, optimiser and loss stay float32) or float32; "
-                           "auto takes bfloat16 on a GPU and on CPUs that multiply it natively (AMX, AVX-512 BF16), "
+                           "auto takes bfloat16 on GPUs from Ampere on and on CPUs that multiply it natively (AMX, AVX-512 BF16), "
                            "else float32 (default auto)")
     tune.add_argument("--resume", action="store_true", help="continue a stopped fine-tune from its checkpoint")
     tune.add_argument("--seed", type=int, default=0, help="seed (default 0)")

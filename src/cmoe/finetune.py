@@ -343,7 +343,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
 
 def training_precision(precision: str, device: torch.device) -> str:
     """The matrix-product precision for `precision` ("auto": bfloat16 where the hardware multiplies it natively,
-    a GPU or a CPU with AMX or AVX-512 BF16, else float32).
+    a GPU from Ampere on or a CPU with AMX or AVX-512 BF16, else float32).
 
     Under bfloat16 autocast the weights, the optimiser and the loss's sums stay float32. On a 2-core Xeon with
     AMX a 2,048-token SmolLM2 distillation step takes about 8 s instead of 14 s.
@@ -351,7 +351,7 @@ def training_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bfloat16"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"  # from Ampere on
     native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return "bfloat16" if device.type == "cpu" and any(check() for check in native) else "float32"
 
