@@ -16,7 +16,15 @@ def git_commit() -> str:
 
 
 def device_name(device: str | None) -> str:
-    """The GPU's name on CUDA, else the processor's."""
+    """The GPU's name on CUDA, else the processor's, with "AMX" where it has the bfloat16 matrix unit (hosts
+    with and without it round float sums differently, and so carve differently)."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return platform.processor() or platform.machine()
+    name = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:
+        pass
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return name + (" with AMX" if amx else "")
