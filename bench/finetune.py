@@ -47,14 +47,16 @@ def quality(model, tokenizer, tasks: list[str], device: str, limit: int | None =
     return scores
 
 
+# Rows from before --precision and --batch-size were recorded trained like this, by device
+UNRECORDED = dict(cpu=dict(precision="float32", batch_size=1), cuda=dict(precision="bfloat16", batch_size=8))
+
+
 def run_key(row: dict, device: str) -> tuple:
-    """The settings that tell fine-tuning runs apart (older rows lack the newer ones: their defaults; rows
-    from before --precision and --batch-size were recorded trained in float32 on a CPU, one window a step,
-    and in bfloat16 on a GPU, eight windows a step)."""
+    """The settings that tell fine-tuning runs apart (older rows lack the newer ones: their defaults)."""
+    old = UNRECORDED[device]
     return (row["config"], row["loss"], row.get("data", "wikitext2"), row.get("lr", 1e-4), row.get("seqlen", 2048),
             row.get("hidden_weight", 0.0), row.get("schedule", "constant"), row.get("router_lr", 1e-3),
-            row.get("seed", 0), row.get("precision", "bfloat16" if device == "cuda" else "float32"),
-            row.get("batch_size", 8 if device == "cuda" else 1))
+            row.get("seed", 0), row.get("precision", old["precision"]), row.get("batch_size", old["batch_size"]))
 
 
 def main():

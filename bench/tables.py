@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from cmoe.report import table
+from finetune import UNRECORDED
 
 
 def _ffn_label(row: dict) -> str:
@@ -68,10 +69,12 @@ def finetune(path: Path) -> str:
     for r in map(json.loads, path.read_text().splitlines()):
         threads = r["machine"].rsplit(", ", 1)[1].split()[0] if "threads" in r["machine"] else "GPU"
         loss = r["loss"] + (f" + layers x{r['hidden_weight']:g}" if r.get("hidden_weight") else "")
+        old = UNRECORDED["cuda" if threads == "GPU" else "cpu"]
         row = dict(config=r["config"], loss=loss, data=r.get("data", "wikitext2"), lr=f"{r.get('lr', 1e-4):g}",
                    router_lr=f"{r.get('router_lr', 1e-3):g}", schedule=r.get("schedule", "constant"),
-                   window=f'{r.get("batch_size", 1 if threads != "GPU" else 8)} x {r.get("seqlen", 2048):,}', seed=r.get("seed", 0), threads=threads,
-                   precision=SHORT_DTYPE[r.get("precision", "bfloat16" if threads == "GPU" else "float32")], tokens=r["tokens"], seconds=round(r["train_seconds"]))
+                   window=f'{r.get("batch_size", old["batch_size"])} x {r.get("seqlen", 2048):,}', seed=r.get("seed", 0),
+                   threads=threads, precision=SHORT_DTYPE[r.get("precision", old["precision"])], tokens=r["tokens"],
+                   seconds=round(r["train_seconds"]))
         for key in ("wikitext2", "c4", "piqa", "arc_easy", "hellaswag"):
             if key in r["after"]:
                 row[key] = f"{r['before'][key]:.4g} -> {r['after'][key]:.4g}"

@@ -329,7 +329,8 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
         rebalance(merged, probe)
         imbalance_after = expert_load_imbalance(merged, check)
     losses = state["losses"]
-    summary = dict(config=asdict(config), gradient_checkpointing=checkpointing, precision=precision, steps=len(losses), tokens=state["tokens"], seconds=round(state["seconds"], 1),
+    summary = dict(config=asdict(config), gradient_checkpointing=checkpointing, precision=precision, steps=len(losses),
+                   tokens=state["tokens"], seconds=round(state["seconds"], 1),
                    stopped_at_time_limit=stopped_early, first_loss=losses[0] if losses else None,
                    last_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                    imbalance_before=round(imbalance_before, 4), imbalance_trained=round(imbalance_trained, 4),
