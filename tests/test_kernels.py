@@ -1,5 +1,6 @@
 """The compiled CPU decode kernel: the same outputs as the PyTorch decode path, and a clean fallback."""
 
+import copy
 import logging
 import shutil
 
@@ -48,6 +49,21 @@ def test_kernel_matches_the_pytorch_decode_path(kernel, case):
         assert torch.allclose(fast, eager, atol=1e-5, rtol=1e-5), (fast - eager).abs().max()
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_bfloat16_kernel_computes_in_float32_on_the_bfloat16_weights(kernel, case):
+    moe = random_moe(**case).to(torch.bfloat16)
+    same_weights_in_float32 = copy.deepcopy(moe).float()
+    for tokens in (1, 9):
+        x = torch.randn(tokens, moe.hidden_size).to(torch.bfloat16)
+        with torch.no_grad():
+            assert moe._decode_step(x) is kernel
+            fast = moe(x)
+            want = same_weights_in_float32._decode_eager(x.float())
+        assert fast.dtype == torch.bfloat16
+        # the same arithmetic but for the output's rounding to bfloat16 (8 bits of mantissa)
+        assert torch.allclose(fast.float(), want, atol=1e-2, rtol=8e-3), (fast.float() - want).abs().max()
+
+
 def test_kernel_output_depends_on_the_chosen_experts(kernel):
     moe = random_moe(top_k=1)
     x = torch.randn(1, 32)
@@ -62,7 +78,7 @@ def test_kernel_output_depends_on_the_chosen_experts(kernel):
 
 def test_kernel_is_not_used_where_it_does_not_apply(kernel, monkeypatch):
     moe = random_moe()
-    assert moe._decode_kernel(torch.randn(1, 32, dtype=torch.bfloat16)) is None
+    assert moe._decode_kernel(torch.randn(1, 32, dtype=torch.float16)) is None
     monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
     assert kernels.decode_cpu() is None
 

@@ -23,6 +23,7 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # crossover, SmolLM2 at 2 threads: 48-64 pairs).
 FEW_SLOTS = 4
 KERNEL_SLOTS = 48
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled CPU decode step computes in (float32 inside)
 _EAGER = "eager"  # MoEFFN._decode_step: decode token by token in PyTorch operations
 
 
@@ -302,9 +303,9 @@ class MoEFFN(nn.Module):
         return _EAGER if slots <= FEW_SLOTS else None
 
     def _decode_kernel(self, x: torch.Tensor):
-        """The compiled decode step, where it applies: float32 and an activation it knows."""
+        """The compiled decode step, where it applies: float32 or bfloat16 and an activation it knows."""
         experts = self._modules.get("experts")
-        if x.dtype != torch.float32 or experts._parameters["down_proj"].dtype != torch.float32:
+        if x.dtype not in KERNEL_DTYPES or experts._parameters["down_proj"].dtype not in KERNEL_DTYPES:
             return None
         return kernels.decode_cpu() if self._modules.get("router").act in ACTIVATION_CODES else None
 

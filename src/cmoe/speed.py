@@ -204,9 +204,9 @@ def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: 
 def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: int):
     """Each dense FFN as a decode step of the CPU kernel: every neuron shared, no routed experts."""
     from . import kernels
-    from .moe import KERNEL_SLOTS
+    from .moe import KERNEL_DTYPES, KERNEL_SLOTS
 
-    kernel = kernels.decode_cpu() if parameter.device.type == "cpu" and parameter.dtype == torch.float32 else None
+    kernel = kernels.decode_cpu() if parameter.device.type == "cpu" and parameter.dtype in KERNEL_DTYPES else None
     if kernel is None or tokens > KERNEL_SLOTS or any(w.act not in kernels.ACTIVATION_CODES for w in dense_weights):
         return None
     hidden = dense_weights[0].down.shape[0]

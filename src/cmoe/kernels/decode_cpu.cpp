@@ -1,5 +1,5 @@
-// One MoE FFN step for a few tokens on the CPU, float32: router, shared part and the chosen experts in a
-// single call. Decode at batch 1 is bound by memory bandwidth and per-operation overhead (a Python-level
+// One MoE FFN step for a few tokens on the CPU, with float32 or bfloat16 weights: router, shared part and
+// the chosen experts in a single call. Decode at batch 1 is bound by memory bandwidth and per-operation overhead (a Python-level
 // PyTorch op costs a few microseconds, the arithmetic of one expert about as much), so this does all of it
 // in plain loops: its own matrix-vector products, threaded over weight rows with ATen's thread pool. At
 // batch 1 they read weights faster than torch's linear does through BLAS (SmolLM2, 2 threads: about 14
@@ -9,13 +9,19 @@
 //   score_e = |act(g_e . x) * (u_e . x)|  (gated)   or   |act(u_e . x + b_e)|  (plain)
 //   p = softmax(score); chosen = top-k of p + selection_bias; gate = 1 + p * gate_scale
 //   out = shared(x) + sum over chosen of gate * expert(x) (+ down bias)
+// All arithmetic is in float32, bfloat16 weights widened as they are read (a bfloat16 is the top half of a
+// float32), so a bfloat16 model reads half the bytes of a float32 one; the output is rounded to the input's
+// dtype once, at the end.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -32,42 +38,49 @@ inline float activate(float v, int64_t act) {
   }
 }
 
-// In place on the projection [2W] (gated: act(gate) * up into the first W) or [W] (plain: act(up + bias)).
-void hidden_inplace(float* projected, int64_t width, bool gated, int64_t act, const float* bias) {
-  if (gated) {
-    for (int64_t i = 0; i < width; ++i) projected[i] = activate(projected[i], act) * projected[width + i];
-  } else {
-    for (int64_t i = 0; i < width; ++i) projected[i] = activate(projected[i] + (bias ? bias[i] : 0.0f), act);
-  }
+inline float widen(float v) { return v; }
+inline float widen(uint16_t bfloat16_bits) {
+  const uint32_t bits = static_cast<uint32_t>(bfloat16_bits) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
 }
 
-// Dot product in 16 independent lanes, which the compiler keeps in two AVX registers (the sums stay in a
+// Dot product in 16 independent lanes, which the compiler keeps in vector registers (the sums stay in a
 // fixed order, so results do not depend on the thread count). Built twice where GCC can pick the AVX2 + FMA
-// copy at load time.
+// copy at load time; one function per weight type, since GCC does not clone templates.
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && __GNUC__ >= 12
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+#define CMOE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CMOE_CLONES
 #endif
-float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+
+template <typename W>
+inline float dot_lanes(const W* __restrict a, const float* __restrict b, int64_t n) {
   constexpr int kLanes = 16;
   float lanes[kLanes] = {0.0f};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < kLanes; ++j) lanes[j] += widen(a[i + j]) * b[i + j];
   float sum = 0.0f;
   for (int j = 0; j < kLanes; ++j) sum += lanes[j];
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += widen(a[i]) * b[i];
   return sum;
 }
+
+CMOE_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) { return dot_lanes(a, b, n); }
+CMOE_CLONES float dot(const uint16_t* __restrict a, const float* __restrict b, int64_t n) { return dot_lanes(a, b, n); }
 
 constexpr int64_t kRowsPerTask = 32;
 
 // y[t * ldy + r] (+)= W[r] . x[t] for every row r of W [rows, cols] and token t < tokens (x rows ldx apart).
 // Each weight row is read once for all the tokens; rows are split across threads.
-void matvecs(const float* W, int64_t rows, int64_t cols, const float* x, int64_t ldx, int64_t tokens, float* y,
+template <typename W>
+void matvecs(const W* weights, int64_t rows, int64_t cols, const float* x, int64_t ldx, int64_t tokens, float* y,
              int64_t ldy, bool accumulate) {
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* w = W + r * cols;
+      const W* w = weights + r * cols;
       for (int64_t t = 0; t < tokens; ++t) {
         const float v = dot(w, x + t * ldx, cols);
         y[t * ldy + r] = accumulate ? y[t * ldy + r] + v : v;
@@ -76,47 +89,65 @@ void matvecs(const float* W, int64_t rows, int64_t cols, const float* x, int64_t
   });
 }
 
-// Every tensor the kernel reads is read through a raw pointer, so it must be float32 and contiguous.
-const float* vector_data(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "cmoe decode kernel: expected a contiguous float32 tensor");
-  return t.data_ptr<float>();
+// Every tensor the kernel reads is read through a raw pointer, so it must be contiguous. Weight matrices
+// all have the dtype of the experts' weights (W: float, or uint16_t for bfloat16's bits).
+template <typename W>
+const W* matrix_data(const at::Tensor& t) {
+  constexpr auto dtype = std::is_same<W, float>::value ? at::kFloat : at::kBFloat16;
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "cmoe decode kernel: expected contiguous weights of one dtype");
+  return static_cast<const W*>(t.data_ptr());
 }
 
-const float* data_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? vector_data(*t) : nullptr;
+// A small vector (bias, selection bias, gate scales) of either dtype, read as float.
+struct Vector {
+  const float* f = nullptr;
+  const uint16_t* b = nullptr;
+  float operator[](int64_t i) const { return f ? f[i] : widen(b[i]); }
+  explicit operator bool() const { return f || b; }
+};
+
+Vector vector_of(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+              "cmoe decode kernel: expected a contiguous float32 or bfloat16 vector");
+  Vector v;
+  if (t.scalar_type() == at::kFloat) v.f = t.data_ptr<float>();
+  else v.b = static_cast<const uint16_t*>(t.data_ptr());
+  return v;
 }
 
-}  // namespace
+Vector vector_or_empty(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? vector_of(*t) : Vector{};
+}
 
-// x [T, H] -> [T, H]. Optional tensors are absent for FFNs without biases or without shared experts.
-at::Tensor moe_decode(const at::Tensor& x, const c10::optional<at::Tensor>& shared_gate_up,
-                      const c10::optional<at::Tensor>& shared_down, const c10::optional<at::Tensor>& shared_bias,
-                      const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
-                      const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one,
-                      const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
-                      const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated) {
-  at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: skip the autograd layer of each op
-  const int64_t tokens = x.size(0), hidden = x.size(1), experts = selection_bias.size(0), width = down.size(2);
-  const at::Tensor x_rows = x.contiguous();
-  const float* input = vector_data(x_rows);
-  const float* selection = vector_data(selection_bias);
-  const float* scale = vector_data(gate_scale);
-  const float* router_b = data_or_null(router_bias);
-  const float* up_b = data_or_null(up_bias);
-  const float* router_w = vector_data(router_weight);
-  const float* experts_in = vector_data(gate_up);
-  const float* experts_out = vector_data(down);
+// In place on the projection [2W] (gated: act(gate) * up into the first W) or [W] (plain: act(up + bias),
+// the bias read from bias[offset:]).
+void hidden_inplace(float* projected, int64_t width, bool gated, int64_t act, const Vector& bias, int64_t offset = 0) {
+  if (gated) {
+    for (int64_t i = 0; i < width; ++i) projected[i] = activate(projected[i], act) * projected[width + i];
+  } else {
+    for (int64_t i = 0; i < width; ++i) projected[i] = activate(projected[i] + (bias ? bias[offset + i] : 0.0f), act);
+  }
+}
+
+// The step for weights of type W (float, or uint16_t holding bfloat16 bits), on float32 rows x [T, H].
+template <typename W>
+void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_gate_up,
+                 const c10::optional<at::Tensor>& shared_down, const Vector& shared_bias, const at::Tensor& router_weight,
+                 const Vector& router_bias, const Vector& selection, const Vector& scale, bool gates_are_one,
+                 const at::Tensor& gate_up, const Vector& up_bias, const at::Tensor& down, int64_t top_k, int64_t act,
+                 bool gated, float* result) {
+  const int64_t tokens = x.size(0), hidden = x.size(1), experts = down.size(0), width = down.size(2);
+  const float* input = x.data_ptr<float>();
+  const W* router_w = matrix_data<W>(router_weight);
+  const W* experts_in = matrix_data<W>(gate_up);
+  const W* experts_out = matrix_data<W>(down);
   const int64_t projected_width = gate_up.size(1);
-  const bool has_shared = shared_gate_up.has_value() && shared_gate_up->defined();
-  at::Tensor out = has_shared ? at::empty({tokens, hidden}, x.options()) : at::zeros({tokens, hidden}, x.options());
-  float* result = out.data_ptr<float>();
-  if (has_shared) {  // all tokens at once: the shared weights are read once
+  if (shared_gate_up.has_value() && shared_gate_up->defined()) {  // all tokens at once: shared weights read once
     const int64_t shared_rows = shared_gate_up->size(0), shared_width = shared_down->size(1);
     std::vector<float> h(tokens * shared_rows);
-    matvecs(vector_data(*shared_gate_up), shared_rows, hidden, input, hidden, tokens, h.data(), shared_rows, false);
-    for (int64_t t = 0; t < tokens; ++t)
-      hidden_inplace(h.data() + t * shared_rows, shared_width, gated, act, data_or_null(shared_bias));
-    matvecs(vector_data(*shared_down), hidden, shared_width, h.data(), shared_rows, tokens, result, hidden, false);
+    matvecs(matrix_data<W>(*shared_gate_up), shared_rows, hidden, input, hidden, tokens, h.data(), shared_rows, false);
+    for (int64_t t = 0; t < tokens; ++t) hidden_inplace(h.data() + t * shared_rows, shared_width, gated, act, shared_bias);
+    matvecs(matrix_data<W>(*shared_down), hidden, shared_width, h.data(), shared_rows, tokens, result, hidden, false);
   }
   // router, token by token: each token's experts and their gates, listed by expert
   std::vector<float> scores(router_weight.size(0)), prob(experts), key(experts);
@@ -126,7 +157,7 @@ at::Tensor moe_decode(const at::Tensor& x, const c10::optional<at::Tensor>& shar
     const float* row = input + t * hidden;
     for (int64_t r = 0; r < router_weight.size(0); ++r) scores[r] = dot(router_w + r * hidden, row, hidden);
     float* s = scores.data();
-    hidden_inplace(s, experts, gated, act, router_b);
+    hidden_inplace(s, experts, gated, act, router_bias);
     float top = -INFINITY, total = 0.0f;
     for (int64_t e = 0; e < experts; ++e) top = std::max(top, std::fabs(s[e]));
     for (int64_t e = 0; e < experts; ++e) total += (prob[e] = std::exp(std::fabs(s[e]) - top));
@@ -152,7 +183,7 @@ at::Tensor moe_decode(const at::Tensor& x, const c10::optional<at::Tensor>& shar
             projected_width, false);
     for (int64_t i = 0; i < n; ++i) {
       float* h = hs.data() + i * projected_width;
-      hidden_inplace(h, width, gated, act, up_b ? up_b + e * width : nullptr);
+      hidden_inplace(h, width, gated, act, up_bias, e * width);
       const float gate = routed[e][i].second;  // the gate scales the expert's output; down is linear
       if (!gates_are_one)
         for (int64_t j = 0; j < width; ++j) h[j] *= gate;
@@ -165,10 +196,30 @@ at::Tensor moe_decode(const at::Tensor& x, const c10::optional<at::Tensor>& shar
       for (int64_t j = 0; j < hidden; ++j) out_row[j] += y[j];
     }
   }
-  if (down_bias.has_value() && down_bias->defined()) out.add_(*down_bias);
-  return out;
+}
+
+}  // namespace
+
+// x [T, H] -> [T, H], in x's dtype. Weight matrices are all float32 or all bfloat16; optional tensors are
+// absent for FFNs without biases or without shared experts.
+at::Tensor moe_decode(const at::Tensor& x, const c10::optional<at::Tensor>& shared_gate_up,
+                      const c10::optional<at::Tensor>& shared_down, const c10::optional<at::Tensor>& shared_bias,
+                      const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
+                      const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one,
+                      const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
+                      const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: skip the autograd layer of each op
+  const at::Tensor rows = x.to(at::kFloat).contiguous();
+  const bool has_shared = shared_gate_up.has_value() && shared_gate_up->defined();
+  at::Tensor out = has_shared ? at::empty_like(rows) : at::zeros_like(rows);
+  const auto step = down.scalar_type() == at::kBFloat16 ? &decode_step<uint16_t> : &decode_step<float>;
+  step(rows, shared_gate_up, shared_down, vector_or_empty(shared_bias), router_weight, vector_or_empty(router_bias),
+       vector_of(selection_bias), vector_of(gate_scale), gates_are_one, gate_up, vector_or_empty(up_bias), down,
+       top_k, act, gated, out.data_ptr<float>());
+  if (down_bias.has_value() && down_bias->defined()) out.add_(down_bias->to(at::kFloat));
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("moe_decode", &moe_decode, "MoE FFN forward for a few tokens on the CPU (float32)");
+  m.def("moe_decode", &moe_decode, "MoE FFN forward for a few tokens on the CPU (float32 or bfloat16 weights)");
 }
