@@ -3,6 +3,7 @@ from functools import partial
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cmoe.moe as moe_module
 from cmoe.moe import MoEFFN, group_slots
 
 
@@ -118,7 +119,8 @@ class _ScalarReads(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def test_inference_forward_has_no_host_sync():
+def test_inference_forward_has_no_host_sync(monkeypatch):
+    monkeypatch.setattr(moe_module, "EACH_EXPERT_ON_CPU", False)  # the grouped path, as on a GPU
     moe = random_moe()
     x = torch.randn(64, 16)
     with torch.no_grad():
@@ -126,6 +128,27 @@ def test_inference_forward_has_no_host_sync():
         with _ScalarReads() as mode:
             moe(x)
     assert mode.reads == []
+
+
+def test_cpu_expert_by_expert_path_equals_the_grouped_path(monkeypatch):
+    # widths of 16-byte rows, so that the grouped path groups rather than loops
+    for gated, bias, trained_gates in ((True, False, True), (False, True, True), (True, False, False)):
+        torch.manual_seed(1)
+        moe = MoEFFN(hidden_size=16, expert_width=8, shared=1, routed=5, top_k=2, act="silu", gated=gated, bias=bias)
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.normal_()
+            if not trained_gates:
+                moe.router.gate_scale.zero_()
+        x = torch.randn(200, 16)
+        with torch.no_grad():
+            each_expert = moe(x)
+            monkeypatch.setattr(moe_module, "EACH_EXPERT_ON_CPU", False)
+            assert moe.experts._can_group(x)
+            grouped = moe(x)
+            monkeypatch.setattr(moe_module, "EACH_EXPERT_ON_CPU", True)
+        assert torch.allclose(each_expert, grouped, atol=1e-5, rtol=1e-5), (each_expert - grouped).abs().max()
+        assert torch.allclose(each_expert, naive_forward(moe, x), atol=1e-4, rtol=1e-4)
 
 
 def test_host_sync_detector_sees_a_sync():
@@ -147,9 +170,8 @@ def test_counting_sort_groups_slots_as_the_stable_sort_does():
 
 
 def test_forward_with_the_counting_sort_matches_naive_without_a_host_sync(monkeypatch):
-    import cmoe.moe
-
-    monkeypatch.setattr(cmoe.moe, "group_slots", partial(group_slots, counting=True))  # the GPU's grouping
+    monkeypatch.setattr(moe_module, "group_slots", partial(group_slots, counting=True))  # the GPU's grouping
+    monkeypatch.setattr(moe_module, "EACH_EXPERT_ON_CPU", False)  # and its grouped products
     moe = random_moe(top_k=2)
     x = torch.randn(37, 16)
     with torch.no_grad():
