@@ -54,9 +54,12 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
     return act_fn(projected if bias is None else projected.add_(bias))
 
 
-# CPU inference runs one expert at a time (RoutedExperts._add_each_expert), reading the group sizes on the
-# host; GPUs and torch.compile take the grouped products, which read nothing back.
-EACH_EXPERT_ON_CPU = True
+# CPU inference in float32 on at least this many tokens runs one expert at a time
+# (RoutedExperts._add_each_expert), reading the group sizes on the host. Measured on SmolLM2 at 2 threads
+# against the grouped products: 1.38x faster at 2,048 tokens (S2A2E8), even at 1,024, 3-9% slower below,
+# and 11% slower in bfloat16 (AMX). GPUs and torch.compile always take the grouped products, which read
+# nothing back.
+EACH_EXPERT_MIN_TOKENS = 1024
 
 # Group slots on a GPU by the counting sort of `group_slots` rather than a full sort. Off until timed on a
 # GPU: bench/cuda_variants.py times both.
@@ -168,8 +171,8 @@ class RoutedExperts(nn.Module):
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
         order, counts = group_slots(flat, self.num_experts)  # token slots grouped by expert
-        if (EACH_EXPERT_ON_CPU and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and tokens >= EACH_EXPERT_MIN_TOKENS
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             return self._add_each_expert(x, order, counts, top_k, gates, out)
         token_of_slot = order // top_k
         routed_x = x.index_select(0, token_of_slot)  # on CPU 2.6x faster than x[token_of_slot] (2048 x 576, SmolLM2)
@@ -190,9 +193,9 @@ class RoutedExperts(nn.Module):
     def _add_each_expert(self, x, order, counts, top_k, gates, out):
         """CPU inference: one expert at a time gathers its tokens, runs on them and adds into `out`.
 
-        Its temporaries are one expert's size and stay in cache, where one grouped product over all the
-        slots makes slot-sized ones: 3.3x against 3.0x for S1A1E8 SmolLM2 at 2,048 tokens (BENCHMARKS.md).
-        The sums are the same, in the same order. On the CPU reading `counts` costs no device sync.
+        Its temporaries are one expert's size, where one grouped product over all the slots makes
+        slot-sized ones (EACH_EXPERT_MIN_TOKENS says where that pays). The sums are the same, in the same
+        order. On the CPU reading `counts` costs no device sync.
         """
         slot_gates = None if gates is None else gates.reshape(-1)
         start = 0
