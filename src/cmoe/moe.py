@@ -183,8 +183,8 @@ class RoutedExperts(nn.Module):
         else:
             expert_out = self._looped(routed_x, counts, slot_gates)
         in_place = not torch.is_grad_enabled()
-        if x.device.type == "cpu":  # autograd: one scatter-add pass; serial on CPU, so the sums are reproducible
-            return out.index_add(0, token_of_slot, expert_out)
+        if x.device.type == "cpu":  # one scatter-add pass; serial on CPU, so the sums are reproducible
+            return out.index_add_(0, token_of_slot, expert_out) if in_place else out.index_add(0, token_of_slot, expert_out)
         # CUDA: index_add would use atomics; put the slots back in token order with one row scatter instead
         back = torch.empty_like(expert_out).index_copy_(0, order, expert_out).view(tokens, top_k, -1)
         back = back[:, 0] if top_k == 1 else back.sum(dim=1)
