@@ -56,10 +56,10 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
 
 # CPU inference in float32 on at least this many tokens runs one expert at a time
 # (RoutedExperts._add_each_expert), reading the group sizes on the host. Measured on SmolLM2 at 2 threads
-# against the grouped products: 1.38x faster at 2,048 tokens (S2A2E8), even at 1,024, 3-9% slower below,
-# and 11% slower in bfloat16 (AMX). GPUs and torch.compile always take the grouped products, which read
-# nothing back.
-EACH_EXPERT_MIN_TOKENS = 1024
+# against the grouped products: 1.21-1.27x faster at 2,048 tokens, at 1,536 1.18x (S2A2E8) and 0.97x
+# (S1A1E8), 5-8% slower at 512-1,024, and even in bfloat16 (AMX). GPUs and torch.compile always take the
+# grouped products, which read nothing back.
+EACH_EXPERT_MIN_TOKENS = 1536
 
 # Group slots on a GPU by the counting sort of `group_slots` rather than a full sort. Off until timed on a
 # GPU: bench/cuda_variants.py times both.
