@@ -120,12 +120,20 @@ CMOE_CLONES float dot(const uint16_t* w, const float* x, int64_t n) {
 
 constexpr int64_t kRowsPerTask = 32;
 
-// y[t * ldy + r] (+)= W[r] . x[t] for every row r of W [rows, cols] and token t < tokens (x rows ldx apart).
-// Each weight row is read once for all the tokens; rows are split across threads.
+// One matrix times a few token vectors: y[t * ldy + r] (+)= W[r] . x[t] for the rows r of W [rows, cols]
+// and tokens t < tokens (x rows ldx apart). Each weight row is read once for all the tokens.
 template <typename W>
-void matvecs(const W* weights, int64_t rows, int64_t cols, const float* x, int64_t ldx, int64_t tokens, float* y,
-             int64_t ldy, bool accumulate) {
-  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+struct Matvec {
+  const W* weights;
+  int64_t rows, cols;
+  const float* x;
+  int64_t ldx, tokens;
+  float* y;
+  int64_t ldy;
+  bool accumulate;
+  int64_t first;  // where its rows start in the row range that `run` splits across threads
+
+  void rows_between(int64_t begin, int64_t end) const {
     float sums[kRowsAtOnce];
     int64_t r = begin;
     for (; r + kRowsAtOnce <= end; r += kRowsAtOnce)
@@ -138,6 +146,20 @@ void matvecs(const W* weights, int64_t rows, int64_t cols, const float* x, int64
         const float v = dot(weights + r * cols, x + t * ldx, cols);
         y[t * ldy + r] = accumulate ? y[t * ldy + r] + v : v;
       }
+  }
+};
+
+// Runs the products in one parallel region, its rows split across threads: one region per phase of the
+// step rather than one per matrix, since each region costs a fork and a join (a decode step is ~100 us).
+// Products whose rows overlap in the range (`first` equal) run in list order within a thread's share, so
+// sums into the same output keep one order whatever the thread count.
+template <typename W>
+void run(const std::vector<Matvec<W>>& products, int64_t total_rows) {
+  at::parallel_for(0, total_rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (const Matvec<W>& p : products) {
+      const int64_t low = std::max(begin, p.first), high = std::min(end, p.first + p.rows);
+      if (low < high) p.rows_between(low - p.first, high - p.first);
+    }
   });
 }
 
@@ -181,7 +203,9 @@ void hidden_inplace(float* projected, int64_t width, bool gated, int64_t act, co
   }
 }
 
-// The step for weights of type W (float, or uint16_t holding bfloat16 bits), on float32 rows x [T, H].
+// The step for weights of type W (float, or uint16_t holding bfloat16 bits), on float32 rows x [T, H]:
+// route every token, then two parallel regions, one for all gate/up rows (the shared part's and the chosen
+// experts') and one for all down rows.
 template <typename W>
 void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_gate_up,
                  const c10::optional<at::Tensor>& shared_down, const Vector& shared_bias, const at::Tensor& router_weight,
@@ -194,13 +218,7 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
   const W* experts_in = matrix_data<W>(gate_up);
   const W* experts_out = matrix_data<W>(down);
   const int64_t projected_width = gate_up.size(1);
-  if (shared_gate_up.has_value() && shared_gate_up->defined()) {  // all tokens at once: shared weights read once
-    const int64_t shared_rows = shared_gate_up->size(0), shared_width = shared_down->size(1);
-    std::vector<float> h(tokens * shared_rows);
-    matvecs(matrix_data<W>(*shared_gate_up), shared_rows, hidden, input, hidden, tokens, h.data(), shared_rows, false);
-    for (int64_t t = 0; t < tokens; ++t) hidden_inplace(h.data() + t * shared_rows, shared_width, gated, act, shared_bias);
-    matvecs(matrix_data<W>(*shared_down), hidden, shared_width, h.data(), shared_rows, tokens, result, hidden, false);
-  }
+
   // router, token by token: each token's experts and their gates, listed by expert
   std::vector<float> scores(router_weight.size(0)), prob(experts), key(experts);
   std::vector<int64_t> order(experts);
@@ -222,32 +240,70 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
       routed[e].emplace_back(t, gates_are_one ? 1.0f : 1.0f + prob[e] * scale[e]);
     }
   }
-  // each chosen expert once, on all of its tokens, so that its weights are read once per step
-  std::vector<float> xs, hs, ys;
+
+  // each chosen expert's tokens, gathered: pairs of the chosen experts in expert order, `start[e]` the first
+  // of expert e's, so that each expert's weights are read once per step
+  std::vector<int64_t> start(experts + 1, 0);
+  for (int64_t e = 0; e < experts; ++e) start[e + 1] = start[e] + static_cast<int64_t>(routed[e].size());
+  const int64_t pairs = start[experts];
+  std::vector<float> xs(pairs * hidden), hs(pairs * projected_width), ys(pairs * hidden);
+  for (int64_t e = 0; e < experts; ++e)
+    for (size_t i = 0; i < routed[e].size(); ++i)
+      std::copy_n(input + routed[e][i].first * hidden, hidden, xs.data() + (start[e] + i) * hidden);
+
+  const bool has_shared = shared_gate_up.has_value() && shared_gate_up->defined();
+  const int64_t shared_rows = has_shared ? shared_gate_up->size(0) : 0;
+  const int64_t shared_width = has_shared ? shared_down->size(1) : 0;
+  std::vector<float> shared_h(tokens * shared_rows);
+
+  // phase 1: every gate/up row, the shared part's (all tokens at once) and each chosen expert's
+  std::vector<Matvec<W>> products;
+  int64_t rows = 0;
+  if (has_shared) {
+    products.push_back({matrix_data<W>(*shared_gate_up), shared_rows, hidden, input, hidden, tokens, shared_h.data(),
+                        shared_rows, false, rows});
+    rows += shared_rows;
+  }
   for (int64_t e = 0; e < experts; ++e) {
-    const int64_t n = static_cast<int64_t>(routed[e].size());
+    const int64_t n = start[e + 1] - start[e];
     if (n == 0) continue;
-    xs.resize(n * hidden);
-    for (int64_t i = 0; i < n; ++i)
-      std::copy_n(input + routed[e][i].first * hidden, hidden, xs.data() + i * hidden);
-    hs.resize(n * projected_width);
-    matvecs(experts_in + e * projected_width * hidden, projected_width, hidden, xs.data(), hidden, n, hs.data(),
-            projected_width, false);
-    for (int64_t i = 0; i < n; ++i) {
+    products.push_back({experts_in + e * projected_width * hidden, projected_width, hidden,
+                        xs.data() + start[e] * hidden, hidden, n, hs.data() + start[e] * projected_width,
+                        projected_width, false, rows});
+    rows += projected_width;
+  }
+  run(products, rows);
+
+  for (int64_t t = 0; t < tokens; ++t) hidden_inplace(shared_h.data() + t * shared_rows, shared_width, gated, act, shared_bias);
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t i = start[e]; i < start[e + 1]; ++i) {
       float* h = hs.data() + i * projected_width;
       hidden_inplace(h, width, gated, act, up_bias, e * width);
-      const float gate = routed[e][i].second;  // the gate scales the expert's output; down is linear
+      const float gate = routed[e][i - start[e]].second;  // the gate scales the expert's output; down is linear
       if (!gates_are_one)
         for (int64_t j = 0; j < width; ++j) h[j] *= gate;
     }
-    ys.resize(n * hidden);
-    matvecs(experts_out + e * hidden * width, hidden, width, hs.data(), projected_width, n, ys.data(), hidden, false);
-    for (int64_t i = 0; i < n; ++i) {
-      float* out_row = result + routed[e][i].first * hidden;
+
+  // phase 2: every down row; the shared part writes the output, each expert its own rows of ys
+  products.clear();
+  if (has_shared)
+    products.push_back({matrix_data<W>(*shared_down), hidden, shared_width, shared_h.data(), shared_rows, tokens,
+                        result, hidden, false, 0});
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t n = start[e + 1] - start[e];
+    if (n == 0) continue;
+    products.push_back({experts_out + e * hidden * width, hidden, width, hs.data() + start[e] * projected_width,
+                        projected_width, n, ys.data() + start[e] * hidden, hidden, false, 0});
+  }
+  run(products, hidden);
+
+  // experts in order, as the PyTorch path adds them
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t i = start[e]; i < start[e + 1]; ++i) {
+      float* out_row = result + routed[e][i - start[e]].first * hidden;
       const float* y = ys.data() + i * hidden;
       for (int64_t j = 0; j < hidden; ++j) out_row[j] += y[j];
     }
-  }
 }
 
 }  // namespace
