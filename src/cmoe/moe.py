@@ -23,7 +23,7 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # crossover, SmolLM2 at 2 threads: 48-64 pairs).
 FEW_SLOTS = 4
 KERNEL_SLOTS = 48
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled CPU decode step computes in (float32 inside)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the weights the compiled CPU decode step takes (float32 sums)
 _EAGER = "eager"  # MoEFFN._decode_step: decode token by token in PyTorch operations
 
 

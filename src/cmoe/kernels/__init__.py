@@ -3,7 +3,7 @@
 `decode_cpu()` gives the CPU decode step of `MoEFFN` (decode_cpu.cpp) once it is built; the build takes
 about a minute, once per machine (torch keeps it under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR).
 Set CMOE_CPU_KERNEL=0 to use the PyTorch path instead. If the build fails (no compiler, say), cmoe says so
-once and carries on with the PyTorch path, which gives the same outputs, only slower.
+once and carries on with the PyTorch path, which gives the same outputs up to rounding, only slower.
 """
 
 from __future__ import annotations
