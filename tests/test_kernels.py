@@ -37,11 +37,19 @@ def kernel():
 CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh"), dict(act="gelu", gated=False, bias=True),
          dict(act="relu", gated=False, bias=True), dict(act="silu", shared=0), dict(act="silu", trained_gates=False),
          dict(act="silu", top_k=1, routed=7), dict(act="silu", hidden=53),  # 53: not a multiple of the lanes
-         dict(act="silu", hidden=160, width=40)]  # 160 = 64 + 64 + 32 and 40 = 32 + 8: every loop of the products
+         dict(act="silu", hidden=160, width=40)]  # whole vector steps (16 or 32 lanes), and 40 = 32 + 8: a tail
+
+
+@pytest.fixture(params=[True, False], ids=["avx512-where-present", "portable"])
+def products(kernel, request):
+    """Both ways of the kernel's products: AVX-512 (where the processor has it) and portable."""
+    kernel.use_avx512(request.param)
+    yield request.param
+    kernel.use_avx512(True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_kernel_matches_the_pytorch_decode_path(kernel, case):
+def test_kernel_matches_the_pytorch_decode_path(kernel, products, case):
     moe = random_moe(**case)
     for tokens in (1, 2, 9):  # 9: experts chosen by several tokens at once
         x = torch.randn(tokens, moe.hidden_size)
@@ -75,18 +83,12 @@ def bfloat16_reference(moe, x):
     return torch.stack(rows).to(torch.bfloat16)
 
 
-@pytest.fixture(params=[True, False], ids=["avx512-bf16-where-present", "portable"])
-def bfloat16_products(kernel, request):
-    """Both ways of the kernel's bfloat16 products: AVX512-BF16 (where the processor has it) and portable."""
-    kernel.use_avx512_bf16(request.param)
-    yield request.param
-    kernel.use_avx512_bf16(True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_bfloat16_kernel_multiplies_bfloat16_and_sums_in_float32(kernel, bfloat16_products, case):
+def test_bfloat16_kernel_multiplies_bfloat16_and_sums_in_float32(kernel, products, case):
     moe = random_moe(**case).to(torch.bfloat16)
-    for tokens in (1, 9):
+    for tokens in (1, 9):  # 9: blocks of 4, 4 and 1 tokens
         x = torch.randn(tokens, moe.hidden_size).to(torch.bfloat16)
         with torch.no_grad():
             assert moe._decode_step(x) is kernel
@@ -140,9 +142,12 @@ def test_kernel_takes_more_tokens_than_the_eager_decode_path(kernel):
         assert torch.allclose(moe(eight_pairs), moe._decode_eager(eight_pairs), atol=1e-5)
 
 
-def test_kernel_output_does_not_depend_on_the_thread_count(kernel):
-    moe = random_moe(top_k=2, hidden=200)
-    x = torch.randn(16, 200)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype):
+    # 200 rows split over 3 threads leave blocks of fewer than 4 rows; 16 tokens over the experts, blocks of
+    # 1-4 tokens
+    moe = random_moe(top_k=2, hidden=200).to(dtype)
+    x = torch.randn(16, 200).to(dtype)
     threads = torch.get_num_threads()
     try:
         with torch.no_grad():
