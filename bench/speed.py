@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import cmoe
-from cmoe.speed import bench_ffn, random_ffn_pair, run_benchmark, shape_of
+from cmoe.speed import bench_ffn, keep_freed_memory, random_ffn_pair, run_benchmark, shape_of
 from provenance import device_name, git_commit
 
 RESULTS = Path(os.environ.get("CMOE_RESULTS", Path(__file__).parent / "results"))  # elsewhere on a lent GPU
@@ -79,13 +79,15 @@ def main():
     parser.add_argument("--skip-smollm2", action="store_true")
     args = parser.parse_args()
 
+    kept = keep_freed_memory()
     dtype = getattr(torch, args.dtype)
     configs = args.configs.split(",")
     rows = [] if args.skip_smollm2 else smollm2_rows(configs, args.device, dtype, [int(b) for b in args.batches.split(",")])
     rows += llama7b_ffn_rows(configs, args.device, dtype)
     report = dict(benchmark="speed", command=" ".join([Path(sys.executable).name] + sys.argv),
                   date=time.strftime("%Y-%m-%d"), device=device_name(args.device), threads=torch.get_num_threads(),
-                  dtype=args.dtype, torch=torch.__version__, cmoe=cmoe.__version__, git=git_commit(), rows=rows)
+                  dtype=args.dtype, torch=torch.__version__, cmoe=cmoe.__version__, git=git_commit(),
+                  freed_memory_kept=kept, rows=rows)
     path = RESULTS / f"speed_{args.device}_{args.dtype}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Time the FFN of the middle layer and the whole model, dense and carved, "
                                 "interleaved in one process; medians after warm-up, with the ideal ratio from FLOPs "
                                 "(prefill) or weight bytes read (decode). On CUDA the FFN is also timed as CUDA-graph replays, "
-                                "which leave out the host's kernel launches.")
+                                "which leave out the host's kernel launches. On Linux (glibc) the process keeps freed "
+                                "memory, so that neither model's time includes page faults of its temporaries.")
     bench.add_argument("model", metavar="OUT", help="a carved folder (cmoe carve)")
     bench.add_argument("--against", metavar="DENSE", help="the dense model (default: the one OUT was carved from)")
     bench.add_argument("--mode", type=_csv, default=["prefill", "decode"], help="prefill,decode (default both)")
@@ -336,8 +337,9 @@ def cmd_bench(args) -> dict:
     from cmoe.modeling import is_carved
     from cmoe.models import load_model
     from cmoe.report import table
-    from cmoe.speed import run_benchmark
+    from cmoe.speed import keep_freed_memory, run_benchmark
 
+    kept = keep_freed_memory()
     carved, _ = load_model(args.model, _dtype(args.dtype), args.device)
     if not is_carved(carved):
         raise CMoEError(f"{args.model} is a dense model; bench a carved folder (cmoe carve) and pass the dense one as --against.")
@@ -349,7 +351,7 @@ def cmd_bench(args) -> dict:
     print(_bench_table(rows))
     report = dict(model=args.model, against=source, device=str(next(carved.parameters()).device), dtype=args.dtype,
                   machine=f"{platform.machine()}, {torch.get_num_threads()} threads", torch=torch.__version__,
-                  date=time.strftime("%Y-%m-%d"), rows=rows)
+                  date=time.strftime("%Y-%m-%d"), freed_memory_kept=kept, rows=rows)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

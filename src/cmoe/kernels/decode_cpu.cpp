@@ -218,7 +218,8 @@ bool avx512_allowed = true;  // use_avx512(false): the portable products, for te
 template <typename W>
 bool has_avx512() {
 #ifdef CMOE_AVX512
-  static const bool has = std::is_same<W, float>::value ? __builtin_cpu_supports("avx512f")
+  // the blocks are compiled for AVX512-BF16, which lets GCC use AVX512-BW too: the float32 ones need it
+  static const bool has = std::is_same<W, float>::value ? __builtin_cpu_supports("avx512bw")
                                                         : __builtin_cpu_supports("avx512bf16");
   return has && avx512_allowed;
 #else
