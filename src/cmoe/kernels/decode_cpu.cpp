@@ -146,7 +146,7 @@ void portable_block(const W* w, int64_t stride, const W* x, int64_t ldx, int64_t
 // in about three (SmolLM2 carved S1A1E8, all 30 layers' steps, bfloat16 at batch 8: 530 -> 260 us).
 // A (row, token) pair's sum is built the same way in every block, so it does not depend on which block
 // computes it, nor on the thread count.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 10
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 12  // the GCC it is tested with
 #include <immintrin.h>
 #define CMOE_AVX512 1
 
