@@ -55,10 +55,11 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
 
 
 # CPU inference in float32 on at least this many tokens runs one expert at a time
-# (RoutedExperts._add_each_expert), reading the group sizes on the host. Measured on SmolLM2 at 2 threads
-# against the grouped products: 1.21-1.27x faster at 2,048 tokens, at 1,536 1.18x (S2A2E8) and 0.97x
-# (S1A1E8), 5-8% slower at 512-1,024, and even in bfloat16 (AMX). GPUs and torch.compile always take the
-# grouped products, which read nothing back.
+# (RoutedExperts._add_each_expert), reading the group sizes on the host, so that its temporaries are one
+# expert's size. Against the grouped products, SmolLM2 at 2 threads: as fast (9.65 vs 9.40 ms S1A1E8,
+# 17.0 vs 16.9 S2A2E8, 25.2 vs 25.7 S3A3E8 at 2,048 tokens) where freed memory stays in the process; 1.2x
+# faster where glibc hands it back and re-faults it each call (an FFN timed alone); 5-8% slower at
+# 512-1,024 tokens. GPUs and torch.compile always take the grouped products, which read nothing back.
 EACH_EXPERT_MIN_TOKENS = 1536
 
 # Group slots on a GPU by the counting sort of `group_slots` rather than a full sort. Off until timed on a

@@ -246,7 +246,7 @@ Block<W> block_for(int rows, int tokens) {
 
 constexpr int64_t kRowsPerTask = 32;
 
-// One matrix times a few token vectors: y[t * ldy + r] (+)= W[r] . x[t] for the rows r of W [rows, cols]
+// One matrix times a few token vectors: y[t * ldy + r] = W[r] . x[t] for the rows r of W [rows, cols]
 // and tokens t < tokens (x rows ldx apart). Each weight row is read once for all the tokens.
 template <typename W>
 struct Matvec {
@@ -256,7 +256,6 @@ struct Matvec {
   int64_t ldx, tokens;
   float* y;
   int64_t ldy;
-  bool accumulate;
   int64_t first;  // where its rows start in the row range that `run` splits across threads
 
   void rows_between(int64_t begin, int64_t end) const {
@@ -267,10 +266,7 @@ struct Matvec {
         const int T = static_cast<int>(std::min<int64_t>(kTokensAtOnce, tokens - t));
         block_for<W>(R, T)(weights + r * cols, cols, x + t * ldx, ldx, cols, sums);
         for (int q = 0; q < T; ++q)
-          for (int p = 0; p < R; ++p) {
-            float& out = y[(t + q) * ldy + r + p];
-            out = (accumulate ? out : 0.0f) + sums[q * R + p];
-          }
+          for (int p = 0; p < R; ++p) y[(t + q) * ldy + r + p] = sums[q * R + p];
         t += T;
       }
       r += R;
@@ -280,8 +276,8 @@ struct Matvec {
 
 // Runs the products in one parallel region, its rows split across threads: one region per phase of the
 // step rather than one per matrix, since each region costs a fork and a join (a decode step is ~100 us).
-// Products whose rows overlap in the range (`first` equal) run in list order within a thread's share, so
-// sums into the same output keep one order whatever the thread count.
+// Products laid end to end (`first` their offsets) split the sum of their rows; products with the same
+// `first` (the down matrices, all `hidden` rows) split those rows, each thread running its share of each.
 template <typename W>
 void run(const std::vector<Matvec<W>>& products, int64_t total_rows) {
   at::parallel_for(0, total_rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
@@ -405,7 +401,7 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
   int64_t rows = 0;
   if (has_shared) {
     products.push_back({matrix_data<W>(*shared_gate_up), shared_rows, hidden, input_w.data(), hidden, tokens, shared_h.data(),
-                        shared_rows, false, rows});
+                        shared_rows, rows});
     rows += shared_rows;
   }
   for (int64_t e = 0; e < experts; ++e) {
@@ -413,7 +409,7 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
     if (n == 0) continue;
     products.push_back({experts_in + e * projected_width * hidden, projected_width, hidden,
                         xs.data() + start[e] * hidden, hidden, n, hs.data() + start[e] * projected_width,
-                        projected_width, false, rows});
+                        projected_width, rows});
     rows += projected_width;
   }
   run(products, rows);
@@ -439,12 +435,12 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
   products.clear();
   if (has_shared)
     products.push_back({matrix_data<W>(*shared_down), hidden, shared_width, shared_in.data(), shared_width, tokens,
-                        result, hidden, false, 0});
+                        result, hidden, 0});
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t n = start[e + 1] - start[e];
     if (n == 0) continue;
     products.push_back({experts_out + e * hidden * width, hidden, width, hidden_in.data() + start[e] * width, width, n,
-                        ys.data() + start[e] * hidden, hidden, false, 0});
+                        ys.data() + start[e] * hidden, hidden, 0});
   }
   run(products, hidden);
 
