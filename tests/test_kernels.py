@@ -12,13 +12,13 @@ from cmoe.moe import KERNEL_SLOTS, MoEFFN, _row_hidden
 
 
 def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32,
-               width=8):
+               width=8, std=0.5):
     torch.manual_seed(seed)
     moe = MoEFFN(hidden_size=hidden, expert_width=width, shared=shared, routed=routed, top_k=top_k, act=act, gated=gated,
                  bias=bias)
     with torch.no_grad():
         for p in moe.parameters():
-            p.normal_(std=0.5)
+            p.normal_(std=std)
         moe.router.selection_bias.normal_(std=0.1)
         if not trained_gates:
             moe.router.gate_scale.zero_()
@@ -37,7 +37,8 @@ def kernel():
 CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh"), dict(act="gelu", gated=False, bias=True),
          dict(act="relu", gated=False, bias=True), dict(act="silu", shared=0), dict(act="silu", trained_gates=False),
          dict(act="silu", top_k=1, routed=7), dict(act="silu", hidden=53),  # 53: not a multiple of the lanes
-         dict(act="silu", hidden=160, width=40)]  # whole vector steps (16 or 32 lanes), and 40 = 32 + 8: a tail
+         # whole vector steps (16 or 32 lanes), and 40 = 32 + 8: a tail; smaller weights keep the sums near 1
+         dict(act="silu", hidden=160, width=40, std=0.2)]
 
 
 @pytest.fixture(params=[True, False], ids=["avx512-where-present", "portable"])
@@ -56,8 +57,7 @@ def test_kernel_matches_the_pytorch_decode_path(kernel, products, case):
         with torch.no_grad():
             assert moe._decode_step(x) is kernel
             fast, eager = moe(x), moe._decode_eager(x)
-        scale = max(1.0, eager.abs().max().item())  # float32 sums in another order: errors grow with the sums
-        assert torch.allclose(fast, eager, atol=1e-5 * scale, rtol=1e-5), (fast - eager).abs().max()
+        assert torch.allclose(fast, eager, atol=1e-5, rtol=1e-5), (fast - eager).abs().max()
 
 
 def bfloat16_reference(moe, x):
@@ -83,12 +83,10 @@ def bfloat16_reference(moe, x):
     return torch.stack(rows).to(torch.bfloat16)
 
 
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_bfloat16_kernel_multiplies_bfloat16_and_sums_in_float32(kernel, products, case):
     moe = random_moe(**case).to(torch.bfloat16)
-    for tokens in (1, 9):  # 9: blocks of 4, 4 and 1 tokens
+    for tokens in (1, 9):  # 9: blocks of 2 tokens and one of 1
         x = torch.randn(tokens, moe.hidden_size).to(torch.bfloat16)
         with torch.no_grad():
             assert moe._decode_step(x) is kernel
@@ -145,7 +143,7 @@ def test_kernel_takes_more_tokens_than_the_eager_decode_path(kernel):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype):
     # 200 rows split over 3 threads leave blocks of fewer than 4 rows; 16 tokens over the experts, blocks of
-    # 1-4 tokens
+    # 1 and 2 tokens
     moe = random_moe(top_k=2, hidden=200).to(dtype)
     x = torch.randn(16, 200).to(dtype)
     threads = torch.get_num_threads()
