@@ -1,4 +1,4 @@
-"""The compiled CPU decode kernel: the same outputs as the PyTorch decode path, and a clean fallback."""
+"""The compiled CPU kernels: the same outputs as the PyTorch paths, the right one for each call, a clean fallback."""
 
 import copy
 import logging
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmoe import kernels
-from cmoe.moe import KERNEL_SLOTS, MoEFFN, _row_hidden
+from cmoe.moe import DECODE_KERNEL_TOKENS, KERNEL_SLOTS, MoEFFN, _row_hidden
 
 
 def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32,
@@ -29,8 +29,8 @@ def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, 
 def kernel():
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler on this machine")
-    module = kernels.decode_cpu()
-    assert module is not None, "the CPU decode kernel did not build on a machine with a C++ compiler"
+    module = kernels.moe_cpu()
+    assert module is not None, "the CPU kernels did not build on a machine with a C++ compiler"
     return module
 
 
@@ -55,7 +55,7 @@ def test_kernel_matches_the_pytorch_decode_path(kernel, products, case):
     for tokens in (1, 2, 9):  # 9: experts chosen by several tokens at once
         x = torch.randn(tokens, moe.hidden_size)
         with torch.no_grad():
-            assert moe._decode_step(x) is kernel
+            assert moe._cpu_route(x) is kernel.moe_decode
             fast, eager = moe(x), moe._decode_eager(x)
         assert torch.allclose(fast, eager, atol=1e-5, rtol=1e-5), (fast - eager).abs().max()
 
@@ -89,7 +89,7 @@ def test_bfloat16_kernel_multiplies_bfloat16_and_sums_in_float32(kernel, product
     for tokens in (1, 9):  # 9: blocks of 2 tokens and one of 1
         x = torch.randn(tokens, moe.hidden_size).to(torch.bfloat16)
         with torch.no_grad():
-            assert moe._decode_step(x) is kernel
+            assert moe._cpu_route(x) is kernel.moe_decode
             fast, want = moe(x), bfloat16_reference(moe, x)
         assert fast.dtype == torch.bfloat16
         # equal but for the order of float32 sums, which can move a bfloat16 rounding by one step (2^-8)
@@ -110,16 +110,18 @@ def test_kernel_output_depends_on_the_chosen_experts(kernel):
 
 def test_kernel_is_not_used_where_it_does_not_apply(kernel, monkeypatch):
     moe = random_moe()
-    assert moe._decode_kernel(torch.randn(1, 32, dtype=torch.float16)) is None
+    assert moe._cpu_kernels(torch.randn(1, 32, dtype=torch.float16)) is None
+    with torch.enable_grad():  # training takes the PyTorch path, which autograd sees through
+        assert moe._cpu_route(torch.randn(1, 32)) is None
     monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
-    assert kernels.decode_cpu() is None
+    assert kernels.moe_cpu() is None
 
 
 def test_a_failed_build_falls_back_to_pytorch_with_one_warning(monkeypatch, caplog):
     import torch.utils.cpp_extension
 
     def broken_load(*args, **kwargs):
-        raise RuntimeError("Error building extension 'cmoe_decode_cpu'\nc++: command not found")
+        raise RuntimeError("Error building extension 'cmoe_moe_cpu'\nc++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", broken_load)
     monkeypatch.setattr(kernels, "_state", {})
@@ -132,16 +134,47 @@ def test_a_failed_build_falls_back_to_pytorch_with_one_warning(monkeypatch, capl
     assert len(failures) == 1 and "command not found" in failures[0].getMessage()
 
 
-def test_kernel_takes_more_tokens_than_the_eager_decode_path(kernel):
+def test_each_call_takes_the_kernel_measured_fastest_for_it(kernel, monkeypatch):
     moe = random_moe(top_k=2)
-    eight_pairs, many_pairs = torch.randn(4, 32), torch.randn(KERNEL_SLOTS // 2 + 1, 32)
+    few, many = torch.randn(DECODE_KERNEL_TOKENS, 32), torch.randn(DECODE_KERNEL_TOKENS + 1, 32)
+    beyond_slots = torch.randn(KERNEL_SLOTS // 2 + 1, 32)
     with torch.no_grad():
-        assert moe._decode_step(eight_pairs) is kernel and moe._decode_step(many_pairs) is None
-        assert torch.allclose(moe(eight_pairs), moe._decode_eager(eight_pairs), atol=1e-5)
+        assert moe._cpu_route(few) is kernel.moe_decode and moe._cpu_route(many) is kernel.moe_prefill
+        moe.to(torch.bfloat16)  # no bfloat16 prefill: the decode step up to KERNEL_SLOTS pairs, then PyTorch
+        assert moe._cpu_route(many.bfloat16()) is kernel.moe_decode and moe._cpu_route(beyond_slots.bfloat16()) is None
+        monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # without the kernels: eager decode for a few pairs only
+        moe.float()
+        assert moe._cpu_route(few[:2]) == "eager" and moe._cpu_route(few[:3]) is None
+
+
+@pytest.mark.parametrize("case", CASES + [dict(act="silu", top_k=3, routed=4)],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_prefill_kernel_matches_the_pytorch_path(kernel, case, monkeypatch):
+    moe = random_moe(**case)
+    for tokens in (DECODE_KERNEL_TOKENS + 1, 300):
+        x = torch.randn(tokens, moe.hidden_size)
+        with torch.no_grad():
+            assert moe._cpu_route(x) is kernel.moe_prefill
+            fast = moe(x)
+            monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
+            reference = moe(x)
+            monkeypatch.delenv("CMOE_CPU_KERNEL")
+        assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-5), (fast - reference).abs().max()
+
+
+def test_prefill_kernel_skips_an_expert_no_token_chose(kernel, monkeypatch):
+    moe = random_moe(top_k=1)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        moe.router.selection_bias[2] = -10.0  # expert 2 is never chosen
+        assert 2 not in moe.router.select(x)[1]
+        fast = moe(x)
+        monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
+        assert torch.allclose(fast, moe(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype):
+def test_decode_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype):
     # 200 rows split over 3 threads leave blocks of fewer than 4 rows; 16 tokens over the experts, blocks of
     # 1 and 2 tokens
     moe = random_moe(top_k=2, hidden=200).to(dtype)
@@ -150,9 +183,9 @@ def test_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype):
     try:
         with torch.no_grad():
             torch.set_num_threads(1)
-            one = moe(x)
+            one = moe._run_kernel(kernel.moe_decode, x)
             torch.set_num_threads(3)
-            three = moe(x)
+            three = moe._run_kernel(kernel.moe_decode, x)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, three)

@@ -120,7 +120,7 @@ class _ScalarReads(TorchDispatchMode):
 
 
 def test_inference_forward_has_no_host_sync(monkeypatch):
-    monkeypatch.setattr(moe_module, "EACH_EXPERT_MIN_TOKENS", float("inf"))  # the grouped path, as on a GPU
+    monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # the grouped path, as on a GPU
     moe = random_moe()
     x = torch.randn(64, 16)
     with torch.no_grad():
@@ -128,27 +128,6 @@ def test_inference_forward_has_no_host_sync(monkeypatch):
         with _ScalarReads() as mode:
             moe(x)
     assert mode.reads == []
-
-
-def test_cpu_expert_by_expert_path_equals_the_grouped_path(monkeypatch):
-    # widths of 16-byte rows, so that the grouped path groups rather than loops
-    for gated, bias, trained_gates in ((True, False, True), (False, True, True), (True, False, False)):
-        torch.manual_seed(1)
-        moe = MoEFFN(hidden_size=16, expert_width=8, shared=1, routed=5, top_k=2, act="silu", gated=gated, bias=bias)
-        with torch.no_grad():
-            for p in moe.parameters():
-                p.normal_()
-            if not trained_gates:
-                moe.router.gate_scale.zero_()
-        x = torch.randn(200, 16)
-        with torch.no_grad():
-            monkeypatch.setattr(moe_module, "EACH_EXPERT_MIN_TOKENS", 0)
-            each_expert = moe(x)
-            monkeypatch.setattr(moe_module, "EACH_EXPERT_MIN_TOKENS", float("inf"))
-            assert moe.experts._can_group(x)
-            grouped = moe(x)
-        assert torch.allclose(each_expert, grouped, atol=1e-5, rtol=1e-5), (each_expert - grouped).abs().max()
-        assert torch.allclose(each_expert, naive_forward(moe, x), atol=1e-4, rtol=1e-4)
 
 
 def test_host_sync_detector_sees_a_sync():
@@ -171,7 +150,7 @@ def test_counting_sort_groups_slots_as_the_stable_sort_does():
 
 def test_forward_with_the_counting_sort_matches_naive_without_a_host_sync(monkeypatch):
     monkeypatch.setattr(moe_module, "group_slots", partial(group_slots, counting=True))  # the GPU's grouping
-    monkeypatch.setattr(moe_module, "EACH_EXPERT_MIN_TOKENS", float("inf"))  # and its grouped products
+    monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # and its grouped products
     moe = random_moe(top_k=2)
     x = torch.randn(37, 16)
     with torch.no_grad():

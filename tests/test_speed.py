@@ -34,7 +34,7 @@ def test_dense_ffn_through_the_decode_kernel_gives_the_dense_output():
     from cmoe.adapters import FFNWeights
     from cmoe.speed import _dense_kernel_steps
 
-    if kernels.decode_cpu() is None:
+    if kernels.moe_cpu() is None:
         pytest.skip("the CPU decode kernel is not built on this machine")
     dense, _ = random_ffn_pair(64, 256, cmoe.CarveConfig(shared=1, active=1, experts=4))
     weights = FFNWeights(gate=dense.gate_proj.weight, up=dense.up_proj.weight, down=dense.down_proj.weight, act="silu")
@@ -62,7 +62,7 @@ def test_cli_bench_compares_a_carved_folder_with_its_source(tmp_path, capsys):
         ("ffn", "decode", layers), ("ffn", "decode", layers), ("model", "decode", 1), ("model", "decode", 1)]
     assert layers > 1
     assert all(r["ratio"] > 0 for r in rows)
-    if kernels.decode_cpu() is not None:  # every-layer decode rows also time the dense FFN in cmoe's kernel
+    if kernels.moe_cpu() is not None:  # every-layer decode rows also time the dense FFN in cmoe's kernel
         assert all(r["ratio_same_kernel"] > 0 for r in rows if r.get("layers", 1) > 1)
     assert "dense/carved" in capsys.readouterr().out
     assert main(["bench", str(tmp_path / "dense")]) == 2

@@ -18,13 +18,17 @@ from . import kernels
 from .kernels import ACTIVATION_CODES
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-# At most this many (token, expert) pairs on CPU take the token-by-token decode path rather than the grouped
-# one: more with the compiled kernel, which reads each chosen expert once for all its tokens (measured
-# crossover, SmolLM2 at 2 threads: 48-64 pairs).
-FEW_SLOTS = 4
+# CPU inference runs through the compiled kernels (kernels/moe_cpu.cpp) where they build. Their decode step
+# reads only the chosen experts' weights, which pays for a few tokens; their prefill runs one BLAS product
+# per expert with the rest in C++ (float32 only). Measured crossovers, SmolLM2 at 2 threads, all 30 layers in
+# turn: float32, decode step up to 8-16 tokens (16 at top-1, 10 at top-2 and top-3), prefill beyond;
+# bfloat16, decode step up to 48-64 (token, expert) pairs, PyTorch's grouped products beyond. Without the
+# kernels, up to FEW_SLOTS pairs go token by token in PyTorch operations.
+DECODE_KERNEL_TOKENS = 10
 KERNEL_SLOTS = 48
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the weights the compiled CPU decode step takes (float32 sums)
-_EAGER = "eager"  # MoEFFN._decode_step: decode token by token in PyTorch operations
+FEW_SLOTS = 4
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the weights the compiled decode step takes (float32 sums)
+_EAGER = "eager"  # MoEFFN._cpu_route: decode token by token in PyTorch operations
 
 
 # Plain functions for the common activations: a module call costs microseconds, which decode notices.
@@ -53,14 +57,6 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
         return act_fn(projected[:width]).mul_(projected[width:])
     return act_fn(projected if bias is None else projected.add_(bias))
 
-
-# CPU inference in float32 on at least this many tokens runs one expert at a time
-# (RoutedExperts._add_each_expert), reading the group sizes on the host, so that its temporaries are one
-# expert's size. Against the grouped products, SmolLM2 at 2 threads: as fast (9.65 vs 9.40 ms S1A1E8,
-# 17.0 vs 16.9 S2A2E8, 25.2 vs 25.7 S3A3E8 at 2,048 tokens) where freed memory stays in the process; 1.2x
-# faster where glibc hands it back and re-faults it each call (an FFN timed alone); 5-8% slower at
-# 512-1,024 tokens. GPUs and torch.compile always take the grouped products, which read nothing back.
-EACH_EXPERT_MIN_TOKENS = 1536
 
 # Group slots on a GPU by the counting sort of `group_slots` rather than a full sort. Off until timed on a
 # GPU: bench/cuda_variants.py times both.
@@ -172,9 +168,6 @@ class RoutedExperts(nn.Module):
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
         order, counts = group_slots(flat, self.num_experts)  # token slots grouped by expert
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and tokens >= EACH_EXPERT_MIN_TOKENS
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-            return self._add_each_expert(x, order, counts, top_k, gates, out)
         token_of_slot = order // top_k
         routed_x = x.index_select(0, token_of_slot)  # on CPU 2.6x faster than x[token_of_slot] (2048 x 576, SmolLM2)
         # the gate scales an expert's output; down is linear, so scale its hidden rows (W wide, not H)
@@ -190,27 +183,6 @@ class RoutedExperts(nn.Module):
         back = torch.empty_like(expert_out).index_copy_(0, order, expert_out).view(tokens, top_k, -1)
         back = back[:, 0] if top_k == 1 else back.sum(dim=1)
         return out.add_(back) if in_place else out + back
-
-    def _add_each_expert(self, x, order, counts, top_k, gates, out):
-        """CPU inference: one expert at a time gathers its tokens, runs on them and adds into `out`.
-
-        Its temporaries are one expert's size, where one grouped product over all the slots makes
-        slot-sized ones (EACH_EXPERT_MIN_TOKENS says where that pays). The sums are the same, in the same
-        order. On the CPU reading `counts` costs no device sync.
-        """
-        slot_gates = None if gates is None else gates.reshape(-1)
-        start = 0
-        for e, size in enumerate(counts.tolist()):
-            slots = order[start:start + size]
-            start += size
-            token_ids = slots // top_k
-            bias = None if self.up_bias is None else self.up_bias[e]
-            projected = F.linear(x.index_select(0, token_ids), self.gate_up_proj[e])
-            hidden = _hidden(projected, self.width, self.gated, self.act_fn, bias)
-            if slot_gates is not None:
-                hidden.mul_(slot_gates[slots].unsqueeze(-1))  # the gate scales the expert's output; down is linear
-            out.index_add_(0, token_ids, F.linear(hidden, self.down_proj[e]))
-        return out
 
     def _can_group(self, x: torch.Tensor) -> bool:
         # grouped_mm needs row strides that are multiples of 16 bytes, and on CUDA (torch 2.11) bfloat16
@@ -294,9 +266,9 @@ class MoEFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        step = self._decode_step(x)
-        if step is not None:
-            return (self._decode_eager(x) if step is _EAGER else self._decode_compiled(step, x)).view(shape)
+        route = self._cpu_route(x)
+        if route is not None:
+            return (self._decode_eager(x) if route is _EAGER else self._run_kernel(route, x)).view(shape)
         out = torch.zeros_like(x) if self.shared is None else self.shared(x)
         if self.router is not None:
             probs, chosen = self.router.select(x)
@@ -309,44 +281,42 @@ class MoEFFN(nn.Module):
             out = out + self.down_bias
         return out.reshape(shape)
 
-    # CPU decode. A step in the compiled kernel takes under 100 us for SmolLM2, so the Python around it
-    # counts: these read submodules and parameters from nn.Module's dicts (an attribute lookup through
+    # CPU inference. A decode step in the compiled kernel takes under 100 us for SmolLM2, so the Python around
+    # it counts: these read submodules and parameters from nn.Module's dicts (an attribute lookup through
     # nn.Module.__getattr__ costs about half a microsecond, and a step needs some twenty).
 
-    def _decode_step(self, x: torch.Tensor):
-        """How to run a CPU decode step token by token: the compiled kernel, `_EAGER`, or None (grouped path).
-
-        Token by token pays when so few (token, expert) pairs come that reading only the chosen experts'
-        weights wins: up to KERNEL_SLOTS with the kernel, FEW_SLOTS without.
-        """
+    def _cpu_route(self, x: torch.Tensor):
+        """How CPU inference runs on these tokens: a compiled kernel's function, `_EAGER`, or None (the grouped
+        path, which GPUs, autograd and torch.compile always take)."""
         router = self._modules.get("router")
-        if router is None or x.device.type != "cpu" or torch.is_grad_enabled() or router.count_load:
-            return None
-        slots = x.shape[0] * router.top_k
-        if slots > KERNEL_SLOTS:
+        if (router is None or x.device.type != "cpu" or torch.is_grad_enabled() or router.count_load
+                or torch.compiler.is_compiling()):
             return None
         # wrapped experts (peft LoRA during fine-tuning) hold their weights behind the wrapper: grouped path
         shared = self._modules.get("shared")
         if type(self._modules.get("experts")) is not RoutedExperts or not (shared is None or type(shared) is SharedExperts):
             return None
-        kernel = self._decode_kernel(x)
-        if kernel is not None:
-            return kernel
-        return _EAGER if slots <= FEW_SLOTS else None
+        tokens, slots = x.shape[0], x.shape[0] * router.top_k
+        kernels_here = self._cpu_kernels(x)
+        if kernels_here is None:
+            return _EAGER if slots <= FEW_SLOTS else None
+        if x.dtype == torch.float32 and self._modules["experts"]._parameters["down_proj"].dtype == torch.float32:
+            return kernels_here.moe_decode if tokens <= DECODE_KERNEL_TOKENS else kernels_here.moe_prefill
+        return kernels_here.moe_decode if slots <= KERNEL_SLOTS else None
 
-    def _decode_kernel(self, x: torch.Tensor):
-        """The compiled decode step, where it applies: float32 or bfloat16 and an activation it knows."""
+    def _cpu_kernels(self, x: torch.Tensor):
+        """The compiled CPU kernels, where they apply: float32 or bfloat16, and an activation they know."""
         experts = self._modules.get("experts")
         if x.dtype not in KERNEL_DTYPES or experts._parameters["down_proj"].dtype not in KERNEL_DTYPES:
             return None
-        return kernels.decode_cpu() if self._modules.get("router").act in ACTIVATION_CODES else None
+        return kernels.moe_cpu() if self._modules.get("router").act in ACTIVATION_CODES else None
 
-    def _decode_compiled(self, kernel, x: torch.Tensor) -> torch.Tensor:
+    def _run_kernel(self, function, x: torch.Tensor) -> torch.Tensor:
         modules = self._modules
         shared, router, experts = modules.get("shared"), modules["router"], modules["experts"]
         s = {} if shared is None else shared._parameters
         r, e = router._parameters, experts._parameters
-        return kernel.moe_decode(
+        return function(
             x, s.get("gate_up_proj"), s.get("down_proj"), s.get("up_bias"), r["weight"], r.get("bias"),
             router._buffers["selection_bias"], r["gate_scale"], router.gates_are_one(), e["gate_up_proj"],
             e.get("up_bias"), e["down_proj"], self._parameters.get("down_bias"), router.top_k,

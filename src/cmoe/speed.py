@@ -228,7 +228,7 @@ def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: in
     from . import kernels
     from .moe import KERNEL_DTYPES, KERNEL_SLOTS
 
-    kernel = kernels.decode_cpu() if parameter.device.type == "cpu" and parameter.dtype in KERNEL_DTYPES else None
+    kernel = kernels.moe_cpu() if parameter.device.type == "cpu" and parameter.dtype in KERNEL_DTYPES else None
     if kernel is None or tokens > KERNEL_SLOTS or any(w.act not in kernels.ACTIVATION_CODES for w in dense_weights):
         return None
     hidden = dense_weights[0].down.shape[0]

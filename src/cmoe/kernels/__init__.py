@@ -1,9 +1,10 @@
 """Compiled kernels, optional: built on first use with the machine's C++ compiler, plain PyTorch otherwise.
 
-`decode_cpu()` gives the CPU decode step of `MoEFFN` (decode_cpu.cpp) once it is built; the build takes
-about a minute, once per machine (torch keeps it under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR).
-Set CMOE_CPU_KERNEL=0 to use the PyTorch path instead. If the build fails (no compiler, say), cmoe says so
-once and carries on with the PyTorch path, which gives the same outputs up to rounding, only slower.
+`moe_cpu()` gives `MoEFFN`'s CPU forward (moe_cpu.cpp: `moe_decode` for a few tokens, `moe_prefill` for
+many) once it is built; the build takes about a minute, once per machine (torch keeps it under
+~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR). Set CMOE_CPU_KERNEL=0 to use the PyTorch path instead.
+If the build fails (no compiler, say), cmoe says so once and carries on with the PyTorch path, which gives
+the same outputs up to rounding, only slower.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 logger = logging.getLogger("cmoe")
 
-_SOURCE = Path(__file__).with_name("decode_cpu.cpp")
+_SOURCE = Path(__file__).with_name("moe_cpu.cpp")
+_NAME = "cmoe_moe_cpu"
 _state: dict = {}
 
-# activation names (transformers' ACT2FN keys) the kernel knows, and its codes for them
+# activation names (transformers' ACT2FN keys) the kernels know, and its codes for them
 ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "relu": 3}
 
 
@@ -26,13 +28,13 @@ def enabled() -> bool:
     return os.environ.get("CMOE_CPU_KERNEL", "1") != "0"
 
 
-def decode_cpu():
-    """The compiled module with `moe_decode`, or None where it is switched off or cannot be built."""
+def moe_cpu():
+    """The compiled module with `moe_decode` and `moe_prefill`, or None where it is off or cannot be built."""
     if not enabled():
         return None
-    if "decode" not in _state:
-        _state["decode"] = _build()
-    return _state["decode"]
+    if "moe_cpu" not in _state:
+        _state["moe_cpu"] = _build()
+    return _state["moe_cpu"]
 
 
 def _build():
@@ -40,14 +42,14 @@ def _build():
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
-        if not _already_built("cmoe_decode_cpu"):
-            logger.warning("cmoe: building the CPU decode kernel (once per machine, about a minute)")
+        if not _already_built(_NAME):
+            logger.warning("cmoe: building the CPU kernels (once per machine, about a minute)")
         # -fopenmp: ATen's parallel_for is a header template that splits work with OpenMP pragmas, which a
         # build without it silently runs on one thread. The library it links is the libgomp torch loaded.
-        return load(name="cmoe_decode_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        return load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # any build failure falls back to the PyTorch path
-        logger.warning("cmoe: could not build the CPU decode kernel, so decode uses plain PyTorch (slower): %s",
+        logger.warning("cmoe: could not build the CPU kernels, so the CPU forward uses plain PyTorch (slower): %s",
                        str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
         return None
 
@@ -69,4 +71,4 @@ def _put_ninja_on_path() -> None:
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
-            pass  # the build then fails with torch's own message, and decode falls back
+            pass  # the build then fails with torch's own message, and cmoe falls back to PyTorch
