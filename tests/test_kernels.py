@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmoe import kernels
-from cmoe.moe import DECODE_KERNEL_TOKENS, KERNEL_SLOTS, MoEFFN, _row_hidden
+from cmoe.moe import DECODE_KERNEL_SLOTS, MoEFFN, _row_hidden
 
 
 def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32,
@@ -136,30 +136,59 @@ def test_a_failed_build_falls_back_to_pytorch_with_one_warning(monkeypatch, capl
 
 def test_each_call_takes_the_kernel_measured_fastest_for_it(kernel, monkeypatch):
     moe = random_moe(top_k=2)
-    few, many = torch.randn(DECODE_KERNEL_TOKENS, 32), torch.randn(DECODE_KERNEL_TOKENS + 1, 32)
-    beyond_slots = torch.randn(KERNEL_SLOTS // 2 + 1, 32)
+    for dtype, slots in DECODE_KERNEL_SLOTS.items():
+        moe.to(dtype)
+        few, many = torch.randn(slots // 2, 32, dtype=dtype), torch.randn(slots // 2 + 1, 32, dtype=dtype)
+        with torch.no_grad():
+            assert moe._cpu_route(few) is kernel.moe_decode and moe._cpu_route(many) is kernel.moe_prefill
+    moe.float()
     with torch.no_grad():
-        assert moe._cpu_route(few) is kernel.moe_decode and moe._cpu_route(many) is kernel.moe_prefill
-        moe.to(torch.bfloat16)  # no bfloat16 prefill: the decode step up to KERNEL_SLOTS pairs, then PyTorch
-        assert moe._cpu_route(many.bfloat16()) is kernel.moe_decode and moe._cpu_route(beyond_slots.bfloat16()) is None
+        assert moe._cpu_route(torch.randn(3, 32, dtype=torch.float16)) is None  # no kernel: PyTorch's grouped path
         monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # without the kernels: eager decode for a few pairs only
-        moe.float()
-        assert moe._cpu_route(few[:2]) == "eager" and moe._cpu_route(few[:3]) is None
+        assert moe._cpu_route(torch.randn(2, 32)) == "eager" and moe._cpu_route(torch.randn(3, 32)) is None
 
 
-@pytest.mark.parametrize("case", CASES + [dict(act="silu", top_k=3, routed=4)],
-                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def with_the_pytorch_path(moe, x, monkeypatch):
+    monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
+    try:
+        return moe(x)
+    finally:
+        monkeypatch.delenv("CMOE_CPU_KERNEL")
+
+
+PREFILL_CASES = CASES + [dict(act="silu", top_k=3, routed=4)]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_prefill_kernel_matches_the_pytorch_path(kernel, case, monkeypatch):
     moe = random_moe(**case)
-    for tokens in (DECODE_KERNEL_TOKENS + 1, 300):
+    for tokens in (DECODE_KERNEL_SLOTS[torch.float32] // moe.router.top_k + 1, 300):
         x = torch.randn(tokens, moe.hidden_size)
         with torch.no_grad():
             assert moe._cpu_route(x) is kernel.moe_prefill
-            fast = moe(x)
-            monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
-            reference = moe(x)
-            monkeypatch.delenv("CMOE_CPU_KERNEL")
+            fast, reference = moe(x), with_the_pytorch_path(moe, x, monkeypatch)
         assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-5), (fast - reference).abs().max()
+
+
+def routed_in_float32(moe, x):
+    """The PyTorch path with the router in float32, as both kernels route bfloat16 models."""
+    router = copy.deepcopy(moe.router).float()
+    probs, chosen = router.select(x.float())
+    gates = None if router.gates_are_one() else router.gates(probs, chosen).to(x.dtype)
+    out = moe.experts(x, chosen, gates, torch.zeros_like(x) if moe.shared is None else moe.shared(x))
+    return out if moe.down_bias is None else out + moe.down_bias
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_bfloat16_prefill_kernel_matches_the_pytorch_path_routed_in_float32(kernel, case):
+    moe = random_moe(**case).to(torch.bfloat16)
+    x = torch.randn(300, moe.hidden_size).to(torch.bfloat16)
+    with torch.no_grad():
+        assert moe._cpu_route(x) is kernel.moe_prefill
+        fast, reference = moe(x), routed_in_float32(moe, x)
+    assert fast.dtype == torch.bfloat16
+    # the same operations in the same order, but for the router (float32 in both) and its softmax
+    assert torch.allclose(fast.float(), reference.float(), atol=1e-3, rtol=2 ** -8), (fast.float() - reference.float()).abs().max()
 
 
 def test_prefill_kernel_skips_an_expert_no_token_chose(kernel, monkeypatch):
@@ -168,9 +197,7 @@ def test_prefill_kernel_skips_an_expert_no_token_chose(kernel, monkeypatch):
     with torch.no_grad():
         moe.router.selection_bias[2] = -10.0  # expert 2 is never chosen
         assert 2 not in moe.router.select(x)[1]
-        fast = moe(x)
-        monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
-        assert torch.allclose(fast, moe(x), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(moe(x), with_the_pytorch_path(moe, x, monkeypatch), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

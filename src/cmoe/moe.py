@@ -20,14 +20,13 @@ from .kernels import ACTIVATION_CODES
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # CPU inference runs through the compiled kernels (kernels/moe_cpu.cpp) where they build. Their decode step
 # reads only the chosen experts' weights, which pays for a few tokens; their prefill runs one BLAS product
-# per expert with the rest in C++ (float32 only). Measured crossovers, SmolLM2 at 2 threads, all 30 layers in
-# turn: float32, decode step up to 8-16 tokens (16 at top-1, 10 at top-2 and top-3), prefill beyond;
-# bfloat16, decode step up to 48-64 (token, expert) pairs, PyTorch's grouped products beyond. Without the
-# kernels, up to FEW_SLOTS pairs go token by token in PyTorch operations.
-DECODE_KERNEL_TOKENS = 10
-KERNEL_SLOTS = 48
+# per expert with the rest in C++. The decode step takes up to this many (token, expert) pairs, the prefill
+# more. Measured crossovers, SmolLM2 at 2 threads, all 30 layers in turn: float32 16-30 pairs (16 tokens at
+# top-1, 10 at top-2 and top-3), bfloat16 42-48 (48 at top-1, 14 tokens at top-3). Without the kernels, up
+# to FEW_SLOTS pairs go token by token in PyTorch operations, more through the grouped products.
+DECODE_KERNEL_SLOTS = {torch.float32: 24, torch.bfloat16: 48}
 FEW_SLOTS = 4
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the weights the compiled decode step takes (float32 sums)
+KERNEL_DTYPES = tuple(DECODE_KERNEL_SLOTS)  # the dtypes the compiled kernels take
 _EAGER = "eager"  # MoEFFN._cpu_route: decode token by token in PyTorch operations
 
 
@@ -296,20 +295,18 @@ class MoEFFN(nn.Module):
         shared = self._modules.get("shared")
         if type(self._modules.get("experts")) is not RoutedExperts or not (shared is None or type(shared) is SharedExperts):
             return None
-        tokens, slots = x.shape[0], x.shape[0] * router.top_k
+        slots = x.shape[0] * router.top_k
         kernels_here = self._cpu_kernels(x)
         if kernels_here is None:
             return _EAGER if slots <= FEW_SLOTS else None
-        if x.dtype == torch.float32 and self._modules["experts"]._parameters["down_proj"].dtype == torch.float32:
-            return kernels_here.moe_decode if tokens <= DECODE_KERNEL_TOKENS else kernels_here.moe_prefill
-        return kernels_here.moe_decode if slots <= KERNEL_SLOTS else None
+        return kernels_here.moe_decode if slots <= DECODE_KERNEL_SLOTS[x.dtype] else kernels_here.moe_prefill
 
     def _cpu_kernels(self, x: torch.Tensor):
-        """The compiled CPU kernels, where they apply: float32 or bfloat16, and an activation they know."""
-        experts = self._modules.get("experts")
-        if x.dtype not in KERNEL_DTYPES or experts._parameters["down_proj"].dtype not in KERNEL_DTYPES:
+        """The compiled CPU kernels, where they apply: float32 or bfloat16 input and weights, an activation they
+        know."""
+        if x.dtype not in KERNEL_DTYPES or self._modules["experts"]._parameters["down_proj"].dtype != x.dtype:
             return None
-        return kernels.moe_cpu() if self._modules.get("router").act in ACTIVATION_CODES else None
+        return kernels.moe_cpu() if self._modules["router"].act in ACTIVATION_CODES else None
 
     def _run_kernel(self, function, x: torch.Tensor) -> torch.Tensor:
         modules = self._modules

@@ -486,7 +486,8 @@ struct Routing {
 
 Routing route_tokens(const at::Tensor& rows, const at::Tensor& router_weight, const RouterMath& router) {
   const int64_t tokens = rows.size(0), experts = router.experts, top_k = router.top_k;
-  const at::Tensor projected = at::mm(rows, router_weight.t());  // [T, E or 2E], contiguous
+  // [T, E or 2E] in float32, as the decode step computes it, whatever the weights' dtype
+  const at::Tensor projected = at::mm(rows.to(at::kFloat), router_weight.to(at::kFloat).t());
   const int64_t score_width = projected.size(1);
   const float* all_scores = projected.data_ptr<float>();
   std::vector<int64_t> chosen(tokens * top_k);
@@ -529,11 +530,9 @@ void hidden_rows(const at::Tensor& projected, int64_t width, int64_t act, bool g
   }
   if (gated) hidden.mul_(projected.narrow(1, width, width));
   if (gates == nullptr) return;
-  float* h = hidden.data_ptr<float>();
-  at::parallel_for(0, hidden.size(0), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)  // the gate scales the expert's output; down is linear
-      for (int64_t j = 0; j < width; ++j) h[i * width + j] *= gates[i];
-  });
+  // the gate scales the expert's output; down is linear
+  const at::Tensor column = at::from_blob(const_cast<float*>(gates), {hidden.size(0), 1}, at::kFloat);
+  hidden.mul_(column.to(hidden.scalar_type()));
 }
 
 // The shared part, all tokens at once: [T, H].
@@ -547,6 +546,7 @@ at::Tensor shared_part(const at::Tensor& rows, const at::Tensor& gate_up, const 
 // Adds each routed expert's output on its tokens to `out` [T, H], one expert after another: gather its
 // tokens, two products, add back. Buffers are sized for the busiest expert and reused, so that each
 // expert's intermediates stay in the cache between its steps.
+template <typename T>
 void add_routed_experts(const at::Tensor& rows, const Routing& routing, const at::Tensor& gate_up,
                         const c10::optional<at::Tensor>& up_bias, const at::Tensor& down, const RouterMath& router,
                         at::Tensor& out) {
@@ -556,13 +556,14 @@ void add_routed_experts(const at::Tensor& rows, const Routing& routing, const at
   const auto buffer = [&](int64_t columns) { return at::empty({most, columns}, rows.options()); };
   at::Tensor gathered = buffer(hidden), projected = buffer(gate_up.size(1)), hidden_buffer = buffer(width);
   at::Tensor expert_out = buffer(hidden);
-  const float* input = rows.data_ptr<float>();
-  float* result = out.data_ptr<float>();
+  const T* input = rows.data_ptr<T>();
+  at::Tensor sums = out.scalar_type() == at::kFloat ? out : out.to(at::kFloat);  // bfloat16: rounded once, at the end
+  float* result = sums.data_ptr<float>();
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t first = routing.start[e], n = routing.start[e + 1] - first;
     if (n == 0) continue;
     const int64_t* token = routing.token.data() + first;
-    float* to = gathered.data_ptr<float>();
+    T* to = gathered.data_ptr<T>();
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) std::copy_n(input + token[i] * hidden, hidden, to + i * hidden);
     });
@@ -571,15 +572,16 @@ void add_routed_experts(const at::Tensor& rows, const Routing& routing, const at
     const at::Tensor bias = up_bias.has_value() && up_bias->defined() ? (*up_bias)[e] : at::Tensor();
     hidden_rows(p, width, router.act, router.gated, bias, router.gates_are_one ? nullptr : routing.gate.data() + first, h);
     at::mm_out(y, h, down[e].t());
-    const float* from = y.data_ptr<float>();
+    const T* from = y.data_ptr<T>();
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // an expert has each token once: no races
       for (int64_t i = begin; i < end; ++i) {
         float* out_row = result + token[i] * hidden;
-        const float* y_row = from + i * hidden;
-        for (int64_t j = 0; j < hidden; ++j) out_row[j] += y_row[j];
+        const T* y_row = from + i * hidden;
+        for (int64_t j = 0; j < hidden; ++j) out_row[j] += static_cast<float>(y_row[j]);
       }
     });
   }
+  if (!sums.is_same(out)) out.copy_(sums);
 }
 
 RouterMath router_math(const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
@@ -602,15 +604,17 @@ at::Tensor moe_prefill(const at::Tensor& x, const c10::optional<at::Tensor>& sha
                        const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
                        const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  TORCH_CHECK(x.scalar_type() == at::kFloat && down.scalar_type() == at::kFloat && down.is_contiguous(),
-              "cmoe prefill kernel: expected float32 input and contiguous float32 weights");
+  const bool bfloat16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bfloat16 || x.scalar_type() == at::kFloat) && down.scalar_type() == x.scalar_type(),
+              "cmoe prefill kernel: expected float32 or bfloat16 input and weights of the same dtype");
   const RouterMath router = router_math(router_weight, router_bias, selection_bias, gate_scale, gates_are_one, top_k,
                                         act, gated);
   const at::Tensor rows = x.contiguous();
   at::Tensor out = present(shared_gate_up)
       ? shared_part(rows, *shared_gate_up, *shared_down, present(shared_bias) ? *shared_bias : at::Tensor(), act, gated)
       : at::zeros_like(rows);
-  add_routed_experts(rows, route_tokens(rows, router_weight, router), gate_up, up_bias, down, router, out);
+  const auto add = bfloat16 ? &add_routed_experts<c10::BFloat16> : &add_routed_experts<float>;
+  add(rows, route_tokens(rows, router_weight, router), gate_up, up_bias, down, router, out);
   if (present(down_bias)) out.add_(*down_bias);
   return out;
 }
