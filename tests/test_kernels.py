@@ -43,7 +43,7 @@ CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh"), dict(act="gelu", gated
 
 @pytest.fixture(params=[True, False], ids=["avx512-where-present", "portable"])
 def products(kernel, request):
-    """Both ways of the kernel's products: AVX-512 (where the processor has it) and portable."""
+    """Both ways of the kernels' arithmetic: AVX-512 (where the processor has it) and portable."""
     kernel.use_avx512(request.param)
     yield request.param
     kernel.use_avx512(True)
@@ -160,7 +160,8 @@ PREFILL_CASES = CASES + [dict(act="silu", top_k=3, routed=4)]
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_prefill_kernel_matches_the_pytorch_path(kernel, case, monkeypatch):
+def test_prefill_kernel_matches_the_pytorch_path(kernel, products, case, monkeypatch):
+    # products: SiLU * up in one AVX-512 pass where the processor has it, or ATen's operations
     moe = random_moe(**case)
     for tokens in (DECODE_KERNEL_SLOTS[torch.float32] // moe.router.top_k + 1, 300):
         x = torch.randn(tokens, moe.hidden_size)
@@ -168,6 +169,18 @@ def test_prefill_kernel_matches_the_pytorch_path(kernel, case, monkeypatch):
             assert moe._cpu_route(x) is kernel.moe_prefill
             fast, reference = moe(x), with_the_pytorch_path(moe, x, monkeypatch)
         assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-5), (fast - reference).abs().max()
+
+
+def test_prefill_kernel_silu_holds_at_extreme_inputs(kernel, products, monkeypatch):
+    # projections in the thousands, where e^-x overflows or vanishes in float32, and infinities
+    moe = random_moe(top_k=1, std=2.0)
+    x = torch.randn(64, 32) * 300
+    x[0, :4] = float("inf")
+    with torch.no_grad():
+        fast, reference = moe(x), with_the_pytorch_path(moe, x, monkeypatch)
+    assert torch.equal(fast.isnan(), reference.isnan())
+    finite = ~reference.isnan()
+    assert torch.allclose(fast[finite], reference[finite], rtol=1e-5, atol=1e-2), (fast - reference)[finite].abs().max()
 
 
 def routed_in_float32(moe, x):

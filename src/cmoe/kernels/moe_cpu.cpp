@@ -477,6 +477,61 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
 
 // ---- prefill: many tokens, float32 ----------------------------------------------------------------------
 
+// SiLU(gate) * up (times the row's gate) in one pass over float32 rows, with AVX-512: ATen's silu and mul
+// take two, and a third for the gates (SmolLM2 S3A3E8 at 2,048 tokens: about 1 ms of a 23 ms FFN).
+// e^x as 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by a degree-7 polynomial (the Taylor
+// series' coefficients, within 2 ulp of float32's exp on that range): silu(x) = x / (1 + e^-x), as ATen
+// writes it. Inputs are clamped to where e^x is finite and nonzero in float32; NaN stays NaN through x.
+#ifdef CMOE_AVX512
+CMOE_AVX512_TARGET inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-103.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln 2, with ln 2 in two parts so that n * (high part) is exact
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  static constexpr float kTaylor[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  __m512 p = _mm512_set1_ps(kTaylor[0]);
+  for (int k = 1; k < 8; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kTaylor[k]));
+  return _mm512_scalef_ps(p, n);
+}
+
+CMOE_AVX512_TARGET void silu_times_up_avx512(const float* projected, int64_t ld, int64_t width, const float* gates,
+                                             float* hidden, int64_t begin, int64_t end) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = begin; i < end; ++i) {
+    const float* gate = projected + i * ld;
+    const float* up = gate + width;
+    float* out = hidden + i * width;
+    const __m512 scale = _mm512_set1_ps(gates == nullptr ? 1.0f : gates[i]);
+    for (int64_t j = 0; j < width; j += 16) {
+      const __mmask16 mask = width - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (width - j)) - 1);
+      const __m512 g = _mm512_maskz_loadu_ps(mask, gate + j), u = _mm512_maskz_loadu_ps(mask, up + j);
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      __m512 h = _mm512_mul_ps(silu, u);
+      if (gates != nullptr) h = _mm512_mul_ps(h, scale);
+      _mm512_mask_storeu_ps(out + j, mask, h);
+    }
+  }
+}
+#endif
+
+// Whether silu_times_up applies: float32, gated SiLU, a processor with AVX-512 (and not switched off).
+bool fused_silu(const at::Tensor& projected, int64_t act, bool gated) {
+  return act == SILU && gated && projected.scalar_type() == at::kFloat && projected.stride(1) == 1 && has_avx512<float>();
+}
+
+void silu_times_up(const at::Tensor& projected, int64_t width, const float* gates, at::Tensor& hidden) {
+#ifdef CMOE_AVX512
+  const float* from = projected.data_ptr<float>();
+  float* to = hidden.data_ptr<float>();
+  const int64_t ld = projected.stride(0);
+  at::parallel_for(0, hidden.size(0), 16, [&](int64_t begin, int64_t end) {
+    silu_times_up_avx512(from, ld, width, gates, to, begin, end);
+  });
+#endif
+}
+
 // Each token's top-k experts, grouped by expert: expert e's (token, gate) slots are start[e] .. start[e + 1],
 // its tokens in ascending order.
 struct Routing {
@@ -516,10 +571,11 @@ Routing route_tokens(const at::Tensor& rows, const at::Tensor& router_weight, co
 }
 
 // hidden [n, W] = act(gate) * up from projected [n, 2W] (gated), or act(up + bias) from [n, W] (plain),
-// through ATen's vectorised activations (the same as the PyTorch path's); then each row times its gate,
-// unless `gates` is null (all 1).
+// then each row times its gate, unless `gates` is null (all 1). In one pass where silu_times_up applies,
+// through ATen's vectorised activations (the same as the PyTorch path's) otherwise.
 void hidden_rows(const at::Tensor& projected, int64_t width, int64_t act, bool gated, const at::Tensor& bias,
                  const float* gates, at::Tensor& hidden) {
+  if (fused_silu(projected, act, gated)) return silu_times_up(projected, width, gates, hidden);
   at::Tensor pre = gated ? projected.narrow(1, 0, width) : projected;
   if (!gated && bias.defined()) pre = pre + bias;
   switch (act) {
