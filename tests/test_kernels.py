@@ -193,14 +193,14 @@ def routed_in_float32(moe, x):
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_bfloat16_prefill_kernel_matches_the_pytorch_path_routed_in_float32(kernel, case):
+def test_bfloat16_prefill_kernel_matches_the_pytorch_path_routed_in_float32(kernel, products, case):
     moe = random_moe(**case).to(torch.bfloat16)
     x = torch.randn(300, moe.hidden_size).to(torch.bfloat16)
     with torch.no_grad():
         assert moe._cpu_route(x) is kernel.moe_prefill
         fast, reference = moe(x), routed_in_float32(moe, x)
     assert fast.dtype == torch.bfloat16
-    # the same operations in the same order, but for the router (float32 in both) and its softmax
+    # the same roundings in the same order; the softmax and the SiLU (exp) may differ in the last bit
     assert torch.allclose(fast.float(), reference.float(), atol=1e-3, rtol=2 ** -8), (fast.float() - reference.float()).abs().max()
 
 
