@@ -184,9 +184,10 @@ class RoutedExperts(nn.Module):
         return out.add_(back) if in_place else out + back
 
     def _can_group(self, x: torch.Tensor) -> bool:
-        # grouped_mm needs row strides that are multiples of 16 bytes, and on CUDA (torch 2.11) bfloat16
+        # grouped_mm needs row strides that are multiples of 16 bytes, and bfloat16 on CUDA (torch 2.11) and
+        # wherever torch.compile traces it (its shape function takes nothing else, torch 2.13)
         size = x.element_size()
-        dtype_ok = x.device.type == "cpu" or x.dtype == torch.bfloat16
+        dtype_ok = x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
         return _HAS_GROUPED_MM and dtype_ok and all((n * size) % 16 == 0 for n in (self.width, x.shape[-1]))
 
     def _grouped(self, routed_x, counts, expert_of_slot, slot_gates):
