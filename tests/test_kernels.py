@@ -229,3 +229,13 @@ def test_decode_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, three)
+
+
+def test_float32_input_to_a_bfloat16_model_decodes_through_the_kernel(kernel):
+    moe = random_moe(top_k=2).to(torch.bfloat16)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert moe._cpu_route(x) is kernel.moe_decode
+        out, from_bfloat16 = moe(x), moe(x.to(torch.bfloat16)).float()
+    assert out.dtype == torch.float32  # the input's dtype; the products still take bfloat16 inputs
+    assert torch.allclose(out, from_bfloat16, rtol=2 ** -7, atol=1e-2), (out - from_bfloat16).abs().max()

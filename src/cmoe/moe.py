@@ -300,12 +300,15 @@ class MoEFFN(nn.Module):
         kernels_here = self._cpu_kernels(x)
         if kernels_here is None:
             return _EAGER if slots <= FEW_SLOTS else None
-        return kernels_here.moe_decode if slots <= DECODE_KERNEL_SLOTS[x.dtype] else kernels_here.moe_prefill
+        weights = self._modules["experts"]._parameters["down_proj"].dtype
+        if slots <= DECODE_KERNEL_SLOTS[weights]:
+            return kernels_here.moe_decode  # takes its input in any float dtype
+        return kernels_here.moe_prefill if x.dtype == weights else None
 
     def _cpu_kernels(self, x: torch.Tensor):
         """The compiled CPU kernels, where they apply: float32 or bfloat16 input and weights, an activation they
         know."""
-        if x.dtype not in KERNEL_DTYPES or self._modules["experts"]._parameters["down_proj"].dtype != x.dtype:
+        if x.dtype not in KERNEL_DTYPES or self._modules["experts"]._parameters["down_proj"].dtype not in KERNEL_DTYPES:
             return None
         return kernels.moe_cpu() if self._modules["router"].act in ACTIVATION_CODES else None
 
