@@ -110,7 +110,7 @@ def test_kernel_output_depends_on_the_chosen_experts(kernel):
 
 def test_kernel_is_not_used_where_it_does_not_apply(kernel, monkeypatch):
     moe = random_moe()
-    assert moe._cpu_kernels(torch.randn(1, 32, dtype=torch.float16)) is None
+    assert moe._cpu_kernels(torch.float16, moe.experts.down_proj.dtype, moe.router.act) is None
     with torch.enable_grad():  # training takes the PyTorch path, which autograd sees through
         assert moe._cpu_route(torch.randn(1, 32)) is None
     monkeypatch.setenv("CMOE_CPU_KERNEL", "0")

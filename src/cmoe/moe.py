@@ -297,20 +297,21 @@ class MoEFFN(nn.Module):
         if type(self._modules.get("experts")) is not RoutedExperts or not (shared is None or type(shared) is SharedExperts):
             return None
         slots = x.shape[0] * router.top_k
-        kernels_here = self._cpu_kernels(x)
+        weights = self._modules["experts"]._parameters["down_proj"].dtype
+        kernels_here = self._cpu_kernels(x.dtype, weights, router.act)
         if kernels_here is None:
             return _EAGER if slots <= FEW_SLOTS else None
-        weights = self._modules["experts"]._parameters["down_proj"].dtype
         if slots <= DECODE_KERNEL_SLOTS[weights]:
-            return kernels_here.moe_decode  # takes its input in any float dtype
+            return kernels_here.moe_decode  # takes float32 input to bfloat16 weights too
         return kernels_here.moe_prefill if x.dtype == weights else None
 
-    def _cpu_kernels(self, x: torch.Tensor):
+    @staticmethod
+    def _cpu_kernels(input_dtype: torch.dtype, weight_dtype: torch.dtype, act: str):
         """The compiled CPU kernels, where they apply: float32 or bfloat16 input and weights, an activation they
         know."""
-        if x.dtype not in KERNEL_DTYPES or self._modules["experts"]._parameters["down_proj"].dtype not in KERNEL_DTYPES:
+        if input_dtype not in KERNEL_DTYPES or weight_dtype not in KERNEL_DTYPES or act not in ACTIVATION_CODES:
             return None
-        return kernels.moe_cpu() if self._modules["router"].act in ACTIVATION_CODES else None
+        return kernels.moe_cpu()
 
     def _run_kernel(self, function, x: torch.Tensor) -> torch.Tensor:
         modules = self._modules

@@ -32,7 +32,6 @@
 #include <cstring>
 #include <numeric>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 namespace {
@@ -322,9 +321,9 @@ Vector vector_of(const at::Tensor& t) {
   return v;
 }
 
-Vector vector_or_empty(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? vector_of(*t) : Vector{};
-}
+bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+Vector vector_or_empty(const c10::optional<at::Tensor>& t) { return present(t) ? vector_of(*t) : Vector{}; }
 
 // In place on the projection [2W] (gated: act(gate) * up into the first W) or [W] (plain: act(up + bias),
 // the bias read from bias[offset:]).
@@ -373,6 +372,30 @@ struct RouterMath {
   }
 };
 
+// Each token's top-k experts, grouped by expert: expert e's (token, gate) slots are start[e] .. start[e + 1],
+// its tokens in ascending order.
+struct Routing {
+  std::vector<int64_t> start, token;
+  std::vector<float> gate;
+};
+
+// Groups the (token, expert) slots by expert: chosen[t * k + j] is token t's j-th expert, gate[...] its gate.
+// A counting sort, stable, so each expert's tokens stay in ascending order.
+Routing group_by_expert(const std::vector<int64_t>& chosen, const std::vector<float>& gate, int64_t top_k,
+                        int64_t experts) {
+  const int64_t slots = static_cast<int64_t>(chosen.size());
+  Routing routing{std::vector<int64_t>(experts + 1, 0), std::vector<int64_t>(slots), std::vector<float>(slots)};
+  for (int64_t e : chosen) ++routing.start[e + 1];
+  for (int64_t e = 0; e < experts; ++e) routing.start[e + 1] += routing.start[e];
+  std::vector<int64_t> next(routing.start.begin(), routing.start.end() - 1);
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const int64_t place = next[chosen[slot]]++;
+    routing.token[place] = slot / top_k;
+    routing.gate[place] = gate[slot];
+  }
+  return routing;
+}
+
 // The step for weights of type W (float, or uint16_t holding bfloat16 bits), on float32 rows x [T, H]:
 // route every token, then two parallel regions, one for all gate/up rows (the shared part's and the chosen
 // experts') and one for all down rows.
@@ -390,31 +413,28 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
   const W* experts_out = matrix_data<W>(down);
   const int64_t projected_width = gate_up.size(1);
 
-  // router, token by token: each token's experts and their gates, listed by expert
-  std::vector<float> scores(router_weight.size(0)), prob(experts), key(experts), gates(top_k);
-  std::vector<int64_t> order(experts), chosen(top_k);
-  std::vector<std::vector<std::pair<int64_t, float>>> routed(experts);  // expert -> (token, gate)
+  // router, token by token: each token's experts and their gates
+  std::vector<float> scores(router_weight.size(0)), prob(experts), key(experts), chosen_gate(tokens * top_k);
+  std::vector<int64_t> order(experts), chosen(tokens * top_k);
   for (int64_t t = 0; t < tokens; ++t) {
     const float* row = input + t * hidden;
     for (int64_t r = 0; r < router_weight.size(0); ++r) scores[r] = dot(router_w + r * hidden, row, hidden);
-    router.route(scores.data(), chosen.data(), gates.data(), prob.data(), key.data(), order.data());
-    for (int64_t k = 0; k < top_k; ++k) routed[chosen[k]].emplace_back(t, gates[k]);
+    router.route(scores.data(), chosen.data() + t * top_k, chosen_gate.data() + t * top_k, prob.data(), key.data(),
+                 order.data());
   }
 
-  // each chosen expert's tokens, gathered: pairs of the chosen experts in expert order, `start[e]` the first
-  // of expert e's, so that each expert's weights are read once per step
-  std::vector<int64_t> start(experts + 1, 0);
-  for (int64_t e = 0; e < experts; ++e) start[e + 1] = start[e] + static_cast<int64_t>(routed[e].size());
+  // each chosen expert's tokens, gathered in expert order, so that each expert's weights are read once per step
+  const Routing routing = group_by_expert(chosen, chosen_gate, top_k, experts);
+  const std::vector<int64_t>& start = routing.start;
   const int64_t pairs = start[experts];
   // the products' inputs in the weights' dtype (bfloat16: rounded, as a bfloat16 model holds them)
   const std::vector<W> input_w = narrowed<W>(input, tokens * hidden);
   std::vector<W> xs(pairs * hidden);
-  for (int64_t e = 0; e < experts; ++e)
-    for (size_t i = 0; i < routed[e].size(); ++i)
-      std::copy_n(input_w.data() + routed[e][i].first * hidden, hidden, xs.data() + (start[e] + i) * hidden);
+  for (int64_t i = 0; i < pairs; ++i)
+    std::copy_n(input_w.data() + routing.token[i] * hidden, hidden, xs.data() + i * hidden);
   std::vector<float> hs(pairs * projected_width), ys(pairs * hidden);
 
-  const bool has_shared = shared_gate_up.has_value() && shared_gate_up->defined();
+  const bool has_shared = present(shared_gate_up);
   const int64_t shared_rows = has_shared ? shared_gate_up->size(0) : 0;
   const int64_t shared_width = has_shared ? shared_down->size(1) : 0;
   std::vector<float> shared_h(tokens * shared_rows);
@@ -448,7 +468,7 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
     for (int64_t i = start[e]; i < start[e + 1]; ++i) {
       float* h = hs.data() + i * projected_width;
       hidden_inplace(h, width, gated, act, up_bias, e * width);
-      const float gate = routed[e][i - start[e]].second;  // the gate scales the expert's output; down is linear
+      const float gate = routing.gate[i];  // the gate scales the expert's output; down is linear
       if (!router.gates_are_one)
         for (int64_t j = 0; j < width; ++j) h[j] *= gate;
       narrow(h, width, hidden_in.data() + i * width);
@@ -470,7 +490,7 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
   // experts in order, as the PyTorch path adds them
   for (int64_t e = 0; e < experts; ++e)
     for (int64_t i = start[e]; i < start[e + 1]; ++i) {
-      float* out_row = result + routed[e][i - start[e]].first * hidden;
+      float* out_row = result + routing.token[i] * hidden;
       const float* y = ys.data() + i * hidden;
       for (int64_t j = 0; j < hidden; ++j) out_row[j] += y[j];
     }
@@ -569,13 +589,6 @@ void silu_times_up(const at::Tensor& projected, int64_t width, const float* gate
   else silu_times_up_rows<uint16_t>(projected, width, gates, hidden);
 }
 
-// Each token's top-k experts, grouped by expert: expert e's (token, gate) slots are start[e] .. start[e + 1],
-// its tokens in ascending order.
-struct Routing {
-  std::vector<int64_t> start, token;
-  std::vector<float> gate;
-};
-
 Routing route_tokens(const at::Tensor& rows, const at::Tensor& router_weight, const RouterMath& router) {
   const int64_t tokens = rows.size(0), experts = router.experts, top_k = router.top_k;
   // [T, E or 2E] in float32, as the decode step computes it, whatever the weights' dtype
@@ -593,18 +606,7 @@ Routing route_tokens(const at::Tensor& rows, const at::Tensor& router_weight, co
                    order.data());
     }
   });
-  // a counting sort of the slots by expert, stable, so each expert's tokens stay in ascending order
-  Routing routing{std::vector<int64_t>(experts + 1, 0), std::vector<int64_t>(tokens * top_k),
-                  std::vector<float>(tokens * top_k)};
-  for (int64_t e : chosen) ++routing.start[e + 1];
-  for (int64_t e = 0; e < experts; ++e) routing.start[e + 1] += routing.start[e];
-  std::vector<int64_t> next(routing.start.begin(), routing.start.end() - 1);
-  for (int64_t slot = 0; slot < tokens * top_k; ++slot) {
-    const int64_t place = next[chosen[slot]]++;
-    routing.token[place] = slot / top_k;
-    routing.gate[place] = chosen_gate[slot];
-  }
-  return routing;
+  return group_by_expert(chosen, chosen_gate, top_k, experts);
 }
 
 // hidden [n, W] = act(gate) * up from projected [n, 2W] (gated), or act(up + bias) from [n, W] (plain),
@@ -662,7 +664,7 @@ void add_routed_experts(const at::Tensor& rows, const Routing& routing, const at
     });
     at::Tensor p = projected.narrow(0, 0, n), h = hidden_buffer.narrow(0, 0, n), y = expert_out.narrow(0, 0, n);
     at::mm_out(p, gathered.narrow(0, 0, n), gate_up[e].t());
-    const at::Tensor bias = up_bias.has_value() && up_bias->defined() ? (*up_bias)[e] : at::Tensor();
+    const at::Tensor bias = present(up_bias) ? (*up_bias)[e] : at::Tensor();
     hidden_rows(p, width, router.act, router.gated, bias, router.gates_are_one ? nullptr : routing.gate.data() + first, h);
     at::mm_out(y, h, down[e].t());
     const T* from = y.data_ptr<T>();
@@ -684,8 +686,6 @@ RouterMath router_math(const at::Tensor& router_weight, const c10::optional<at::
   return RouterMath{experts, top_k, act, gated, vector_or_empty(router_bias), vector_of(selection_bias),
                     vector_of(gate_scale), gates_are_one};
 }
-
-bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace
 
