@@ -1,4 +1,5 @@
-"""Check the CUDA paths on a GPU machine: carving on cuda, the grouped-GEMM forward in fp32 and bf16.
+"""Check the CUDA paths on a GPU machine: carving on cuda, the grouped-GEMM forward in fp32 and bf16, the
+Triton kernels' forward in bf16 (eager and under a CUDA graph).
 
     PYTHONPATH=src python bench/cuda_check.py      (needs a CUDA GPU; prints one JSON line per check)
 """
@@ -10,7 +11,10 @@ import torch
 import transformers as T
 
 import cmoe
+import cmoe.moe
+from cmoe.kernels import triton_kernels
 from cmoe.moe import MoEFFN
+from cmoe.speed import cuda_graph
 
 
 def main():
@@ -55,6 +59,44 @@ def main():
         except Exception as error:  # noqa: BLE001
             graph_ok = f"{type(error).__name__}: {str(error)[:200]}"
         print(json.dumps(dict(check=f"torch.compile(fullgraph=True) ({dtype})", ok=graph_ok)))
+
+    if triton_kernels() is None:
+        print(json.dumps(dict(check="Triton kernels", ok="triton is not installed")))
+        return
+    for case in (dict(top_k=2, act="silu", gated=True, bias=False), dict(top_k=1, act="silu", gated=True, bias=False),
+                 dict(top_k=3, act="gelu", gated=False, bias=True)):
+        layer = random_layer(**case)
+        for tokens in (1, 5, 4096):
+            x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+            captured = {}
+            with torch.no_grad():
+                grouped = layer(x).float()
+                cmoe.moe.TRITON_ON_GPU = True
+                try:
+                    fast = layer(x).float()
+                    # the output of the captured call lives in the graph's memory; each replay rewrites it
+                    replay = cuda_graph(lambda: captured.__setitem__("out", layer(x)))
+                finally:
+                    cmoe.moe.TRITON_ON_GPU = False
+                replay()
+            print(json.dumps(dict(check=f"Triton forward vs grouped forward (bf16, {tokens} tokens, {case})",
+                                  relative_error=relative(fast, grouped), max_abs_diff=(fast - grouped).abs().max().item(),
+                                  scale=grouped.abs().max().item(),
+                                  graph_replay_equals_eager=torch.equal(captured["out"].float(), fast))))
+
+
+def random_layer(top_k, act, gated, bias):
+    torch.manual_seed(0)
+    layer = MoEFFN(hidden_size=512, expert_width=128, shared=1, routed=7, top_k=top_k, act=act, gated=gated, bias=bias)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(std=0.05)
+        layer.router.gate_scale.normal_()  # gates other than 1
+    return layer.to("cuda", torch.bfloat16)
+
+
+def relative(got, expected):
+    return ((got - expected).norm() / expected.norm()).item()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ import torch.nn.functional as F
 
 import cmoe
 import cmoe.moe
+from cmoe.kernels import triton_kernels
 from cmoe.moe import _hidden, group_slots
 from cmoe.speed import cuda_graph as graphed, random_ffn_pair
+
+moe_triton = triton_kernels()  # None where Triton is not installed
 
 
 def median_ms(fn, repeats: int = 30, warmup: int = 5) -> float:
@@ -69,15 +72,34 @@ def previous_forward(moe, x):
     return out + (back[:, 0] if top_k == 1 else back.sum(dim=1))
 
 
-def counting_sort(fn):
-    """`fn` run with cmoe.moe.COUNTING_SORT_ON_GPU on (also while a CUDA graph captures it)."""
+def with_settings(fn, **settings):
+    """`fn` run with cmoe.moe's module settings (COUNTING_SORT_ON_GPU, TRITON_ON_GPU) set as given, and with
+    `blocks` as the Triton kernels' tile shapes (also while a CUDA graph captures it)."""
+    blocks = settings.pop("blocks", None)
+
     def run():
-        cmoe.moe.COUNTING_SORT_ON_GPU = True
+        saved = {name: getattr(cmoe.moe, name) for name in settings}
+        saved_blocks = moe_triton.BLOCKS if moe_triton else None
         try:
+            for name, value in settings.items():
+                setattr(cmoe.moe, name, value)
+            if blocks:
+                moe_triton.BLOCKS = blocks
             return fn()
         finally:
-            cmoe.moe.COUNTING_SORT_ON_GPU = False
+            for name, value in saved.items():
+                setattr(cmoe.moe, name, value)
+            if moe_triton:
+                moe_triton.BLOCKS = saved_blocks
     return run
+
+
+# Triton tile shapes to try beside moe_triton.BLOCKS: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+TRITON_BLOCKS = {
+    "64x128x64 w4 s4": {"gate_up": (64, 128, 64, 4, 4), "down": (64, 128, 64, 4, 4)},
+    "128x64x64 w4 s4": {"gate_up": (128, 64, 64, 4, 4), "down": (128, 128, 64, 4, 4)},
+    "128x128x64 w8 s4, down 128x256": {"gate_up": (128, 128, 64, 8, 4), "down": (128, 256, 64, 8, 3)},
+}
 
 
 def pieces(moe, x):
@@ -134,11 +156,18 @@ def main():
             print(name, "\n", table, flush=True)
         variants = {"dense FFN": lambda: dense(x), "carved, previous": lambda: previous_forward(moe, x),
                     "carved, current": lambda: moe(x)}
-        variants["carved, counting sort"] = counting_sort(lambda: moe(x))
+        variants["carved, counting sort"] = with_settings(lambda: moe(x), COUNTING_SORT_ON_GPU=True)
+        if moe_triton is not None and device == "cuda":
+            variants["carved, Triton"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True)
+            variants["carved, Triton, counting sort"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True,
+                                                                      COUNTING_SORT_ON_GPU=True)
+            for label, blocks in TRITON_BLOCKS.items():
+                variants[f"carved, Triton {label}"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True, blocks=blocks)
         if not args.no_compile:
             compiled = torch.compile(moe, fullgraph=True)
             variants["carved, torch.compile"] = lambda: compiled(x)
-            variants["carved, counting sort, torch.compile"] = counting_sort(lambda: compiled(x))
+            variants["carved, counting sort, torch.compile"] = with_settings(lambda: compiled(x),
+                                                                              COUNTING_SORT_ON_GPU=True)
         if device == "cuda":
             for label in list(variants):
                 variants[label + ", CUDA graph"] = graphed(variants[label])
@@ -156,6 +185,8 @@ def main():
         # decode at batch 1: launch-bound, so also through CUDA graphs
         x1 = torch.randn(1, args.hidden, dtype=dtype, device=device)
         decode = {"decode b1 dense": lambda: dense(x1), "decode b1 carved": lambda: moe(x1)}
+        if moe_triton is not None and device == "cuda":
+            decode["decode b1 carved, Triton"] = with_settings(lambda: moe(x1), TRITON_ON_GPU=True)
         if device == "cuda":
             for label in list(decode):
                 decode[label + ", CUDA graph"] = graphed(decode[label])

@@ -60,6 +60,11 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
 # Group slots on a GPU by the counting sort of `group_slots` rather than a full sort. Off until timed on a
 # GPU: bench/cuda_variants.py times both.
 COUNTING_SORT_ON_GPU = False
+# Run the routed experts on a GPU through the Triton kernels (kernels/moe_triton.py: gather, both products,
+# activation and un-permute in two launches) rather than the grouped GEMMs. Off until timed on a GPU:
+# bench/cuda_variants.py times both.
+TRITON_ON_GPU = False
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def group_slots(flat: torch.Tensor, num_experts: int, counting: bool | None = None):
@@ -159,14 +164,18 @@ class RoutedExperts(nn.Module):
         self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-        """Add each token's chosen experts, times their gates, to `out` [T, H] and return it.
+        """`out` [T, H] plus each token's chosen experts times their gates.
 
-        x [T, H]; chosen [T, k]; gates [T, k], or None when every gate is 1. Without autograd `out` is
-        updated in place.
+        x [T, H]; chosen [T, k]; gates [T, k], or None when every gate is 1. Without autograd `out` may be
+        updated in place: use the returned tensor.
         """
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
         order, counts = group_slots(flat, self.num_experts)  # token slots grouped by expert
+        triton_kernels = self._triton_kernels(x)
+        if triton_kernels is not None:
+            return triton_kernels.routed_experts(x, order, counts, top_k, gates, self.gate_up_proj, self.up_bias,
+                                                 self.down_proj, ACTIVATION_CODES[self.act], self.gated, out)
         token_of_slot = order // top_k
         routed_x = x.index_select(0, token_of_slot)  # on CPU 2.6x faster than x[token_of_slot] (2048 x 576, SmolLM2)
         # the gate scales an expert's output; down is linear, so scale its hidden rows (W wide, not H)
@@ -182,6 +191,14 @@ class RoutedExperts(nn.Module):
         back = torch.empty_like(expert_out).index_copy_(0, order, expert_out).view(tokens, top_k, -1)
         back = back[:, 0] if top_k == 1 else back.sum(dim=1)
         return out.add_(back) if in_place else out + back
+
+    def _triton_kernels(self, x: torch.Tensor):
+        """The Triton kernels' module where they apply to x (a GPU, TRITON_ON_GPU, half precision, inference
+        outside torch.compile), else None."""
+        if not (TRITON_ON_GPU and x.is_cuda and x.dtype in TRITON_DTYPES and self.act in ACTIVATION_CODES
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            return None
+        return kernels.triton_kernels()
 
     def _can_group(self, x: torch.Tensor) -> bool:
         # grouped_mm needs row strides that are multiples of 16 bytes, and bfloat16 on CUDA (torch 2.11) and

@@ -1,5 +1,8 @@
 """Compiled kernels, optional: built on first use with the machine's C++ compiler, plain PyTorch otherwise.
 
+`triton_kernels()` gives the Triton kernels for the routed experts on a GPU (moe_triton.py), where Triton is
+installed; they are off by default (`cmoe.moe.TRITON_ON_GPU`) until timed on a GPU.
+
 `moe_cpu()` gives `MoEFFN`'s CPU forward (moe_cpu.cpp: `moe_decode` for a few tokens, `moe_prefill` for
 many) once it is built; the build takes about a minute, once per machine (torch keeps it under
 ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR). Set CMOE_CPU_KERNEL=0 to use the PyTorch path instead.
@@ -35,6 +38,17 @@ def moe_cpu():
     if "moe_cpu" not in _state:
         _state["moe_cpu"] = _build()
     return _state["moe_cpu"]
+
+
+def triton_kernels():
+    """The Triton kernels' module (`routed_experts`), or None where Triton is not installed."""
+    if "moe_triton" not in _state:
+        try:
+            from . import moe_triton as module
+        except ImportError:
+            module = None
+        _state["moe_triton"] = module
+    return _state["moe_triton"]
 
 
 def _build():

@@ -1,0 +1,208 @@
+"""Triton kernels for the routed experts on a GPU: two launches for what the grouped path does in five.
+
+The grouped path (cmoe.moe.RoutedExperts) gathers the tokens into expert order, runs the gate/up product,
+the activation and the down product as grouped GEMMs, and puts the rows back in token order; each step
+writes its [slots, ...] result to memory and the next reads it back. Here:
+
+- `_gate_up_kernel`: a program takes a tile of BLOCK_M slots of one expert and BLOCK_N of its neurons. It
+  loads those slots' token rows straight from x (the gather), runs the gate and up products side by side,
+  and writes act(gate) * up, times the slot's gate where gates are given. The [slots, 2W] projection never
+  reaches memory.
+- `_down_kernel`: the expert's down product for the same tiles, each row written to its slot's place in
+  token order (slot = token * k + j). With one expert per token that place is the token's row, and the
+  shared part's output is added on the way; with k experts the k rows of a token are summed afterwards.
+
+Tiles: the slots are grouped by expert (`cmoe.moe.group_slots`); expert e's slots, rows slot_start[e] ...
+of that order, are cut into ceil(count_e / BLOCK_M) tiles. The grid has room for the most tiles any
+routing can give (ceil(S / BLOCK_M) + E - 1), so launching needs no host sync (CUDA graphs work), and a
+program past the last tile returns at once.
+
+Used for bfloat16 and float16 on CUDA (tl.dot would take float32 as TF32 there). The tests run these
+kernels in Triton's interpreter on the CPU, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for each kernel; FEW_SLOTS_BLOCKS below this many
+# slots (decode), where a 128-row tile would be mostly masked off. Chosen, not yet tuned on a GPU.
+BLOCKS = {"gate_up": (128, 128, 64, 8, 3), "down": (128, 128, 64, 8, 3)}
+FEW_SLOTS = 256
+FEW_SLOTS_BLOCKS = {"gate_up": (16, 64, 128, 4, 3), "down": (16, 64, 128, 4, 3)}
+
+# activation codes as in cmoe.kernels.ACTIVATION_CODES
+SILU, GELU, GELU_TANH, RELU = 0, 1, 2, 3
+
+
+@triton.jit
+def _activation(v, ACT: tl.constexpr):
+    if ACT == 0:
+        return v * tl.sigmoid(v)
+    elif ACT == 1:
+        return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        return v * tl.sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(t)) == sigmoid(2t)
+    else:
+        return tl.maximum(v, 0.0)
+
+
+@triton.jit
+def _tile_rows(counts_ptr, slot_starts_ptr, tile_ends_ptr, tile, num_experts, BLOCK_M: tl.constexpr,
+               E_POW2: tl.constexpr):
+    """Which expert tile `tile` belongs to (num_experts when it is past the last), and its rows of the
+    grouped order with their mask."""
+    experts = tl.arange(0, E_POW2)
+    ends = tl.load(tile_ends_ptr + experts, mask=experts < num_experts, other=2147483647)
+    expert = tl.sum((ends <= tile).to(tl.int32), axis=0)  # experts whose tiles all come before this one
+    safe = tl.minimum(expert, num_experts - 1)
+    count = tl.load(counts_ptr + safe)
+    first_tile = tl.load(tile_ends_ptr + safe) - tl.cdiv(count, BLOCK_M)
+    start = tl.load(slot_starts_ptr + safe)
+    rows = start + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return expert, rows, rows < start + count
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, gates_ptr, hidden_ptr, order_ptr, counts_ptr, slot_starts_ptr,
+                    tile_ends_ptr, num_experts, hidden_size, width, stride_x, stride_we, stride_wn, stride_hidden,
+                    TOP_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATES: tl.constexpr,
+                    ACT: tl.constexpr, EVEN_K: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    column_tiles = tl.cdiv(width, BLOCK_N)
+    # neighbouring programs take the same rows' other columns: the gathered rows are read from L2
+    tile, column_tile = tl.program_id(0) // column_tiles, tl.program_id(0) % column_tiles
+    expert, rows, row_ok = _tile_rows(counts_ptr, slot_starts_ptr, tile_ends_ptr, tile, num_experts, BLOCK_M,
+                                      E_POW2)
+    if expert >= num_experts:
+        return
+    slots = tl.load(order_ptr + rows, mask=row_ok, other=0)
+    tokens = (slots // TOP_K).to(tl.int64)
+    columns = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    column_ok = columns < width
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tokens[:, None] * stride_x + ks[None, :]
+    # the weight tile transposed, [BLOCK_K, BLOCK_N]: rows of gate_up_proj[expert] are neurons
+    gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + columns[None, :] * stride_wn + ks[:, None]
+    up_offset = width * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, hidden_size, BLOCK_K):
+        if EVEN_K:  # rows past the expert's slots read token 0's row (slot 0), never stored
+            x_tile = tl.load(x_ptrs)
+            gate_tile = tl.load(gate_ptrs, mask=column_ok[None, :], other=0.0)
+        else:
+            k_ok = k + ks < hidden_size
+            x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            gate_tile = tl.load(gate_ptrs, mask=k_ok[:, None] & column_ok[None, :], other=0.0)
+        acc = tl.dot(x_tile, gate_tile, acc)
+        if GATED:
+            if EVEN_K:
+                up_tile = tl.load(gate_ptrs + up_offset, mask=column_ok[None, :], other=0.0)
+            else:
+                up_tile = tl.load(gate_ptrs + up_offset, mask=k_ok[:, None] & column_ok[None, :], other=0.0)
+            acc_up = tl.dot(x_tile, up_tile, acc_up)
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * width + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
+    hidden = _activation(acc, ACT)
+    if GATED:
+        hidden = hidden * acc_up
+    if HAS_GATES:  # the gate scales the expert's output; down is linear, so it scales the hidden rows
+        hidden = hidden * tl.load(gates_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hidden + columns[None, :]
+    tl.store(out_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & column_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(hidden_ptr, w_ptr, residual_ptr, out_ptr, order_ptr, counts_ptr, slot_starts_ptr, tile_ends_ptr,
+                 num_experts, hidden_size, width, stride_hidden, stride_we, stride_wn, stride_out,
+                 HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    column_tiles = tl.cdiv(hidden_size, BLOCK_N)
+    tile, column_tile = tl.program_id(0) // column_tiles, tl.program_id(0) % column_tiles
+    expert, rows, row_ok = _tile_rows(counts_ptr, slot_starts_ptr, tile_ends_ptr, tile, num_experts, BLOCK_M,
+                                      E_POW2)
+    if expert >= num_experts:
+        return
+    columns = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    column_ok = columns < hidden_size
+    ks = tl.arange(0, BLOCK_K)
+    hidden_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hidden + ks[None, :]
+    # down_proj[expert] is [hidden_size, width]; its tile transposed, [BLOCK_K, BLOCK_N]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + columns[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, width, BLOCK_K):
+        if EVEN_K:
+            hidden_tile = tl.load(hidden_ptrs, mask=row_ok[:, None], other=0.0)
+            w_tile = tl.load(w_ptrs, mask=column_ok[None, :], other=0.0)
+        else:
+            k_ok = k + ks < width
+            hidden_tile = tl.load(hidden_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_tile = tl.load(w_ptrs, mask=k_ok[:, None] & column_ok[None, :], other=0.0)
+        acc = tl.dot(hidden_tile, w_tile, acc)
+        hidden_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    slots = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    place = slots[:, None] * stride_out + columns[None, :]  # the slot's row in token order
+    mask = row_ok[:, None] & column_ok[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + place, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + place, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def routed_experts(x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, top_k: int, gates, gate_up_proj,
+                   up_bias, down_proj, act_code: int, gated: bool, residual, blocks: dict | None = None) -> torch.Tensor:
+    """The routed experts' output for x [T, H] plus `residual` [T, H] (the shared part's output, or None).
+
+    order, counts: the (token, expert) slots grouped by expert, as `cmoe.moe.group_slots` gives them;
+    gates: [T, k] or None while every gate is 1; gate_up_proj [E, 2W or W, H], up_bias [E, W] or None,
+    down_proj [E, H, W]. `blocks` overrides BLOCKS (for timing other tile shapes).
+    """
+    tokens, hidden_size = x.shape
+    num_experts, width = down_proj.shape[0], down_proj.shape[2]
+    slots = tokens * top_k
+    blocks = blocks or (FEW_SLOTS_BLOCKS if slots < FEW_SLOTS else BLOCKS)
+    counts = counts.to(torch.int32)
+    slot_starts = counts.cumsum(0, dtype=torch.int32) - counts
+    experts_pow2 = triton.next_power_of_2(num_experts)
+    x, gate_up_proj, down_proj = x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
+    hidden = torch.empty(slots, width, dtype=x.dtype, device=x.device)
+
+    block_m, block_n, block_k, warps, stages = blocks["gate_up"]
+    tile_ends = _tile_ends(counts, block_m)
+    grid = (_most_tiles(slots, num_experts, block_m) * triton.cdiv(width, block_n),)
+    _gate_up_kernel[grid](
+        x, gate_up_proj, up_bias, None if gates is None else gates.contiguous(), hidden, order, counts, slot_starts,
+        tile_ends, num_experts, hidden_size, width, x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1),
+        hidden.stride(0), TOP_K=top_k, GATED=gated, HAS_BIAS=up_bias is not None, HAS_GATES=gates is not None,
+        ACT=act_code, EVEN_K=hidden_size % block_k == 0, E_POW2=experts_pow2, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+
+    block_m, block_n, block_k, warps, stages = blocks["down"]
+    tile_ends = _tile_ends(counts, block_m)
+    grid = (_most_tiles(slots, num_experts, block_m) * triton.cdiv(hidden_size, block_n),)
+    fold_residual = top_k == 1 and residual is not None  # slot == token: add the shared output on the way
+    out = torch.empty(slots, hidden_size, dtype=x.dtype, device=x.device)
+    _down_kernel[grid](
+        hidden, down_proj, residual.contiguous() if fold_residual else None, out, order, counts, slot_starts,
+        tile_ends, num_experts, hidden_size, width, hidden.stride(0), down_proj.stride(0), down_proj.stride(1),
+        out.stride(0), HAS_RESIDUAL=fold_residual, EVEN_K=width % block_k == 0, E_POW2=experts_pow2,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    if top_k == 1:
+        return out if fold_residual or residual is None else out + residual
+    summed = out.view(tokens, top_k, hidden_size).sum(dim=1)
+    return summed if residual is None else summed.add_(residual)
+
+
+def _tile_ends(counts: torch.Tensor, block_m: int) -> torch.Tensor:
+    return ((counts + block_m - 1) // block_m).cumsum(0, dtype=torch.int32)
+
+
+def _most_tiles(slots: int, num_experts: int, block_m: int) -> int:
+    """The most BLOCK_M tiles that `slots` rows split among `num_experts` groups can need."""
+    return max(1, min(triton.cdiv(slots, block_m) + num_experts - 1, slots))
