@@ -24,6 +24,17 @@ def test_unsupported_architecture():
     assert one_sentence(str(error.value)) and "llama" in str(error.value)
 
 
+def test_gated_ffn_with_biases_is_refused_rather_than_carved_wrong():
+    # the carved FFN has no gate bias: carving Llama's mlp_bias=True would silently drop it
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, mlp_bias=True)
+    model = T.LlamaForCausalLM(config)
+    with pytest.raises(CMoEError, match="FFN has biases") as error:
+        cmoe.carve(model, cmoe.CarveConfig(), tokens())
+    assert one_sentence(str(error.value))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(shared=3, active=6, experts=8), "at most experts"),
     (dict(shared=1, active=1, experts=0), "positive"),

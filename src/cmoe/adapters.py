@@ -70,6 +70,9 @@ class GatedAdapter(Adapter):
 
     def read(self, layer, config):
         mlp = getattr(layer, self.ffn)
+        if mlp.gate_proj.bias is not None:  # e.g. Llama's mlp_bias=True; the carved FFN has no gate bias
+            raise CMoEError(f"This {config.model_type} model's FFN has biases on its gate and up projections, "
+                            "which cmoe cannot carve yet; carve a model whose FFN has no biases.")
         return FFNWeights(
             gate=mlp.gate_proj.weight, up=mlp.up_proj.weight, down=mlp.down_proj.weight, act=_act_name(config),
             up_bias=mlp.up_proj.bias, down_bias=mlp.down_proj.bias,
