@@ -71,13 +71,13 @@ def main():
             captured = {}
             with torch.no_grad():
                 grouped = layer(x).float()
-                cmoe.moe.TRITON_ON_GPU = True
+                cmoe.moe.TRITON_ON_GPU = cmoe.moe.TRITON_SHARED_ON_GPU = True
                 try:
                     fast = layer(x).float()
                     # the output of the captured call lives in the graph's memory; each replay rewrites it
                     replay = cuda_graph(lambda: captured.__setitem__("out", layer(x)))
                 finally:
-                    cmoe.moe.TRITON_ON_GPU = False
+                    cmoe.moe.TRITON_ON_GPU = cmoe.moe.TRITON_SHARED_ON_GPU = False
                 replay()
             print(json.dumps(dict(check=f"Triton forward vs grouped forward (bf16, {tokens} tokens, {case})",
                                   relative_error=relative(fast, grouped), max_abs_diff=(fast - grouped).abs().max().item(),

@@ -114,6 +114,7 @@ def pieces(moe, x):
     return {
         "shared part (2 GEMMs + act)": lambda: s(x),
         "shared gate_up GEMM": lambda: F.linear(x, s.gate_up_proj),
+        "shared part, Triton gate_up+act, cuBLAS down": with_settings(lambda: s(x), TRITON_SHARED_ON_GPU=True),
         "router select": lambda: moe.router.select(x),
         "router select + argsort + counts": lambda: routed_inputs(moe, x),
         "argsort + counts": lambda: group_slots(flat, e.num_experts, counting=False),
@@ -159,6 +160,8 @@ def main():
         variants["carved, counting sort"] = with_settings(lambda: moe(x), COUNTING_SORT_ON_GPU=True)
         if moe_triton is not None and device == "cuda":
             variants["carved, Triton"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True)
+            variants["carved, Triton, shared part too"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True,
+                                                                        TRITON_SHARED_ON_GPU=True)
             variants["carved, Triton, counting sort"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True,
                                                                       COUNTING_SORT_ON_GPU=True)
             for label, blocks in TRITON_BLOCKS.items():

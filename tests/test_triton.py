@@ -6,7 +6,8 @@ import torch
 
 from cmoe import kernels
 from cmoe.kernels import ACTIVATION_CODES
-from cmoe.moe import RoutedExperts, group_slots
+import cmoe.moe as moe_module
+from cmoe.moe import _hidden, group_slots
 
 from test_kernels import CASES, random_moe
 
@@ -77,20 +78,33 @@ def test_moe_forward_runs_through_the_triton_kernels_where_they_apply(triton_ker
     monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # the grouped path, as on a GPU
     calls = []
 
-    def interpreted(self, x):
+    def interpreted(x, act, switched_on):  # as on a GPU with both switches on
         calls.append(x.shape[0])
         return triton_kernels
 
     for case in (dict(act="silu", top_k=2), dict(act="gelu", gated=False, bias=True, top_k=1, routed=7)):
-        moe = random_moe(**{"std": 0.2, **case})
+        moe = random_moe(**case, std=0.2)
         x = torch.randn(33, moe.hidden_size)
         with torch.no_grad():
             expected = moe(x)
-            monkeypatch.setattr(RoutedExperts, "_triton_kernels", interpreted)
-            got = moe(x)
-            monkeypatch.undo()
-        monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
-        assert calls and calls[-1] == 33
+            with monkeypatch.context() as patch:
+                patch.setattr(moe_module, "_triton_for", interpreted)
+                got = moe(x)
+        assert calls[-2:] == [33, 33]  # the shared part, then the routed experts
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("case", [dict(act="silu"), dict(act="gelu_pytorch_tanh", hidden=53),
+                                  dict(act="relu", gated=False, bias=True)], ids=str)
+def test_dense_hidden_matches_the_pytorch_activation(triton_kernels, case):
+    shared = random_moe(**{"std": 0.2, **case}).shared
+    for tokens in (3, 70):
+        x = torch.randn(tokens, shared.gate_up_proj.shape[1])
+        with torch.no_grad():
+            expected = _hidden(torch.nn.functional.linear(x, shared.gate_up_proj), shared.width, shared.gated,
+                               shared.act_fn, shared.up_bias)
+            got = triton_kernels.dense_hidden(x, shared.gate_up_proj, shared.up_bias, ACTIVATION_CODES[shared.act],
+                                              shared.gated, SMALL_BLOCKS)
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
 
 

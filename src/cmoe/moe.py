@@ -64,7 +64,19 @@ COUNTING_SORT_ON_GPU = False
 # activation and un-permute in two launches) rather than the grouped GEMMs. Off until timed on a GPU:
 # bench/cuda_variants.py times both.
 TRITON_ON_GPU = False
+# The shared part's gate/up product and activation through the same kernel (one expert, every token), its
+# down product through cuBLAS. Off until timed, apart from TRITON_ON_GPU.
+TRITON_SHARED_ON_GPU = False
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _triton_for(x: torch.Tensor, act: str, switched_on: bool):
+    """The Triton kernels' module where they apply to x (switched on, a GPU, half precision, an activation
+    they know, inference outside torch.compile), else None."""
+    if not (switched_on and x.is_cuda and x.dtype in TRITON_DTYPES and act in ACTIVATION_CODES
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        return None
+    return kernels.triton_kernels()
 
 
 def group_slots(flat: torch.Tensor, num_experts: int, counting: bool | None = None):
@@ -172,7 +184,7 @@ class RoutedExperts(nn.Module):
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
         order, counts = group_slots(flat, self.num_experts)  # token slots grouped by expert
-        triton_kernels = self._triton_kernels(x)
+        triton_kernels = _triton_for(x, self.act, TRITON_ON_GPU)
         if triton_kernels is not None:
             return triton_kernels.routed_experts(x, order, counts, top_k, gates, self.gate_up_proj, self.up_bias,
                                                  self.down_proj, ACTIVATION_CODES[self.act], self.gated, out)
@@ -191,14 +203,6 @@ class RoutedExperts(nn.Module):
         back = torch.empty_like(expert_out).index_copy_(0, order, expert_out).view(tokens, top_k, -1)
         back = back[:, 0] if top_k == 1 else back.sum(dim=1)
         return out.add_(back) if in_place else out + back
-
-    def _triton_kernels(self, x: torch.Tensor):
-        """The Triton kernels' module where they apply to x (a GPU, TRITON_ON_GPU, half precision, inference
-        outside torch.compile), else None."""
-        if not (TRITON_ON_GPU and x.is_cuda and x.dtype in TRITON_DTYPES and self.act in ACTIVATION_CODES
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-            return None
-        return kernels.triton_kernels()
 
     def _can_group(self, x: torch.Tensor) -> bool:
         # grouped_mm needs row strides that are multiples of 16 bytes, and bfloat16 on CUDA (torch 2.11) and
@@ -246,14 +250,19 @@ class SharedExperts(nn.Module):
 
     def __init__(self, hidden_size: int, width: int, act: str, gated: bool, bias: bool):
         super().__init__()
-        self.width, self.gated = width, gated
+        self.width, self.gated, self.act = width, gated, act
         self.gate_up_proj = nn.Parameter(torch.zeros(width * (2 if gated else 1), hidden_size))
         self.up_bias = nn.Parameter(torch.zeros(width)) if bias else None
         self.down_proj = nn.Parameter(torch.zeros(hidden_size, width))
         self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = _hidden(F.linear(x, self.gate_up_proj), self.width, self.gated, self.act_fn, self.up_bias)
+        triton_kernels = _triton_for(x, self.act, TRITON_SHARED_ON_GPU)
+        if triton_kernels is not None:
+            hidden = triton_kernels.dense_hidden(x, self.gate_up_proj, self.up_bias, ACTIVATION_CODES[self.act],
+                                                 self.gated)
+        else:
+            hidden = _hidden(F.linear(x, self.gate_up_proj), self.width, self.gated, self.act_fn, self.up_bias)
         return F.linear(hidden, self.down_proj)
 
     def row_into(self, out_row: torch.Tensor, row: torch.Tensor) -> None:

@@ -8,6 +8,8 @@ writes its [slots, ...] result to memory and the next reads it back. Here:
   loads those slots' token rows straight from x (the gather), runs the gate and up products side by side,
   and writes act(gate) * up, times the slot's gate where gates are given. The [slots, 2W] projection never
   reaches memory.
+- `dense_hidden`: the first kernel with one expert that every token chose: the shared part's (a dense
+  FFN's) hidden rows in one launch.
 - `_down_kernel`: the expert's down product for the same tiles, each row written to its slot's place in
   token order (slot = token * k + j). With one expert per token that place is the token's row, and the
   shared part's output is added on the way; with k experts the k rows of a token are summed afterwards.
@@ -169,34 +171,53 @@ def routed_experts(x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, t
     blocks = blocks or (FEW_SLOTS_BLOCKS if slots < FEW_SLOTS else BLOCKS)
     counts = counts.to(torch.int32)
     slot_starts = counts.cumsum(0, dtype=torch.int32) - counts
-    experts_pow2 = triton.next_power_of_2(num_experts)
-    x, gate_up_proj, down_proj = x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
-    hidden = torch.empty(slots, width, dtype=x.dtype, device=x.device)
-
-    block_m, block_n, block_k, warps, stages = blocks["gate_up"]
-    tile_ends = _tile_ends(counts, block_m)
-    grid = (_most_tiles(slots, num_experts, block_m) * triton.cdiv(width, block_n),)
-    _gate_up_kernel[grid](
-        x, gate_up_proj, up_bias, None if gates is None else gates.contiguous(), hidden, order, counts, slot_starts,
-        tile_ends, num_experts, hidden_size, width, x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1),
-        hidden.stride(0), TOP_K=top_k, GATED=gated, HAS_BIAS=up_bias is not None, HAS_GATES=gates is not None,
-        ACT=act_code, EVEN_K=hidden_size % block_k == 0, E_POW2=experts_pow2, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    hidden = _gate_up(x, order, counts, slot_starts, top_k, gates, gate_up_proj, up_bias, act_code, gated,
+                      blocks["gate_up"])
 
     block_m, block_n, block_k, warps, stages = blocks["down"]
-    tile_ends = _tile_ends(counts, block_m)
+    down_proj = down_proj.contiguous()
     grid = (_most_tiles(slots, num_experts, block_m) * triton.cdiv(hidden_size, block_n),)
     fold_residual = top_k == 1 and residual is not None  # slot == token: add the shared output on the way
     out = torch.empty(slots, hidden_size, dtype=x.dtype, device=x.device)
     _down_kernel[grid](
         hidden, down_proj, residual.contiguous() if fold_residual else None, out, order, counts, slot_starts,
-        tile_ends, num_experts, hidden_size, width, hidden.stride(0), down_proj.stride(0), down_proj.stride(1),
-        out.stride(0), HAS_RESIDUAL=fold_residual, EVEN_K=width % block_k == 0, E_POW2=experts_pow2,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        _tile_ends(counts, block_m), num_experts, hidden_size, width, hidden.stride(0), down_proj.stride(0),
+        down_proj.stride(1), out.stride(0), HAS_RESIDUAL=fold_residual, EVEN_K=width % block_k == 0,
+        E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
     if top_k == 1:
         return out if fold_residual or residual is None else out + residual
     summed = out.view(tokens, top_k, hidden_size).sum(dim=1)
     return summed if residual is None else summed.add_(residual)
+
+
+def dense_hidden(x: torch.Tensor, gate_up_proj, up_bias, act_code: int, gated: bool, blocks: dict | None = None):
+    """A dense FFN's hidden rows [T, W] for x [T, H]: act(gate) * up, or act(up + bias), from gate_up_proj
+    [2W or W, H] in one launch (the routed kernel with one expert that every token chose)."""
+    tokens = x.shape[0]
+    blocks = blocks or (FEW_SLOTS_BLOCKS if tokens < FEW_SLOTS else BLOCKS)
+    order = torch.arange(tokens, device=x.device)
+    counts = torch.full((1,), tokens, dtype=torch.int32, device=x.device)
+    return _gate_up(x, order, counts, torch.zeros_like(counts), 1, None, gate_up_proj[None],
+                    None if up_bias is None else up_bias[None], act_code, gated, blocks["gate_up"])
+
+
+def _gate_up(x, order, counts, slot_starts, top_k, gates, gate_up_proj, up_bias, act_code, gated, blocks):
+    """The hidden rows [slots, W] of every slot, in grouped order."""
+    (tokens, hidden_size), slots = x.shape, order.shape[0]
+    num_experts, width = gate_up_proj.shape[0], gate_up_proj.shape[1] // (2 if gated else 1)
+    block_m, block_n, block_k, warps, stages = blocks
+    x, gate_up_proj = x.contiguous(), gate_up_proj.contiguous()
+    hidden = torch.empty(slots, width, dtype=x.dtype, device=x.device)
+    grid = (_most_tiles(slots, num_experts, block_m) * triton.cdiv(width, block_n),)
+    _gate_up_kernel[grid](
+        x, gate_up_proj, up_bias, None if gates is None else gates.contiguous(), hidden, order, counts, slot_starts,
+        _tile_ends(counts, block_m), num_experts, hidden_size, width, x.stride(0), gate_up_proj.stride(0),
+        gate_up_proj.stride(1), hidden.stride(0), TOP_K=top_k, GATED=gated, HAS_BIAS=up_bias is not None,
+        HAS_GATES=gates is not None, ACT=act_code, EVEN_K=hidden_size % block_k == 0,
+        E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
+    return hidden
 
 
 def _tile_ends(counts: torch.Tensor, block_m: int) -> torch.Tensor:
