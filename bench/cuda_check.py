@@ -4,6 +4,7 @@ Triton kernels' forward in bf16 (eager and under a CUDA graph).
     PYTHONPATH=src python bench/cuda_check.py      (needs a CUDA GPU; prints one JSON line per check)
 """
 
+import dataclasses
 import json
 import time
 
@@ -12,8 +13,8 @@ import transformers as T
 
 import cmoe
 import cmoe.moe
-from cmoe.kernels import triton_kernels
-from cmoe.moe import MoEFFN
+from cmoe.kernels import ACTIVATION_CODES, triton_kernels
+from cmoe.moe import MoEFFN, group_slots
 from cmoe.speed import cuda_graph
 
 
@@ -68,21 +69,31 @@ def main():
         layer = random_layer(**case)
         for tokens in (1, 5, 4096):
             x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
-            captured = {}
             with torch.no_grad():
                 grouped = layer(x).float()
-                cmoe.moe.TRITON_ON_GPU = cmoe.moe.TRITON_SHARED_ON_GPU = True
-                try:
-                    fast = layer(x).float()
-                    # the output of the captured call lives in the graph's memory; each replay rewrites it
-                    replay = cuda_graph(lambda: captured.__setitem__("out", layer(x)))
-                finally:
-                    cmoe.moe.TRITON_ON_GPU = cmoe.moe.TRITON_SHARED_ON_GPU = False
+                # the same routing (the eager router): only the kernels' rounding differs
+                experts_only = with_switches(lambda: layer(x), triton_experts=True, triton_shared=True).float()
+                # the router's sums and softmax in float32: near-tied tokens may take other experts
+                every = with_switches(lambda: layer(x), triton_experts=True, triton_shared=True, triton_router=True)
+                captured = {}
+                replay = cuda_graph(with_switches(lambda: captured.__setitem__("out", layer(x)), run=False,
+                                                  triton_experts=True, triton_shared=True, triton_router=True))
                 replay()
-            print(json.dumps(dict(check=f"Triton forward vs grouped forward (bf16, {tokens} tokens, {case})",
-                                  relative_error=relative(fast, grouped), max_abs_diff=(fast - grouped).abs().max().item(),
-                                  scale=grouped.abs().max().item(),
-                                  graph_replay_equals_eager=torch.equal(captured["out"].float(), fast))))
+                chosen, _ = triton_kernels().route(x, layer.router.weight, layer.router.bias,
+                                                   layer.router.selection_bias, layer.router.gate_scale,
+                                                   layer.router.top_k, ACTIVATION_CODES[case["act"]], case["gated"],
+                                                   write_gates=False)
+                eager_chosen = layer.router.select(x)[1]
+                flat = eager_chosen.reshape(-1)
+                order, counts = triton_kernels().group(flat, layer.experts.num_experts)
+                expected_order, expected_counts = group_slots(flat, layer.experts.num_experts, counting=False)
+            print(json.dumps(dict(
+                check=f"Triton kernels (bf16, {tokens} tokens, {case})",
+                experts_vs_grouped_relative_error=relative(experts_only, grouped),
+                all_triton_vs_grouped_relative_error=relative(every.float(), grouped),
+                tokens_routed_alike=(chosen.sort(1).values == eager_chosen.sort(1).values).all(1).float().mean().item(),
+                grouping_equal=torch.equal(order.long(), expected_order) and torch.equal(counts.long(), expected_counts),
+                graph_replay_equals_eager=torch.equal(captured["out"], every))))
 
 
 def random_layer(top_k, act, gated, bias):
@@ -93,6 +104,19 @@ def random_layer(top_k, act, gated, bias):
             p.normal_(std=0.05)
         layer.router.gate_scale.normal_()  # gates other than 1
     return layer.to("cuda", torch.bfloat16)
+
+
+def with_switches(fn, run=True, **switches):
+    """fn() with cmoe.moe.GPU's switches set as given (or, run=False, a function that does that)."""
+    def call():
+        saved = dataclasses.replace(cmoe.moe.GPU)
+        try:
+            for name, value in switches.items():
+                setattr(cmoe.moe.GPU, name, value)
+            return fn()
+        finally:
+            cmoe.moe.GPU = saved
+    return call() if run else call
 
 
 def relative(got, expected):

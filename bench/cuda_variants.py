@@ -11,6 +11,7 @@ against the current forward. Prints a table last. Runs on the CPU too (small sha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 import cmoe
 import cmoe.moe
-from cmoe.kernels import triton_kernels
+from cmoe.kernels import ACTIVATION_CODES, triton_kernels
 from cmoe.moe import _hidden, group_slots
 from cmoe.speed import cuda_graph as graphed, random_ffn_pair
 
@@ -72,23 +73,22 @@ def previous_forward(moe, x):
     return out + (back[:, 0] if top_k == 1 else back.sum(dim=1))
 
 
-def with_settings(fn, **settings):
-    """`fn` run with cmoe.moe's module settings (COUNTING_SORT_ON_GPU, TRITON_ON_GPU) set as given, and with
-    `blocks` as the Triton kernels' tile shapes (also while a CUDA graph captures it)."""
-    blocks = settings.pop("blocks", None)
+def with_settings(fn, blocks=None, **settings):
+    """`fn` run with cmoe.moe.GPU's switches set as given (counting_sort, triton_experts, ...) and with
+    `blocks` as the Triton kernels' tile shapes, also while a CUDA graph captures it."""
 
     def run():
-        saved = {name: getattr(cmoe.moe, name) for name in settings}
+        saved = dataclasses.replace(cmoe.moe.GPU)
         saved_blocks = moe_triton.BLOCKS if moe_triton else None
         try:
             for name, value in settings.items():
-                setattr(cmoe.moe, name, value)
+                setattr(cmoe.moe.GPU, name, value)
             if blocks:
                 moe_triton.BLOCKS = blocks
             return fn()
         finally:
-            for name, value in saved.items():
-                setattr(cmoe.moe, name, value)
+            for name in settings:
+                setattr(cmoe.moe.GPU, name, getattr(saved, name))
             if moe_triton:
                 moe_triton.BLOCKS = saved_blocks
     return run
@@ -110,11 +110,11 @@ def pieces(moe, x):
     e = moe.experts
     projected = F.grouped_mm(routed_x, e.gate_up_proj.transpose(1, 2), offs=offsets)
     hidden = _hidden(projected, e.width, e.gated, e.act_fn, None)
-    s = moe.shared
-    return {
+    s, r = moe.shared, moe.router
+    timed = {
         "shared part (2 GEMMs + act)": lambda: s(x),
         "shared gate_up GEMM": lambda: F.linear(x, s.gate_up_proj),
-        "shared part, Triton gate_up+act, cuBLAS down": with_settings(lambda: s(x), TRITON_SHARED_ON_GPU=True),
+        "shared part, Triton gate_up+act, cuBLAS down": with_settings(lambda: s(x), triton_shared=True),
         "router select": lambda: moe.router.select(x),
         "router select + argsort + counts": lambda: routed_inputs(moe, x),
         "argsort + counts": lambda: group_slots(flat, e.num_experts, counting=False),
@@ -124,6 +124,13 @@ def pieces(moe, x):
         "act(gate)*up (routed)": lambda: _hidden(projected, e.width, e.gated, e.act_fn, None),
         "grouped down GEMM": lambda: F.grouped_mm(hidden, e.down_proj.transpose(1, 2), offs=offsets),
     }
+    if moe_triton is not None and x.is_cuda:
+        timed["router, Triton"] = lambda: moe_triton.route(x, r.weight, r.bias, r.selection_bias, r.gate_scale, r.top_k,
+                                                           ACTIVATION_CODES[r.act], r.gated, write_gates=False)
+        timed["group slots, Triton"] = lambda: moe_triton.group(flat, e.num_experts)
+        timed["routed experts, Triton (gate_up + down)"] = lambda: moe_triton.routed_experts(
+            x, order, counts, r.top_k, None, e.gate_up_proj, None, e.down_proj, ACTIVATION_CODES[e.act], e.gated, None)
+    return timed
 
 
 def main():
@@ -157,20 +164,24 @@ def main():
             print(name, "\n", table, flush=True)
         variants = {"dense FFN": lambda: dense(x), "carved, previous": lambda: previous_forward(moe, x),
                     "carved, current": lambda: moe(x)}
-        variants["carved, counting sort"] = with_settings(lambda: moe(x), COUNTING_SORT_ON_GPU=True)
+        variants["carved, counting sort"] = with_settings(lambda: moe(x), counting_sort=True)
         if moe_triton is not None and device == "cuda":
-            variants["carved, Triton"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True)
-            variants["carved, Triton, shared part too"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True,
-                                                                        TRITON_SHARED_ON_GPU=True)
-            variants["carved, Triton, counting sort"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True,
-                                                                      COUNTING_SORT_ON_GPU=True)
+            variants["carved, Triton"] = with_settings(lambda: moe(x), triton_experts=True)
+            variants["carved, Triton, shared part too"] = with_settings(lambda: moe(x), triton_experts=True,
+                                                                        triton_shared=True)
+            variants["carved, Triton, router too"] = with_settings(lambda: moe(x), triton_experts=True,
+                                                                   triton_router=True)
+            variants["carved, Triton, router and shared part too"] = with_settings(
+                lambda: moe(x), triton_experts=True, triton_router=True, triton_shared=True)
+            variants["carved, Triton, counting sort"] = with_settings(lambda: moe(x), triton_experts=True,
+                                                                      counting_sort=True)
             for label, blocks in TRITON_BLOCKS.items():
-                variants[f"carved, Triton {label}"] = with_settings(lambda: moe(x), TRITON_ON_GPU=True, blocks=blocks)
+                variants[f"carved, Triton {label}"] = with_settings(lambda: moe(x), triton_experts=True, blocks=blocks)
         if not args.no_compile:
             compiled = torch.compile(moe, fullgraph=True)
             variants["carved, torch.compile"] = lambda: compiled(x)
             variants["carved, counting sort, torch.compile"] = with_settings(lambda: compiled(x),
-                                                                              COUNTING_SORT_ON_GPU=True)
+                                                                              counting_sort=True)
         if device == "cuda":
             for label in list(variants):
                 variants[label + ", CUDA graph"] = graphed(variants[label])
@@ -189,7 +200,7 @@ def main():
         x1 = torch.randn(1, args.hidden, dtype=dtype, device=device)
         decode = {"decode b1 dense": lambda: dense(x1), "decode b1 carved": lambda: moe(x1)}
         if moe_triton is not None and device == "cuda":
-            decode["decode b1 carved, Triton"] = with_settings(lambda: moe(x1), TRITON_ON_GPU=True)
+            decode["decode b1 carved, Triton"] = with_settings(lambda: moe(x1), triton_experts=True)
         if device == "cuda":
             for label in list(decode):
                 decode[label + ", CUDA graph"] = graphed(decode[label])

@@ -74,24 +74,65 @@ def test_counts_that_disagree_with_the_grouping_fail_the_comparison(triton_kerne
     assert not torch.allclose(got, expected, atol=1e-3)
 
 
-def test_moe_forward_runs_through_the_triton_kernels_where_they_apply(triton_kernels, monkeypatch):
+@pytest.mark.parametrize("switches", [dict(triton_experts=True), dict(triton_experts=True, triton_shared=True),
+                                      dict(triton_experts=True, triton_shared=True, triton_router=True)],
+                         ids=["experts", "experts+shared", "experts+shared+router"])
+def test_moe_forward_runs_through_the_triton_kernels_where_switched_on(triton_kernels, monkeypatch, switches):
     monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # the grouped path, as on a GPU
-    calls = []
+    used = {"route": 0, "group": 0, "routed_experts": 0, "dense_hidden": 0}
 
-    def interpreted(x, act, switched_on):  # as on a GPU with both switches on
-        calls.append(x.shape[0])
-        return triton_kernels
+    def counted(name):
+        function = getattr(triton_kernels, name)
+        return lambda *args, **kwargs: used.__setitem__(name, used[name] + 1) or function(*args, **kwargs)
 
+    counting = type("Counting", (), {name: staticmethod(counted(name)) for name in used})
+    # as on a GPU, in half precision: the kernels where their switch is on
+    monkeypatch.setattr(moe_module, "_triton_for", lambda x, act, on: counting if on else None)
     for case in (dict(act="silu", top_k=2), dict(act="gelu", gated=False, bias=True, top_k=1, routed=7)):
         moe = random_moe(**case, std=0.2)
         x = torch.randn(33, moe.hidden_size)
         with torch.no_grad():
             expected = moe(x)
             with monkeypatch.context() as patch:
-                patch.setattr(moe_module, "_triton_for", interpreted)
+                for name, value in switches.items():
+                    patch.setattr(moe_module.GPU, name, value)
                 got = moe(x)
-        assert calls[-2:] == [33, 33]  # the shared part, then the routed experts
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
+    router_on = switches.get("triton_router", False)
+    assert used == {"route": 2 * router_on, "group": 2 * router_on, "routed_experts": 2,
+                    "dense_hidden": 2 * switches.get("triton_shared", False)}
+
+
+ROUTER_CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh", top_k=3), dict(act="gelu", gated=False, bias=True),
+                dict(act="relu", gated=False, bias=True, top_k=1, routed=7), dict(act="silu", hidden=53),
+                dict(act="silu", routed=20, top_k=4)]  # 20 experts: more than a 16-wide tile
+
+
+@pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_route_kernel_chooses_as_the_router_does(triton_kernels, case):
+    router = random_moe(**{"std": 0.2, **case}).router
+    for tokens in (1, 70):
+        x = torch.randn(tokens, router.weight.shape[1])
+        with torch.no_grad():
+            probs, expected = router.select(x)
+            expected_gates = router.gates(probs, expected)
+            chosen, gates = triton_kernels.route(x, router.weight, router.bias, router.selection_bias,
+                                                 router.gate_scale, router.top_k, ACTIVATION_CODES[router.act],
+                                                 router.gated, write_gates=True, block_m=16, block_k=16)
+        assert torch.equal(chosen, expected)  # the same experts, in the same order (largest first)
+        assert torch.allclose(gates, expected_gates, atol=1e-6), (gates - expected_gates).abs().max()
+
+
+def test_group_kernel_sorts_slots_as_group_slots_does(triton_kernels):
+    generator = torch.Generator().manual_seed(0)
+    cases = [torch.randint(0, 8, (300,), generator=generator), torch.randint(0, 20, (1000,), generator=generator),
+             torch.tensor([5, 5, 1, 5, 1]),  # experts left empty
+             torch.tensor([3]), torch.zeros(0, dtype=torch.long)]
+    for flat in cases:
+        experts = 20 if flat.numel() and flat.max() >= 8 else 8
+        expected_order, expected_counts = group_slots(flat, experts, counting=False)
+        order, counts = triton_kernels.group(flat, experts, block=64)  # 64: several blocks
+        assert torch.equal(order.long(), expected_order) and torch.equal(counts.long(), expected_counts)
 
 
 @pytest.mark.parametrize("case", [dict(act="silu"), dict(act="gelu_pytorch_tanh", hidden=53),
@@ -140,6 +181,16 @@ for name, kind in (("_gate_up_kernel", "gate_up"), ("_down_kernel", "down")):
         ptx = compiled.asm["ptx"]
         rows.append(dict(kernel=kind, blocks=blocks, wgmma="wgmma.mma_async" in ptx, pipelined="cp.async" in ptx,
                          shared=compiled.metadata.shared))
+for kernel, pointers, constants, warps in (
+        (m._route_kernel, dict(x_ptr="*bf16", w_ptr="*bf16", selection_bias_ptr="*fp32", gate_scale_ptr="*bf16",
+                               chosen_ptr="*i64", gates_ptr="*bf16"),
+         dict(bias_ptr=None, TOP_K=2, GATED=True, HAS_BIAS=False, ACT=0, WRITE_GATES=True, EVEN_K=True, E_POW2=16,
+              BLOCK_M=64, BLOCK_K=128), 4),
+        (m._group_kernel, dict(flat_ptr="*i64", order_ptr="*i32", counts_ptr="*i32"), dict(E_POW2=8, BLOCK=1024), 8)):
+    signature = {arg: pointers.get(arg, "constexpr" if arg in constants else "i32") for arg in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 64),
+                              options=dict(num_warps=warps))
+    rows.append(dict(kernel=kernel.__name__, shared=compiled.metadata.shared))
 print(json.dumps(rows))
 """
 
@@ -158,8 +209,8 @@ def test_triton_kernels_compile_for_an_h100_with_pipelined_tensor_core_loops(tri
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 4
-    for row in rows:
+    assert [row["kernel"] for row in rows] == ["gate_up", "gate_up", "down", "down", "_route_kernel", "_group_kernel"]
+    for row in rows[:4]:
         assert row["pipelined"], row  # loads staged through shared memory while the products run
         assert row["shared"] <= 227 * 1024, row  # an H100 block's shared memory
         if row["blocks"][0] >= 64:  # wgmma takes 64-row tiles; decode's 16-row tiles use mma.sync

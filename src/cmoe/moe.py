@@ -7,6 +7,7 @@ scales at zero, the output equals the dense FFN's up to float rounding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -57,16 +58,19 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
     return act_fn(projected if bias is None else projected.add_(bias))
 
 
-# Group slots on a GPU by the counting sort of `group_slots` rather than a full sort. Off until timed on a
-# GPU: bench/cuda_variants.py times both.
-COUNTING_SORT_ON_GPU = False
-# Run the routed experts on a GPU through the Triton kernels (kernels/moe_triton.py: gather, both products,
-# activation and un-permute in two launches) rather than the grouped GEMMs. Off until timed on a GPU:
-# bench/cuda_variants.py times both.
-TRITON_ON_GPU = False
-# The shared part's gate/up product and activation through the same kernel (one expert, every token), its
-# down product through cuBLAS. Off until timed, apart from TRITON_ON_GPU.
-TRITON_SHARED_ON_GPU = False
+@dataclass
+class GPUPaths:
+    """Which forward a GPU takes where there is a choice. Each is off until timed on a GPU; bench/cuda_variants.py
+    times them all, side by side."""
+
+    counting_sort: bool = False  # group slots by `group_slots`' counting sort rather than a full sort
+    # kernels/moe_triton.py (bfloat16 and float16):
+    triton_experts: bool = False  # the routed experts in two launches (gather, products, activation, un-permute)
+    triton_shared: bool = False  # the shared part's gate/up product and activation in one launch
+    triton_router: bool = False  # with triton_experts: the router, then the grouping of slots, one launch each
+
+
+GPU = GPUPaths()
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -85,10 +89,10 @@ def group_slots(flat: torch.Tensor, num_experts: int, counting: bool | None = No
 
     A stable sort, or with `counting` a counting sort: a slot's place is its expert's start plus the number
     of earlier slots of that expert, a running count over a [slots, E] one-hot; a few elementwise kernels
-    and one scan rather than a full sort. `counting=None`: per COUNTING_SORT_ON_GPU on a GPU, a sort on CPU.
+    and one scan rather than a full sort. `counting=None`: per GPU.counting_sort on a GPU, a sort on CPU.
     """
     if counting is None:
-        counting = COUNTING_SORT_ON_GPU and flat.device.type != "cpu"
+        counting = GPU.counting_sort and flat.device.type != "cpu"
     if not counting:
         # group sizes by scatter-add: bincount on CUDA reads the maximum back to the host
         counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
@@ -184,7 +188,7 @@ class RoutedExperts(nn.Module):
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
         order, counts = group_slots(flat, self.num_experts)  # token slots grouped by expert
-        triton_kernels = _triton_for(x, self.act, TRITON_ON_GPU)
+        triton_kernels = _triton_for(x, self.act, GPU.triton_experts)
         if triton_kernels is not None:
             return triton_kernels.routed_experts(x, order, counts, top_k, gates, self.gate_up_proj, self.up_bias,
                                                  self.down_proj, ACTIVATION_CODES[self.act], self.gated, out)
@@ -257,7 +261,7 @@ class SharedExperts(nn.Module):
         self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        triton_kernels = _triton_for(x, self.act, TRITON_SHARED_ON_GPU)
+        triton_kernels = _triton_for(x, self.act, GPU.triton_shared)
         if triton_kernels is not None:
             hidden = triton_kernels.dense_hidden(x, self.gate_up_proj, self.up_bias, ACTIVATION_CODES[self.act],
                                                  self.gated)
@@ -296,7 +300,10 @@ class MoEFFN(nn.Module):
         if route is not None:
             return (self._decode_eager(x) if route is _EAGER else self._run_kernel(route, x)).view(shape)
         out = torch.zeros_like(x) if self.shared is None else self.shared(x)
-        if self.router is not None:
+        triton_kernels = self._triton_router(x)
+        if triton_kernels is not None:
+            out = self._triton_routed(triton_kernels, x, out)
+        elif self.router is not None:
             probs, chosen = self.router.select(x)
             # the check reads gate_scale on the host once per change; torch.compile traces the gates instead
             skip_gates = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -306,6 +313,29 @@ class MoEFFN(nn.Module):
         if self.down_bias is not None:
             out = out + self.down_bias
         return out.reshape(shape)
+
+    def _triton_router(self, x: torch.Tensor):
+        """The Triton kernels' module where router, grouping and experts all run through them, else None."""
+        router = self._modules.get("router")
+        if router is None or router.count_load or not self._plain_modules():
+            return None
+        return _triton_for(x, router.act, GPU.triton_router and GPU.triton_experts)
+
+    def _triton_routed(self, triton_kernels, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        router, experts = self.router, self.experts
+        chosen, gates = triton_kernels.route(x, router.weight, router.bias, router.selection_bias, router.gate_scale,
+                                             router.top_k, ACTIVATION_CODES[router.act], router.gated,
+                                             write_gates=not router.gates_are_one())
+        order, counts = triton_kernels.group(chosen.reshape(-1), experts.num_experts)
+        return triton_kernels.routed_experts(x, order, counts, router.top_k, gates, experts.gate_up_proj,
+                                             experts.up_bias, experts.down_proj, ACTIVATION_CODES[experts.act],
+                                             experts.gated, out)
+
+    def _plain_modules(self) -> bool:
+        """Whether the experts and shared part are cmoe's own modules: wrapped ones (peft LoRA during
+        fine-tuning) hold their weights behind the wrapper, and only the grouped path runs them."""
+        shared = self._modules.get("shared")
+        return type(self._modules.get("experts")) is RoutedExperts and (shared is None or type(shared) is SharedExperts)
 
     # CPU inference. A decode step in the compiled kernel takes under 100 us for SmolLM2, so the Python around
     # it counts: these read submodules and parameters from nn.Module's dicts (an attribute lookup through
@@ -318,9 +348,7 @@ class MoEFFN(nn.Module):
         if (router is None or x.device.type != "cpu" or torch.is_grad_enabled() or router.count_load
                 or torch.compiler.is_compiling()):
             return None
-        # wrapped experts (peft LoRA during fine-tuning) hold their weights behind the wrapper: grouped path
-        shared = self._modules.get("shared")
-        if type(self._modules.get("experts")) is not RoutedExperts or not (shared is None or type(shared) is SharedExperts):
+        if not self._plain_modules():
             return None
         slots = x.shape[0] * router.top_k
         weights = self._modules["experts"]._parameters["down_proj"].dtype

@@ -1,7 +1,7 @@
 """Compiled kernels, optional: built on first use with the machine's C++ compiler, plain PyTorch otherwise.
 
 `triton_kernels()` gives the Triton kernels for the routed experts on a GPU (moe_triton.py), where Triton is
-installed; they are off by default (`cmoe.moe.TRITON_ON_GPU`) until timed on a GPU.
+installed; they are off by default (`cmoe.moe.GPU`) until timed on a GPU.
 
 `moe_cpu()` gives `MoEFFN`'s CPU forward (moe_cpu.cpp: `moe_decode` for a few tokens, `moe_prefill` for
 many) once it is built; the build takes about a minute, once per machine (torch keeps it under

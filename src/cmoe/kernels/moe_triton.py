@@ -157,6 +157,110 @@ def _down_kernel(hidden_ptr, w_ptr, residual_ptr, out_ptr, order_ptr, counts_ptr
     tl.store(out_ptr + place, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _route_kernel(x_ptr, w_ptr, bias_ptr, selection_bias_ptr, gate_scale_ptr, chosen_ptr, gates_ptr, tokens,
+                  hidden_size, num_experts, stride_x, TOP_K: tl.constexpr, GATED: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, WRITE_GATES: tl.constexpr, EVEN_K: tl.constexpr,
+                  E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The router for BLOCK_M tokens: scores |act(g_r . x) * (u_r . x)| (float32 sums), softmax, top-k of
+    the probabilities plus the selection bias, and each chosen expert's gate 1 + p * gate_scale."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < tokens
+    experts = tl.arange(0, E_POW2)  # E_POW2 >= 16: a tensor-core product is at least 16 wide
+    expert_ok = experts < num_experts
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_x + ks[None, :]
+    w_ptrs = w_ptr + tl.where(expert_ok, experts, 0)[None, :] * hidden_size + ks[:, None]  # [BLOCK_K, E_POW2]
+    up_offset = num_experts * hidden_size
+    acc = tl.zeros((BLOCK_M, E_POW2), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, E_POW2), dtype=tl.float32)
+    for k in range(0, hidden_size, BLOCK_K):
+        if EVEN_K:
+            x_tile = tl.load(x_ptrs)
+            w_tile = tl.load(w_ptrs)
+        else:
+            k_ok = k + ks < hidden_size
+            x_tile = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w_tile = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(x_tile, w_tile, acc)
+        if GATED:
+            if EVEN_K:
+                up_tile = tl.load(w_ptrs + up_offset)
+            else:
+                up_tile = tl.load(w_ptrs + up_offset, mask=k_ok[:, None], other=0.0)
+            acc_up = tl.dot(x_tile, up_tile, acc_up)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
+    score = _activation(acc, ACT)
+    if GATED:
+        score = score * acc_up
+    score = tl.where(expert_ok[None, :], tl.abs(score), float("-inf"))
+    score = tl.exp(score - tl.max(score, axis=1)[:, None])
+    probs = score / tl.sum(score, axis=1)[:, None]
+    key = probs + tl.load(selection_bias_ptr + experts, mask=expert_ok, other=0.0)[None, :]
+    key = tl.where(expert_ok[None, :], key, float("-inf"))
+    for j in tl.static_range(TOP_K):  # the k largest keys, largest first (ties: the lower expert)
+        best = tl.max(key, axis=1)
+        chosen = tl.min(tl.where(key == best[:, None], experts[None, :], E_POW2), axis=1)
+        is_chosen = experts[None, :] == chosen[:, None]
+        tl.store(chosen_ptr + rows * TOP_K + j, chosen.to(chosen_ptr.dtype.element_ty), mask=row_ok)
+        if WRITE_GATES:
+            p = tl.sum(tl.where(is_chosen, probs, 0.0), axis=1)
+            gate = 1.0 + p * tl.load(gate_scale_ptr + chosen).to(tl.float32)
+            tl.store(gates_ptr + rows * TOP_K + j, gate.to(gates_ptr.dtype.element_ty), mask=row_ok)
+        key = tl.where(is_chosen, float("-inf"), key)
+
+
+@triton.jit
+def _group_kernel(flat_ptr, order_ptr, counts_ptr, slots, num_experts, E_POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """A stable counting sort of the slots by expert in one program: counts, then each slot's place, its
+    expert's start plus the slots of that expert before it."""
+    experts = tl.arange(0, E_POW2)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for first in range(0, slots, BLOCK):
+        index = first + tl.arange(0, BLOCK)
+        expert = tl.load(flat_ptr + index, mask=index < slots, other=E_POW2)  # E_POW2 matches no expert
+        counts += tl.sum((expert[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    taken = tl.cumsum(counts, axis=0) - counts  # each expert's start, then advanced block by block
+    for first in range(0, slots, BLOCK):
+        index = first + tl.arange(0, BLOCK)
+        expert = tl.load(flat_ptr + index, mask=index < slots, other=E_POW2)
+        one_hot = (expert[:, None] == experts[None, :]).to(tl.int32)
+        before = tl.cumsum(one_hot, axis=0) - one_hot  # earlier slots of the same expert in this block
+        place = tl.sum(one_hot * (before + taken[None, :]), axis=1)
+        tl.store(order_ptr + place, index.to(order_ptr.dtype.element_ty), mask=index < slots)
+        taken += tl.sum(one_hot, axis=0)
+    tl.store(counts_ptr + experts, counts, mask=experts < num_experts)
+
+
+def route(x: torch.Tensor, weight, bias, selection_bias, gate_scale, top_k: int, act_code: int, gated: bool,
+          write_gates: bool, block_m: int = 64, block_k: int = 128):
+    """The router in one launch: (chosen [T, k] int64, gates [T, k] in x's dtype, or None unless
+    `write_gates`), as `cmoe.moe.Router` chooses them, its sums and softmax in float32."""
+    tokens, hidden_size = x.shape
+    num_experts = gate_scale.shape[0]
+    x, weight = x.contiguous(), weight.contiguous()
+    chosen = torch.empty(tokens, top_k, dtype=torch.long, device=x.device)
+    gates = torch.empty(tokens, top_k, dtype=x.dtype, device=x.device) if write_gates else None
+    _route_kernel[(triton.cdiv(tokens, block_m),)](
+        x, weight, bias, selection_bias, gate_scale, chosen, gates, tokens, hidden_size, num_experts, x.stride(0),
+        TOP_K=top_k, GATED=gated, HAS_BIAS=bias is not None, ACT=act_code, WRITE_GATES=write_gates,
+        EVEN_K=hidden_size % block_k == 0, E_POW2=max(16, triton.next_power_of_2(num_experts)), BLOCK_M=block_m,
+        BLOCK_K=block_k, num_warps=4)
+    return chosen, gates
+
+
+def group(flat: torch.Tensor, num_experts: int, block: int = 1024):
+    """(order, counts) as `cmoe.moe.group_slots` gives them (order int32 here, counts int32), in one launch."""
+    order = torch.empty(flat.shape[0], dtype=torch.int32, device=flat.device)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
+    _group_kernel[(1,)](flat, order, counts, flat.shape[0], num_experts,
+                        E_POW2=triton.next_power_of_2(num_experts), BLOCK=block, num_warps=8)
+    return order, counts
+
+
 def routed_experts(x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, top_k: int, gates, gate_up_proj,
                    up_bias, down_proj, act_code: int, gated: bool, residual, blocks: dict | None = None) -> torch.Tensor:
     """The routed experts' output for x [T, H] plus `residual` [T, H] (the shared part's output, or None).
