@@ -4,6 +4,7 @@
 #   bench/gpu_session.sh variants   CUDA checks, then where the carved FFN's time goes (bench/cuda_variants.py)
 #   bench/gpu_session.sh finetune   recovery fine-tune of S3A3E8 at the paper's budget (2,048 x 2,048 tokens)
 #   bench/gpu_session.sh speed      the speed benchmark in bfloat16, eager and under CUDA graphs
+#   bench/gpu_session.sh triton     the same with the Triton kernels (experts, shared part, router) switched on
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="src:bench${PYTHONPATH:+:$PYTHONPATH}"
 case "${1:-speed}" in
@@ -15,4 +16,6 @@ finetune)
     python3 bench/finetune.py --device cuda --configs S3A3E8 --samples 2048 --batch-size 8 --max-minutes 6 ;;
 speed)
     python3 bench/speed.py --device cuda --dtype bfloat16 ;;
+triton)
+    CMOE_GPU_PATHS=triton_experts,triton_shared,triton_router python3 bench/speed.py --device cuda --dtype bfloat16 ;;
 esac

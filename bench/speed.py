@@ -7,12 +7,14 @@
    2,048 tokens and decode at batch 1, 8, 32 (`cmoe bench`'s measurements).
 2. A Llama-2-7B-shaped FFN (hidden 4096, intermediate 11008, random weights, random grouping): speed only,
    prefill of 2,048 tokens (8,192 on CUDA) and decode at batch 1.
-Writes bench/results/speed_<device>_<dtype>.json.
+Writes bench/results/speed_<device>_<dtype>.json (on CUDA with the switches of CMOE_GPU_PATHS appended,
+e.g. speed_cuda_bfloat16_triton_experts_triton_router.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 import cmoe
+import cmoe.moe
 from cmoe.speed import bench_ffn, keep_freed_memory, random_ffn_pair, run_benchmark, shape_of
 from provenance import device_name, git_commit
 
@@ -87,8 +90,10 @@ def main():
     report = dict(benchmark="speed", command=" ".join([Path(sys.executable).name] + sys.argv),
                   date=time.strftime("%Y-%m-%d"), device=device_name(args.device), threads=torch.get_num_threads(),
                   dtype=args.dtype, torch=torch.__version__, cmoe=cmoe.__version__, git=git_commit(),
-                  freed_memory_kept=kept, rows=rows)
-    path = RESULTS / f"speed_{args.device}_{args.dtype}.json"
+                  freed_memory_kept=kept, gpu_paths=dataclasses.asdict(cmoe.moe.GPU), rows=rows)
+    switched_on = [name for name, on in dataclasses.asdict(cmoe.moe.GPU).items() if on]
+    suffix = "".join(f"_{name}" for name in switched_on) if args.device == "cuda" else ""
+    path = RESULTS / f"speed_{args.device}_{args.dtype}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cmoe import kernels
+from cmoe.errors import CMoEError
 from cmoe.kernels import ACTIVATION_CODES
 import cmoe.moe as moe_module
 from cmoe.moe import _hidden, group_slots
@@ -215,3 +216,14 @@ def test_triton_kernels_compile_for_an_h100_with_pipelined_tensor_core_loops(tri
         assert row["shared"] <= 227 * 1024, row  # an H100 block's shared memory
         if row["blocks"][0] >= 64:  # wgmma takes 64-row tiles; decode's 16-row tiles use mma.sync
             assert row["wgmma"], row
+
+
+def test_gpu_paths_are_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CMOE_GPU_PATHS", "triton_experts, triton_router")
+    assert moe_module.GPUPaths.from_environment() == moe_module.GPUPaths(triton_experts=True, triton_router=True)
+    monkeypatch.setenv("CMOE_GPU_PATHS", "triton_experts,fast")
+    with pytest.raises(CMoEError, match="names fast, which cmoe does not know") as error:
+        moe_module.GPUPaths.from_environment()
+    assert "\n" not in str(error.value) and "counting_sort" in str(error.value)
+    monkeypatch.delenv("CMOE_GPU_PATHS")
+    assert moe_module.GPUPaths.from_environment() == moe_module.GPUPaths()

@@ -7,7 +7,8 @@ scales at zero, the output equals the dense FFN's up to float rounding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from . import kernels
+from .errors import CMoEError
 from .kernels import ACTIVATION_CODES
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -61,7 +63,8 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
 @dataclass
 class GPUPaths:
     """Which forward a GPU takes where there is a choice. Each is off until timed on a GPU; bench/cuda_variants.py
-    times them all, side by side."""
+    times them all, side by side. CMOE_GPU_PATHS=triton_experts,triton_router (say) turns some on for a
+    process; `cmoe.moe.GPU.triton_experts = True` does it in code."""
 
     counting_sort: bool = False  # group slots by `group_slots`' counting sort rather than a full sort
     # kernels/moe_triton.py (bfloat16 and float16):
@@ -70,7 +73,19 @@ class GPUPaths:
     triton_router: bool = False  # with triton_experts: the router, then the grouping of slots, one launch each
 
 
-GPU = GPUPaths()
+    @classmethod
+    def from_environment(cls) -> "GPUPaths":
+        """The switches named in CMOE_GPU_PATHS (comma-separated) on, the others off."""
+        names = [name.strip() for name in os.environ.get("CMOE_GPU_PATHS", "").split(",") if name.strip()]
+        known = [field.name for field in fields(cls)]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise CMoEError(f"CMOE_GPU_PATHS names {', '.join(unknown)}, which cmoe does not know; set it to a "
+                            f"comma-separated list of {', '.join(known)}.")
+        return cls(**{name: True for name in names})
+
+
+GPU = GPUPaths.from_environment()
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
