@@ -53,10 +53,13 @@ def _activation(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(counts_ptr, slot_starts_ptr, tile_ends_ptr, tile, num_experts, BLOCK_M: tl.constexpr,
-               E_POW2: tl.constexpr):
-    """Which expert tile `tile` belongs to (num_experts when it is past the last), and its rows of the
-    grouped order with their mask."""
+def _program_tile(counts_ptr, slot_starts_ptr, tile_ends_ptr, num_experts, columns_in_all, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, E_POW2: tl.constexpr):
+    """This program's tile: its expert (num_experts when the tile is past the last), its rows of the grouped
+    order and its columns, each with a mask. Neighbouring programs take the same rows' other columns, so
+    the rows they read come from L2."""
+    column_tiles = tl.cdiv(columns_in_all, BLOCK_N)
+    tile, column_tile = tl.program_id(0) // column_tiles, tl.program_id(0) % column_tiles
     experts = tl.arange(0, E_POW2)
     ends = tl.load(tile_ends_ptr + experts, mask=experts < num_experts, other=2147483647)
     expert = tl.sum((ends <= tile).to(tl.int32), axis=0)  # experts whose tiles all come before this one
@@ -65,7 +68,8 @@ def _tile_rows(counts_ptr, slot_starts_ptr, tile_ends_ptr, tile, num_experts, BL
     first_tile = tl.load(tile_ends_ptr + safe) - tl.cdiv(count, BLOCK_M)
     start = tl.load(slot_starts_ptr + safe)
     rows = start + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return expert, rows, rows < start + count
+    columns = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, rows, rows < start + count, columns, columns < columns_in_all
 
 
 @triton.jit
@@ -74,17 +78,12 @@ def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, gates_ptr, hidden_ptr, order_ptr, co
                     TOP_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATES: tl.constexpr,
                     ACT: tl.constexpr, EVEN_K: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    column_tiles = tl.cdiv(width, BLOCK_N)
-    # neighbouring programs take the same rows' other columns: the gathered rows are read from L2
-    tile, column_tile = tl.program_id(0) // column_tiles, tl.program_id(0) % column_tiles
-    expert, rows, row_ok = _tile_rows(counts_ptr, slot_starts_ptr, tile_ends_ptr, tile, num_experts, BLOCK_M,
-                                      E_POW2)
+    expert, rows, row_ok, columns, column_ok = _program_tile(counts_ptr, slot_starts_ptr, tile_ends_ptr, num_experts,
+                                                             width, BLOCK_M, BLOCK_N, E_POW2)
     if expert >= num_experts:
         return
     slots = tl.load(order_ptr + rows, mask=row_ok, other=0)
     tokens = (slots // TOP_K).to(tl.int64)
-    columns = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    column_ok = columns < width
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_x + ks[None, :]
     # the weight tile transposed, [BLOCK_K, BLOCK_N]: rows of gate_up_proj[expert] are neurons
@@ -125,14 +124,10 @@ def _down_kernel(hidden_ptr, w_ptr, residual_ptr, out_ptr, order_ptr, counts_ptr
                  num_experts, hidden_size, width, stride_hidden, stride_we, stride_wn, stride_out,
                  HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    column_tiles = tl.cdiv(hidden_size, BLOCK_N)
-    tile, column_tile = tl.program_id(0) // column_tiles, tl.program_id(0) % column_tiles
-    expert, rows, row_ok = _tile_rows(counts_ptr, slot_starts_ptr, tile_ends_ptr, tile, num_experts, BLOCK_M,
-                                      E_POW2)
+    expert, rows, row_ok, columns, column_ok = _program_tile(counts_ptr, slot_starts_ptr, tile_ends_ptr, num_experts,
+                                                             hidden_size, BLOCK_M, BLOCK_N, E_POW2)
     if expert >= num_experts:
         return
-    columns = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    column_ok = columns < hidden_size
     ks = tl.arange(0, BLOCK_K)
     hidden_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hidden + ks[None, :]
     # down_proj[expert] is [hidden_size, width]; its tile transposed, [BLOCK_K, BLOCK_N]
