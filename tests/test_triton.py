@@ -150,48 +150,65 @@ def test_dense_hidden_matches_the_pytorch_activation(triton_kernels, case):
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
 
 
-# Compiles both kernels for an H100 (sm_90a) as the JIT would at launch: pointers 16-byte aligned and the
-# strides and sizes multiples of 16 (as in every model cmoe carves). No GPU is needed to compile. Prints,
-# per kernel and tile shape: whether it uses Hopper's tensor-core instruction (wgmma), whether its loads are
-# pipelined (cp.async), and its shared memory.
+# Compiles the kernels for an H100 (sm_90a) as the JIT would at launch: pointers 16-byte aligned and the
+# strides and sizes multiples of 16 (as in the common models). No GPU is needed to compile. The expert
+# kernels' common case in both tile-shape sets, then every other branch once. Prints, per compile: whether
+# it uses Hopper's tensor-core instruction (wgmma), whether its loads are pipelined (cp.async), and its
+# shared memory.
 _COMPILE_FOR_HOPPER = r"""
-import json, sys
+import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from cmoe.kernels import moe_triton as m
 
-POINTERS = {"_gate_up_kernel": dict(x_ptr="*bf16", w_ptr="*bf16", hidden_ptr="*bf16", order_ptr="*i64",
-                                    counts_ptr="*i32", slot_starts_ptr="*i32", tile_ends_ptr="*i32"),
-            "_down_kernel": dict(hidden_ptr="*bf16", w_ptr="*bf16", residual_ptr="*bf16", out_ptr="*bf16",
-                                 order_ptr="*i64", counts_ptr="*i32", slot_starts_ptr="*i32", tile_ends_ptr="*i32")}
-CONSTANTS = {"_gate_up_kernel": dict(bias_ptr=None, gates_ptr=None, TOP_K=1, GATED=True, HAS_BIAS=False,
-                                     HAS_GATES=False, ACT=0),
-             "_down_kernel": dict(HAS_RESIDUAL=True)}
-rows = []
-for name, kind in (("_gate_up_kernel", "gate_up"), ("_down_kernel", "down")):
-    kernel = getattr(m, name)
-    for blocks in (m.BLOCKS[kind], m.FEW_SLOTS_BLOCKS[kind]):
-        block_m, block_n, block_k, warps, stages = blocks
-        constants = dict(CONSTANTS[name], EVEN_K=True, E_POW2=8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-        signature = {arg: POINTERS[name].get(arg, "constexpr" if arg in constants else "i32") for arg in kernel.arg_names}
-        aligned = [arg for arg, kind_ in signature.items() if kind_ != "constexpr" and arg != "num_experts"]
-        attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in aligned}
-        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 64),
-                                  options=dict(num_warps=warps, num_stages=stages))
-        ptx = compiled.asm["ptx"]
-        rows.append(dict(kernel=kind, blocks=blocks, wgmma="wgmma.mma_async" in ptx, pipelined="cp.async" in ptx,
-                         shared=compiled.metadata.shared))
-for kernel, pointers, constants, warps in (
-        (m._route_kernel, dict(x_ptr="*bf16", w_ptr="*bf16", selection_bias_ptr="*fp32", gate_scale_ptr="*bf16",
-                               chosen_ptr="*i64", gates_ptr="*bf16"),
-         dict(bias_ptr=None, TOP_K=2, GATED=True, HAS_BIAS=False, ACT=0, WRITE_GATES=True, EVEN_K=True, E_POW2=16,
-              BLOCK_M=64, BLOCK_K=128), 4),
-        (m._group_kernel, dict(flat_ptr="*i64", order_ptr="*i32", counts_ptr="*i32"), dict(E_POW2=8, BLOCK=1024), 8)):
+ORDER = dict(order_ptr="*i64", counts_ptr="*i32", slot_starts_ptr="*i32", tile_ends_ptr="*i32")
+GATE_UP = dict(x_ptr="*bf16", w_ptr="*bf16", hidden_ptr="*bf16", **ORDER)
+DOWN = dict(hidden_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", **ORDER)
+ROUTE = dict(x_ptr="*bf16", w_ptr="*bf16", selection_bias_ptr="*fp32", gate_scale_ptr="*bf16", chosen_ptr="*i64")
+
+
+def compile_for_hopper(kernel, pointers, constants, warps, stages=3):
     signature = {arg: pointers.get(arg, "constexpr" if arg in constants else "i32") for arg in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 64),
-                              options=dict(num_warps=warps))
-    rows.append(dict(kernel=kernel.__name__, shared=compiled.metadata.shared))
+    aligned = [arg for arg, kind in signature.items() if kind != "constexpr" and arg not in ("num_experts", "tokens")]
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in aligned}
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 64),
+                              options=dict(num_warps=warps, num_stages=stages))
+    ptx = compiled.asm["ptx"]
+    return dict(kernel=kernel.__name__, wgmma="wgmma.mma_async" in ptx, pipelined="cp.async" in ptx,
+                shared=compiled.metadata.shared)
+
+
+def tiles(blocks):
+    block_m, block_n, block_k, warps, stages = blocks
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k), warps, stages
+
+
+rows = []
+# the common case, both tile-shape sets: a gated FFN at top-1 (the shared output added by the down kernel)
+for kind, kernel, pointers, constants in (
+        ("gate_up", m._gate_up_kernel, GATE_UP, dict(bias_ptr=None, gates_ptr=None, TOP_K=1, GATED=True,
+                                                    HAS_BIAS=False, HAS_GATES=False, ACT=0)),
+        ("down", m._down_kernel, dict(DOWN, residual_ptr="*bf16"), dict(HAS_RESIDUAL=True))):
+    for blocks in (m.BLOCKS[kind], m.FEW_SLOTS_BLOCKS[kind]):
+        shape, warps, stages = tiles(blocks)
+        rows.append(dict(compile_for_hopper(kernel, pointers, dict(constants, EVEN_K=True, E_POW2=8, **shape), warps,
+                                            stages), blocks=blocks))
+# every other branch compiles too: plain FFNs with biases, gates, the other activations, top-k, uneven K
+shape, warps, stages = tiles(m.BLOCKS["gate_up"])
+for act in (1, 2, 3):
+    rows.append(compile_for_hopper(m._gate_up_kernel, dict(GATE_UP, bias_ptr="*bf16", gates_ptr="*bf16"),
+                                   dict(TOP_K=3, GATED=False, HAS_BIAS=True, HAS_GATES=True, ACT=act, EVEN_K=False,
+                                        E_POW2=16, **shape), warps, stages))
+shape, warps, stages = tiles(m.BLOCKS["down"])
+rows.append(compile_for_hopper(m._down_kernel, DOWN, dict(residual_ptr=None, HAS_RESIDUAL=False, EVEN_K=False,
+                                                          E_POW2=8, **shape), warps, stages))
+for constants in (dict(bias_ptr=None, TOP_K=2, GATED=True, HAS_BIAS=False, ACT=0, WRITE_GATES=True, EVEN_K=True),
+                  dict(TOP_K=1, GATED=False, HAS_BIAS=True, ACT=2, WRITE_GATES=False, gates_ptr=None, EVEN_K=False)):
+    pointers = dict(ROUTE, gates_ptr="*bf16", bias_ptr="*bf16")
+    rows.append(compile_for_hopper(m._route_kernel, pointers, dict(constants, E_POW2=16, BLOCK_M=64, BLOCK_K=128), 4))
+rows.append(compile_for_hopper(m._group_kernel, dict(flat_ptr="*i64", order_ptr="*i32", counts_ptr="*i32"),
+                               dict(E_POW2=8, BLOCK=1024), 8))
 print(json.dumps(rows))
 """
 
@@ -210,7 +227,8 @@ def test_triton_kernels_compile_for_an_h100_with_pipelined_tensor_core_loops(tri
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [row["kernel"] for row in rows] == ["gate_up", "gate_up", "down", "down", "_route_kernel", "_group_kernel"]
+    assert [row["kernel"] for row in rows] == (["_gate_up_kernel"] * 2 + ["_down_kernel"] * 2 + ["_gate_up_kernel"] * 3
+                                               + ["_down_kernel"] + ["_route_kernel"] * 2 + ["_group_kernel"])
     for row in rows[:4]:
         assert row["pipelined"], row  # loads staged through shared memory while the products run
         assert row["shared"] <= 227 * 1024, row  # an H100 block's shared memory
