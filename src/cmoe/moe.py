@@ -72,7 +72,6 @@ class GPUPaths:
     triton_shared: bool = False  # the shared part's gate/up product and activation in one launch
     triton_router: bool = False  # with triton_experts: the router, then the grouping of slots, one launch each
 
-
     @classmethod
     def from_environment(cls) -> "GPUPaths":
         """The switches named in CMOE_GPU_PATHS (comma-separated) on, the others off."""
