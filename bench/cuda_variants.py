@@ -125,9 +125,9 @@ def pieces(moe, x):
         "grouped down GEMM": lambda: F.grouped_mm(hidden, e.down_proj.transpose(1, 2), offs=offsets),
     }
     if moe_triton is not None and x.is_cuda:
-        timed["router, Triton"] = lambda: moe_triton.route(x, r.weight, r.bias, r.selection_bias, r.gate_scale, r.top_k,
-                                                           ACTIVATION_CODES[r.act], r.gated, write_gates=False)
-        timed["group slots, Triton"] = lambda: moe_triton.group(flat, e.num_experts)
+        timed["router and grouping, Triton"] = lambda: moe_triton.route(
+            x, r.weight, r.bias, r.selection_bias, r.gate_scale, r.top_k, ACTIVATION_CODES[r.act], r.gated,
+            write_gates=False)
         timed["routed experts, Triton (gate_up + down)"] = lambda: moe_triton.routed_experts(
             x, order, counts, r.top_k, None, e.gate_up_proj, None, e.down_proj, ACTIVATION_CODES[e.act], e.gated, None)
     return timed

@@ -80,7 +80,7 @@ def test_counts_that_disagree_with_the_grouping_fail_the_comparison(triton_kerne
                          ids=["experts", "experts+shared", "experts+shared+router"])
 def test_moe_forward_runs_through_the_triton_kernels_where_switched_on(triton_kernels, monkeypatch, switches):
     monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # the grouped path, as on a GPU
-    used = {"route": 0, "group": 0, "routed_experts": 0, "dense_hidden": 0}
+    used = {"route": 0, "routed_experts": 0, "dense_hidden": 0}
 
     def counted(name):
         function = getattr(triton_kernels, name)
@@ -100,7 +100,7 @@ def test_moe_forward_runs_through_the_triton_kernels_where_switched_on(triton_ke
                 got = moe(x)
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
     router_on = switches.get("triton_router", False)
-    assert used == {"route": 2 * router_on, "group": 2 * router_on, "routed_experts": 2,
+    assert used == {"route": 2 * router_on, "routed_experts": 2,
                     "dense_hidden": 2 * switches.get("triton_shared", False)}
 
 
@@ -110,30 +110,23 @@ ROUTER_CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh", top_k=3), dict(a
 
 
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_route_kernel_chooses_as_the_router_does(triton_kernels, case):
+def test_route_kernel_chooses_and_groups_as_the_router_and_group_slots_do(triton_kernels, case):
     router = random_moe(**{"std": 0.2, **case}).router
-    for tokens in (1, 70):
+    for tokens in (1, 70, 1500):  # 1500 tokens: several blocks of the grouping launch
         x = torch.randn(tokens, router.weight.shape[1])
         with torch.no_grad():
             probs, expected = router.select(x)
             expected_gates = router.gates(probs, expected)
-            chosen, gates = triton_kernels.route(x, router.weight, router.bias, router.selection_bias,
-                                                 router.gate_scale, router.top_k, ACTIVATION_CODES[router.act],
-                                                 router.gated, write_gates=True, block_m=16, block_k=16)
+            chosen, gates, order, counts = triton_kernels.route(
+                x, router.weight, router.bias, router.selection_bias, router.gate_scale, router.top_k,
+                ACTIVATION_CODES[router.act], router.gated, write_gates=True, block_m=16, block_k=16)
         assert torch.equal(chosen, expected)  # the same experts, in the same order (largest first)
         assert torch.allclose(gates, expected_gates, atol=1e-6), (gates - expected_gates).abs().max()
-
-
-def test_group_kernel_sorts_slots_as_group_slots_does(triton_kernels):
-    generator = torch.Generator().manual_seed(0)
-    cases = [torch.randint(0, 8, (300,), generator=generator), torch.randint(0, 20, (1000,), generator=generator),
-             torch.tensor([5, 5, 1, 5, 1]),  # experts left empty
-             torch.tensor([3]), torch.zeros(0, dtype=torch.long)]
-    for flat in cases:
-        experts = 20 if flat.numel() and flat.max() >= 8 else 8
-        expected_order, expected_counts = group_slots(flat, experts, counting=False)
-        order, counts = triton_kernels.group(flat, experts, block=64)  # 64: several blocks
-        assert torch.equal(order.long(), expected_order) and torch.equal(counts.long(), expected_counts)
+        # grouped as group_slots groups them, up to the order within an expert (atomic counts set it on a GPU)
+        expected_order, expected_counts = group_slots(expected.reshape(-1), router.num_experts)
+        assert torch.equal(counts.long(), expected_counts)
+        for start, end in zip(expected_counts.cumsum(0) - expected_counts, expected_counts.cumsum(0)):
+            assert torch.equal(order[start:end].long().sort().values, expected_order[start:end].sort().values)
 
 
 @pytest.mark.parametrize("case", [dict(act="silu"), dict(act="gelu_pytorch_tanh", hidden=53),
@@ -162,11 +155,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from cmoe.kernels import moe_triton as m
 
-ORDER = dict(order_ptr="*i64", counts_ptr="*i32", slot_starts_ptr="*i32", tile_ends_ptr="*i32")
-GATE_UP = dict(x_ptr="*bf16", w_ptr="*bf16", hidden_ptr="*bf16", **ORDER)
-DOWN = dict(hidden_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", **ORDER)
-ROUTE = dict(x_ptr="*bf16", w_ptr="*bf16", selection_bias_ptr="*fp32", gate_scale_ptr="*bf16", chosen_ptr="*i64")
-
+GATE_UP = dict(x_ptr="*bf16", w_ptr="*bf16", hidden_ptr="*bf16", order_ptr="*i32", counts_ptr="*i32")
+DOWN = dict(hidden_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", order_ptr="*i32", counts_ptr="*i32")
+ROUTE = dict(x_ptr="*bf16", w_ptr="*bf16", selection_bias_ptr="*fp32", gate_scale_ptr="*bf16", chosen_ptr="*i64",
+             counts_ptr="*i32", ranks_ptr="*i32")
 
 def compile_for_hopper(kernel, pointers, constants, warps, stages=3):
     signature = {arg: pointers.get(arg, "constexpr" if arg in constants else "i32") for arg in kernel.arg_names}
@@ -187,8 +179,8 @@ def tiles(blocks):
 rows = []
 # the common case, both tile-shape sets: a gated FFN at top-1 (the shared output added by the down kernel)
 for kind, kernel, pointers, constants in (
-        ("gate_up", m._gate_up_kernel, GATE_UP, dict(bias_ptr=None, gates_ptr=None, TOP_K=1, GATED=True,
-                                                    HAS_BIAS=False, HAS_GATES=False, ACT=0)),
+        ("gate_up", m._gate_up_kernel, GATE_UP, dict(bias_ptr=None, gates_ptr=None, TOP_K=1, GROUPED=True,
+                                                    GATED=True, HAS_BIAS=False, HAS_GATES=False, ACT=0)),
         ("down", m._down_kernel, dict(DOWN, residual_ptr="*bf16"), dict(HAS_RESIDUAL=True))):
     for blocks in (m.BLOCKS[kind], m.FEW_SLOTS_BLOCKS[kind]):
         shape, warps, stages = tiles(blocks)
@@ -198,8 +190,8 @@ for kind, kernel, pointers, constants in (
 shape, warps, stages = tiles(m.BLOCKS["gate_up"])
 for act in (1, 2, 3):
     rows.append(compile_for_hopper(m._gate_up_kernel, dict(GATE_UP, bias_ptr="*bf16", gates_ptr="*bf16"),
-                                   dict(TOP_K=3, GATED=False, HAS_BIAS=True, HAS_GATES=True, ACT=act, EVEN_K=False,
-                                        E_POW2=16, **shape), warps, stages))
+                                   dict(TOP_K=3, GROUPED=act != 3, GATED=False, HAS_BIAS=True, HAS_GATES=True,
+                                        ACT=act, EVEN_K=False, E_POW2=16, **shape), warps, stages))
 shape, warps, stages = tiles(m.BLOCKS["down"])
 rows.append(compile_for_hopper(m._down_kernel, DOWN, dict(residual_ptr=None, HAS_RESIDUAL=False, EVEN_K=False,
                                                           E_POW2=8, **shape), warps, stages))
@@ -207,8 +199,8 @@ for constants in (dict(bias_ptr=None, TOP_K=2, GATED=True, HAS_BIAS=False, ACT=0
                   dict(TOP_K=1, GATED=False, HAS_BIAS=True, ACT=2, WRITE_GATES=False, gates_ptr=None, EVEN_K=False)):
     pointers = dict(ROUTE, gates_ptr="*bf16", bias_ptr="*bf16")
     rows.append(compile_for_hopper(m._route_kernel, pointers, dict(constants, E_POW2=16, BLOCK_M=64, BLOCK_K=128), 4))
-rows.append(compile_for_hopper(m._group_kernel, dict(flat_ptr="*i64", order_ptr="*i32", counts_ptr="*i32"),
-                               dict(E_POW2=8, BLOCK=1024), 8))
+rows.append(compile_for_hopper(m._place_kernel, dict(chosen_ptr="*i64", ranks_ptr="*i32", counts_ptr="*i32",
+                                                    order_ptr="*i32"), dict(E_POW2=8, BLOCK=1024), 4))
 print(json.dumps(rows))
 """
 
@@ -228,7 +220,7 @@ def test_triton_kernels_compile_for_an_h100_with_pipelined_tensor_core_loops(tri
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [row["kernel"] for row in rows] == (["_gate_up_kernel"] * 2 + ["_down_kernel"] * 2 + ["_gate_up_kernel"] * 3
-                                               + ["_down_kernel"] + ["_route_kernel"] * 2 + ["_group_kernel"])
+                                               + ["_down_kernel"] + ["_route_kernel"] * 2 + ["_place_kernel"])
     for row in rows[:4]:
         assert row["pipelined"], row  # loads staged through shared memory while the products run
         assert row["shared"] <= 227 * 1024, row  # an H100 block's shared memory

@@ -70,7 +70,7 @@ class GPUPaths:
     # kernels/moe_triton.py (bfloat16 and float16):
     triton_experts: bool = False  # the routed experts in two launches (gather, products, activation, un-permute)
     triton_shared: bool = False  # the shared part's gate/up product and activation in one launch
-    triton_router: bool = False  # with triton_experts: the router, then the grouping of slots, one launch each
+    triton_router: bool = False  # with triton_experts: the router and the grouping of slots in two launches
 
     @classmethod
     def from_environment(cls) -> "GPUPaths":
@@ -337,10 +337,9 @@ class MoEFFN(nn.Module):
 
     def _triton_routed(self, triton_kernels, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         router, experts = self.router, self.experts
-        chosen, gates = triton_kernels.route(x, router.weight, router.bias, router.selection_bias, router.gate_scale,
-                                             router.top_k, ACTIVATION_CODES[router.act], router.gated,
-                                             write_gates=not router.gates_are_one())
-        order, counts = triton_kernels.group(chosen.reshape(-1), experts.num_experts)
+        _, gates, order, counts = triton_kernels.route(x, router.weight, router.bias, router.selection_bias,
+                                                       router.gate_scale, router.top_k, ACTIVATION_CODES[router.act],
+                                                       router.gated, write_gates=not router.gates_are_one())
         return triton_kernels.routed_experts(x, order, counts, router.top_k, gates, experts.gate_up_proj,
                                              experts.up_bias, experts.down_proj, ACTIVATION_CODES[experts.act],
                                              experts.gated, out)
