@@ -237,3 +237,16 @@ def test_gpu_paths_are_read_from_the_environment(monkeypatch):
     assert "\n" not in str(error.value) and "counting_sort" in str(error.value)
     monkeypatch.delenv("CMOE_GPU_PATHS")
     assert moe_module.GPUPaths.from_environment() == moe_module.GPUPaths()
+
+
+def test_triton_kernels_take_no_tokens(triton_kernels):
+    moe = random_moe(top_k=2, std=0.2)
+    router, experts, shared = moe.router, moe.experts, moe.shared
+    x = torch.randn(0, moe.hidden_size)
+    chosen, gates, order, counts = triton_kernels.route(x, router.weight, router.bias, router.selection_bias,
+                                                        router.gate_scale, 2, 0, True, write_gates=True)
+    assert chosen.shape == (0, 2) and order.numel() == 0 and counts.tolist() == [0] * router.num_experts
+    out = triton_kernels.routed_experts(x, order, counts, 2, gates, experts.gate_up_proj, None, experts.down_proj, 0,
+                                        True, torch.zeros_like(x))
+    assert out.shape == (0, moe.hidden_size)
+    assert triton_kernels.dense_hidden(x, shared.gate_up_proj, None, 0, True).shape == (0, shared.width)

@@ -248,15 +248,17 @@ def route(x: torch.Tensor, weight, bias, selection_bias, gate_scale, top_k: int,
     gates = torch.empty(tokens, top_k, dtype=x.dtype, device=x.device) if write_gates else None
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     ranks = torch.empty(slots, dtype=torch.int32, device=x.device)
+    order = torch.empty(slots, dtype=torch.int32, device=x.device)
+    if tokens == 0:  # the kernels would read x's first row
+        return chosen, gates, order, counts
     experts_pow2 = triton.next_power_of_2(num_experts)
     _route_kernel[(triton.cdiv(tokens, block_m),)](
         x, weight, bias, selection_bias, gate_scale, chosen, gates, counts, ranks, tokens, hidden_size, num_experts,
         x.stride(0), TOP_K=top_k, GATED=gated, HAS_BIAS=bias is not None, ACT=act_code, WRITE_GATES=write_gates,
         EVEN_K=hidden_size % block_k == 0, E_POW2=max(16, experts_pow2), BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=4)
-    order = torch.empty(slots, dtype=torch.int32, device=x.device)
     block = 1024
-    _place_kernel[(max(1, triton.cdiv(slots, block)),)](chosen, ranks, counts, order, slots, num_experts,
+    _place_kernel[(triton.cdiv(slots, block),)](chosen, ranks, counts, order, slots, num_experts,
                                                         E_POW2=experts_pow2, BLOCK=block, num_warps=4)
     return chosen, gates, order, counts
 
@@ -272,6 +274,8 @@ def routed_experts(x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, t
     tokens, hidden_size = x.shape
     num_experts, width = down_proj.shape[0], down_proj.shape[2]
     slots = tokens * top_k
+    if tokens == 0:
+        return torch.zeros_like(x) if residual is None else residual.clone()
     blocks = blocks or (FEW_SLOTS_BLOCKS if slots < FEW_SLOTS else BLOCKS)
     counts = counts.to(torch.int32)
     hidden = _gate_up(x, order, counts, slots, top_k, gates, gate_up_proj, up_bias, act_code, gated, blocks["gate_up"])
@@ -296,6 +300,8 @@ def dense_hidden(x: torch.Tensor, gate_up_proj, up_bias, act_code: int, gated: b
     """A dense FFN's hidden rows [T, W] for x [T, H]: act(gate) * up, or act(up + bias), from gate_up_proj
     [2W or W, H] in one launch (the routed kernel with one expert that every token chose)."""
     tokens = x.shape[0]
+    if tokens == 0:
+        return x.new_empty(0, gate_up_proj.shape[0] // (2 if gated else 1))
     blocks = blocks or (FEW_SLOTS_BLOCKS if tokens < FEW_SLOTS else BLOCKS)
     counts = torch.full((1,), tokens, dtype=torch.int32, device=x.device)
     return _gate_up(x, None, counts, tokens, 1, None, gate_up_proj[None], None if up_bias is None else up_bias[None],
@@ -322,4 +328,4 @@ def _gate_up(x, order, counts, slots, top_k, gates, gate_up_proj, up_bias, act_c
 
 def _most_tiles(slots: int, num_experts: int, block_m: int) -> int:
     """The most BLOCK_M tiles that `slots` rows split among `num_experts` groups can need."""
-    return max(1, min(triton.cdiv(slots, block_m) + num_experts - 1, slots))
+    return min(triton.cdiv(slots, block_m) + num_experts - 1, slots)
