@@ -73,28 +73,36 @@ def previous_forward(moe, x):
     return out + (back[:, 0] if top_k == 1 else back.sum(dim=1))
 
 
-def with_settings(fn, blocks=None, **settings):
+def with_settings(fn, blocks=None, few_blocks=None, **settings):
     """`fn` run with cmoe.moe.GPU's switches set as given (counting_sort, triton_experts, ...) and with
-    `blocks` as the Triton kernels' tile shapes, also while a CUDA graph captures it."""
+    `blocks` and `few_blocks` as the Triton kernels' tile shapes (BLOCKS, FEW_SLOTS_BLOCKS), also while a CUDA
+    graph captures it."""
 
     def run():
         saved = dataclasses.replace(cmoe.moe.GPU)
-        saved_blocks = moe_triton.BLOCKS if moe_triton else None
+        saved_blocks = (moe_triton.BLOCKS, moe_triton.FEW_SLOTS_BLOCKS) if moe_triton else None
         try:
             for name, value in settings.items():
                 setattr(cmoe.moe.GPU, name, value)
             if blocks:
                 moe_triton.BLOCKS = blocks
+            if few_blocks:
+                moe_triton.FEW_SLOTS_BLOCKS = few_blocks
             return fn()
         finally:
             for name in settings:
                 setattr(cmoe.moe.GPU, name, getattr(saved, name))
             if moe_triton:
-                moe_triton.BLOCKS = saved_blocks
+                moe_triton.BLOCKS, moe_triton.FEW_SLOTS_BLOCKS = saved_blocks
     return run
 
 
 # Triton tile shapes to try beside moe_triton.BLOCKS: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# and for decode (FEW_SLOTS_BLOCKS): narrower column tiles give one token's product more programs
+TRITON_FEW_BLOCKS = {
+    "16x32x128 w4 s4": {"gate_up": (16, 32, 128, 4, 4), "down": (16, 32, 128, 4, 4)},
+    "16x64x64 w4 s6": {"gate_up": (16, 64, 64, 4, 6), "down": (16, 64, 64, 4, 6)},
+}
 TRITON_BLOCKS = {
     "64x128x64 w4 s4": {"gate_up": (64, 128, 64, 4, 4), "down": (64, 128, 64, 4, 4)},
     "128x64x64 w4 s4": {"gate_up": (128, 64, 64, 4, 4), "down": (128, 128, 64, 4, 4)},
@@ -200,7 +208,12 @@ def main():
         x1 = torch.randn(1, args.hidden, dtype=dtype, device=device)
         decode = {"decode b1 dense": lambda: dense(x1), "decode b1 carved": lambda: moe(x1)}
         if moe_triton is not None and device == "cuda":
+            every = dict(triton_experts=True, triton_shared=True, triton_router=True)
             decode["decode b1 carved, Triton"] = with_settings(lambda: moe(x1), triton_experts=True)
+            decode["decode b1 carved, Triton everywhere"] = with_settings(lambda: moe(x1), **every)
+            for label, few in TRITON_FEW_BLOCKS.items():
+                decode[f"decode b1 carved, Triton everywhere {label}"] = with_settings(lambda: moe(x1), few_blocks=few,
+                                                                                      **every)
         if device == "cuda":
             for label in list(decode):
                 decode[label + ", CUDA graph"] = graphed(decode[label])
