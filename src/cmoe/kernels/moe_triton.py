@@ -38,12 +38,9 @@ BLOCKS = {"gate_up": (128, 128, 64, 8, 3), "down": (128, 128, 64, 8, 3)}
 FEW_SLOTS = 256
 FEW_SLOTS_BLOCKS = {"gate_up": (16, 64, 128, 4, 3), "down": (16, 64, 128, 4, 3)}
 
-# activation codes as in cmoe.kernels.ACTIVATION_CODES
-SILU, GELU, GELU_TANH, RELU = 0, 1, 2, 3
-
-
 @triton.jit
 def _activation(v, ACT: tl.constexpr):
+    """ACT as in cmoe.kernels.ACTIVATION_CODES: 0 SiLU, 1 GELU, 2 GELU (tanh form), 3 ReLU."""
     if ACT == 0:
         return v * tl.sigmoid(v)
     elif ACT == 1:
