@@ -177,6 +177,7 @@ def main():
             variants["carved, Triton"] = with_settings(lambda: moe(x), triton_experts=True)
             variants["carved, Triton, shared part too"] = with_settings(lambda: moe(x), triton_experts=True,
                                                                         triton_shared=True)
+            variants["carved, Triton router, grouped GEMMs"] = with_settings(lambda: moe(x), triton_router=True)
             variants["carved, Triton, router too"] = with_settings(lambda: moe(x), triton_experts=True,
                                                                    triton_router=True)
             variants["carved, Triton, router and shared part too"] = with_settings(

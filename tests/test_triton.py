@@ -76,8 +76,9 @@ def test_counts_that_disagree_with_the_grouping_fail_the_comparison(triton_kerne
 
 
 @pytest.mark.parametrize("switches", [dict(triton_experts=True), dict(triton_experts=True, triton_shared=True),
+                                      dict(triton_router=True),
                                       dict(triton_experts=True, triton_shared=True, triton_router=True)],
-                         ids=["experts", "experts+shared", "experts+shared+router"])
+                         ids=["experts", "experts+shared", "router", "experts+shared+router"])
 def test_moe_forward_runs_through_the_triton_kernels_where_switched_on(triton_kernels, monkeypatch, switches):
     monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # the grouped path, as on a GPU
     used = {"route": 0, "routed_experts": 0, "dense_hidden": 0}
@@ -100,7 +101,7 @@ def test_moe_forward_runs_through_the_triton_kernels_where_switched_on(triton_ke
                 got = moe(x)
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
     router_on = switches.get("triton_router", False)
-    assert used == {"route": 2 * router_on, "routed_experts": 2,
+    assert used == {"route": 2 * router_on, "routed_experts": 2 * switches.get("triton_experts", False),
                     "dense_hidden": 2 * switches.get("triton_shared", False)}
 
 

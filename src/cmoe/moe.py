@@ -70,7 +70,7 @@ class GPUPaths:
     # kernels/moe_triton.py (bfloat16 and float16):
     triton_experts: bool = False  # the routed experts in two launches (gather, products, activation, un-permute)
     triton_shared: bool = False  # the shared part's gate/up product and activation in one launch
-    triton_router: bool = False  # with triton_experts: the router and the grouping of slots in two launches
+    triton_router: bool = False  # the router and the grouping of slots by expert in two launches
 
     @classmethod
     def from_environment(cls) -> "GPUPaths":
@@ -193,19 +193,22 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, width))
         self.act_fn = activation(act)
 
-    def forward(self, x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor | None, out: torch.Tensor,
+                grouping: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`out` [T, H] plus each token's chosen experts times their gates.
 
-        x [T, H]; chosen [T, k]; gates [T, k], or None when every gate is 1. Without autograd `out` may be
-        updated in place: use the returned tensor.
+        x [T, H]; chosen [T, k]; gates [T, k], or None when every gate is 1; grouping: the slots grouped by
+        expert, (order, counts) as `group_slots` gives them, where the caller has them already. Without
+        autograd `out` may be updated in place: use the returned tensor.
         """
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
-        order, counts = group_slots(flat, self.num_experts)  # token slots grouped by expert
+        order, counts = grouping or group_slots(flat, self.num_experts)  # token slots grouped by expert
         triton_kernels = _triton_for(x, self.act, GPU.triton_experts)
         if triton_kernels is not None:
             return triton_kernels.routed_experts(x, order, counts, top_k, gates, self.gate_up_proj, self.up_bias,
                                                  self.down_proj, ACTIVATION_CODES[self.act], self.gated, out)
+        order, counts = order.long(), counts.long()
         token_of_slot = order // top_k
         routed_x = x.index_select(0, token_of_slot)  # on CPU 2.6x faster than x[token_of_slot] (2048 x 576, SmolLM2)
         # the gate scales an expert's output; down is linear, so scale its hidden rows (W wide, not H)
@@ -329,20 +332,21 @@ class MoEFFN(nn.Module):
         return out.reshape(shape)
 
     def _triton_router(self, x: torch.Tensor):
-        """The Triton kernels' module where router, grouping and experts all run through them, else None."""
+        """The Triton kernels' module where the router and the grouping run through them, else None."""
         router = self._modules.get("router")
         if router is None or router.count_load or not self._plain_modules():
             return None
-        return _triton_for(x, router.act, GPU.triton_router and GPU.triton_experts)
+        return _triton_for(x, router.act, GPU.triton_router)
 
     def _triton_routed(self, triton_kernels, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        router, experts = self.router, self.experts
-        _, gates, order, counts = triton_kernels.route(x, router.weight, router.bias, router.selection_bias,
-                                                       router.gate_scale, router.top_k, ACTIVATION_CODES[router.act],
-                                                       router.gated, write_gates=not router.gates_are_one())
-        return triton_kernels.routed_experts(x, order, counts, router.top_k, gates, experts.gate_up_proj,
-                                             experts.up_bias, experts.down_proj, ACTIVATION_CODES[experts.act],
-                                             experts.gated, out)
+        """The routed experts added to `out`, routed and grouped by the Triton kernels; the experts run as
+        GPU.triton_experts says."""
+        router = self.router
+        chosen, gates, order, counts = triton_kernels.route(x, router.weight, router.bias, router.selection_bias,
+                                                            router.gate_scale, router.top_k,
+                                                            ACTIVATION_CODES[router.act], router.gated,
+                                                            write_gates=not router.gates_are_one())
+        return self.experts(x, chosen, gates, out, grouping=(order, counts))
 
     def _plain_modules(self) -> bool:
         """Whether the experts and shared part are cmoe's own modules: wrapped ones (peft LoRA during
