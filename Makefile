@@ -6,12 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench bench-speed bench-zeroshot bench-finetune clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build (a bare `torch` would pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# Triton's interpreter runs the GPU kernels' tests on this CPU. Not a package dependency: a CUDA torch
+	# pins its own Triton, which this pin must not fight.
+	$(BIN)/python -m pip install --quiet triton==3.9.0
 	touch $(STAMP)
 
 install: $(STAMP)
