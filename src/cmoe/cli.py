@@ -329,6 +329,7 @@ def cmd_finetune(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
+    import dataclasses
     import platform
 
     import torch
@@ -336,6 +337,7 @@ def cmd_bench(args) -> dict:
     from cmoe.errors import CMoEError
     from cmoe.modeling import is_carved
     from cmoe.models import load_model
+    from cmoe.moe import GPU
     from cmoe.report import table
     from cmoe.speed import keep_freed_memory, run_benchmark
 
@@ -351,7 +353,7 @@ def cmd_bench(args) -> dict:
     print(_bench_table(rows))
     report = dict(model=args.model, against=source, device=str(next(carved.parameters()).device), dtype=args.dtype,
                   machine=f"{platform.machine()}, {torch.get_num_threads()} threads", torch=torch.__version__,
-                  date=time.strftime("%Y-%m-%d"), freed_memory_kept=kept, rows=rows)
+                  date=time.strftime("%Y-%m-%d"), freed_memory_kept=kept, gpu_paths=dataclasses.asdict(GPU), rows=rows)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
