@@ -251,3 +251,17 @@ def test_triton_kernels_take_no_tokens(triton_kernels):
                                         True, torch.zeros_like(x))
     assert out.shape == (0, moe.hidden_size)
     assert triton_kernels.dense_hidden(x, shared.gate_up_proj, None, 0, True).shape == (0, shared.width)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
+def test_route_kernel_keeps_nan_input_in_range(triton_kernels):
+    # a NaN token matches no expert's key; its slots must still land on real experts (on a GPU an index past
+    # the counts would write out of bounds)
+    router = random_moe(top_k=2, std=0.2).router
+    x = torch.randn(20, router.weight.shape[1])
+    x[3] = float("nan")
+    with torch.no_grad():
+        chosen, _, order, counts = triton_kernels.route(x, router.weight, router.bias, router.selection_bias,
+                                                        router.gate_scale, 2, 0, True, write_gates=False)
+    assert chosen.min() >= 0 and chosen.max() < router.num_experts
+    assert counts.sum() == 40 and torch.equal(order.long().sort().values, torch.arange(40))

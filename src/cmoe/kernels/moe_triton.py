@@ -204,6 +204,7 @@ def _route_kernel(x_ptr, w_ptr, bias_ptr, selection_bias_ptr, gate_scale_ptr, ch
     for j in tl.static_range(TOP_K):  # the k largest keys, largest first (ties: the lower expert)
         best = tl.max(key, axis=1)
         chosen = tl.min(tl.where(key == best[:, None], experts[None, :], E_POW2), axis=1)
+        chosen = tl.minimum(chosen, num_experts - 1)  # a NaN score matches no key: keep the index in range
         is_chosen = experts[None, :] == chosen[:, None]
         tl.store(chosen_ptr + rows * TOP_K + j, chosen.to(chosen_ptr.dtype.element_ty), mask=row_ok)
         rank = tl.atomic_add(counts_ptr + chosen, 1, mask=row_ok)  # the count before this slot's
