@@ -1,7 +1,7 @@
 """Compiled kernels, optional: built on first use with the machine's C++ compiler, plain PyTorch otherwise.
 
-`triton_kernels()` gives the Triton kernels for the routed experts on a GPU (moe_triton.py), where Triton is
-installed; they are off by default (`cmoe.moe.GPU`) until timed on a GPU.
+`triton_kernels()` gives the Triton kernels for the MoE FFN on a GPU (moe_triton.py: routed experts, shared
+part, router), where Triton is installed; they are off by default (`cmoe.moe.GPU`) until timed on a GPU.
 
 `moe_cpu()` gives `MoEFFN`'s CPU forward (moe_cpu.cpp: `moe_decode` for a few tokens, `moe_prefill` for
 many) once it is built; the build takes about a minute, once per machine (torch keeps it under
@@ -41,7 +41,8 @@ def moe_cpu():
 
 
 def triton_kernels():
-    """The Triton kernels' module (`routed_experts`), or None where Triton is not installed."""
+    """The Triton kernels' module (`routed_experts`, `dense_hidden`, `route`), or None where Triton is not
+    installed."""
     if "moe_triton" not in _state:
         try:
             from . import moe_triton as module
