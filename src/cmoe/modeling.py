@@ -31,6 +31,14 @@ class CMoEMixin:
         for layer in adapter.layers(self):
             adapter.install(layer, MoEFFN.from_spec(config.cmoe))
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        for module in model.modules():
+            if isinstance(module, MoEFFN):
+                module.align_weights()
+        return model
+
     @property
     def carve_record(self) -> dict:
         return self.config.cmoe.get("record", {})

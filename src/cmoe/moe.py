@@ -304,6 +304,17 @@ class MoEFFN(nn.Module):
         self.experts = RoutedExperts(hidden_size, routed, expert_width, act, gated, bias) if routed else None
         self.down_bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
 
+    def align_weights(self, alignment: int = 64) -> None:
+        """Copy every parameter whose data does not start on a cache line to one that does.
+
+        safetensors loads tensors at their offsets in the file. Misaligned, each vector load of the CPU decode
+        step straddles two cache lines: batch-8 decode ran 5% slower (SmolLM2 S1A1E8, every layer).
+        """
+        with torch.no_grad():
+            for parameter in self.parameters():
+                if parameter.data_ptr() % alignment:
+                    parameter.data = parameter.data.clone()  # torch's CPU allocator aligns to 64 bytes
+
     @classmethod
     def from_spec(cls, spec: dict) -> "MoEFFN":
         """Build an empty module from the `cmoe` section of a carved model's config."""
