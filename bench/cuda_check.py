@@ -4,7 +4,6 @@ Triton kernels' forward in bf16 (eager and under a CUDA graph).
     PYTHONPATH=src python bench/cuda_check.py      (needs a CUDA GPU; prints one JSON line per check)
 """
 
-import dataclasses
 import json
 import time
 
@@ -12,9 +11,8 @@ import torch
 import transformers as T
 
 import cmoe
-import cmoe.moe
 from cmoe.kernels import ACTIVATION_CODES, triton_kernels
-from cmoe.moe import MoEFFN
+from cmoe.moe import GPU, MoEFFN
 from cmoe.speed import cuda_graph
 
 
@@ -72,12 +70,13 @@ def main():
             with torch.no_grad():
                 grouped = layer(x).float()
                 # the same routing (the eager router): only the kernels' rounding differs
-                experts_only = with_switches(lambda: layer(x), triton_experts=True, triton_shared=True).float()
+                with GPU.switched(triton_experts=True, triton_shared=True):
+                    experts_only = layer(x).float()
                 # the router's sums and softmax in float32: near-tied tokens may take other experts
-                every = with_switches(lambda: layer(x), triton_experts=True, triton_shared=True, triton_router=True)
                 captured = {}
-                replay = cuda_graph(with_switches(lambda: captured.__setitem__("out", layer(x)), run=False,
-                                                  triton_experts=True, triton_shared=True, triton_router=True))
+                with GPU.switched(triton_experts=True, triton_shared=True, triton_router=True):
+                    every = layer(x)
+                    replay = cuda_graph(lambda: captured.__setitem__("out", layer(x)))
                 replay()
                 chosen, _, order, counts = triton_kernels().route(
                     x, layer.router.weight, layer.router.bias, layer.router.selection_bias, layer.router.gate_scale,
@@ -100,19 +99,6 @@ def random_layer(top_k, act, gated, bias):
             p.normal_(std=0.05)
         layer.router.gate_scale.normal_()  # gates other than 1
     return layer.to("cuda", torch.bfloat16)
-
-
-def with_switches(fn, run=True, **switches):
-    """fn() with cmoe.moe.GPU's switches set as given (or, run=False, a function that does that)."""
-    def call():
-        saved = dataclasses.replace(cmoe.moe.GPU)
-        try:
-            for name, value in switches.items():
-                setattr(cmoe.moe.GPU, name, value)
-            return fn()
-        finally:
-            cmoe.moe.GPU = saved
-    return call() if run else call
 
 
 def grouping_is_valid(chosen, order, counts):

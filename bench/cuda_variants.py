@@ -11,7 +11,6 @@ against the current forward. Prints a table last. Runs on the CPU too (small sha
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -79,19 +78,15 @@ def with_settings(fn, blocks=None, few_blocks=None, **settings):
     graph captures it."""
 
     def run():
-        saved = dataclasses.replace(cmoe.moe.GPU)
         saved_blocks = (moe_triton.BLOCKS, moe_triton.FEW_SLOTS_BLOCKS) if moe_triton else None
         try:
-            for name, value in settings.items():
-                setattr(cmoe.moe.GPU, name, value)
             if blocks:
                 moe_triton.BLOCKS = blocks
             if few_blocks:
                 moe_triton.FEW_SLOTS_BLOCKS = few_blocks
-            return fn()
+            with cmoe.moe.GPU.switched(**settings):
+                return fn()
         finally:
-            for name in settings:
-                setattr(cmoe.moe.GPU, name, getattr(saved, name))
             if moe_triton:
                 moe_triton.BLOCKS, moe_triton.FEW_SLOTS_BLOCKS = saved_blocks
     return run

@@ -265,3 +265,15 @@ def test_route_kernel_keeps_nan_input_in_range(triton_kernels):
                                                         router.gate_scale, 2, 0, True, write_gates=False)
     assert chosen.min() >= 0 and chosen.max() < router.num_experts
     assert counts.sum() == 40 and torch.equal(order.long().sort().values, torch.arange(40))
+
+
+def test_gpu_switched_restores_the_switches_after_the_block():
+    paths = moe_module.GPUPaths(counting_sort=True)
+    with pytest.raises(RuntimeError):
+        with paths.switched(triton_experts=True, counting_sort=False) as inside:
+            assert inside.triton_experts and not inside.counting_sort
+            raise RuntimeError("the block fails")
+    assert paths == moe_module.GPUPaths(counting_sort=True)
+    with pytest.raises(AttributeError):
+        with paths.switched(fast=True):
+            pass

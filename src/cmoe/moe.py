@@ -8,6 +8,7 @@ scales at zero, the output equals the dense FFN's up to float rounding.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -82,6 +83,18 @@ class GPUPaths:
             raise CMoEError(f"CMOE_GPU_PATHS names {', '.join(unknown)}, which cmoe does not know; set it to a "
                             f"comma-separated list of {', '.join(known)}.")
         return cls(**{name: True for name in names})
+
+    @contextmanager
+    def switched(self, **switches):
+        """Inside the block these switches are as given, after it as they were (for timing and checking)."""
+        saved = {name: getattr(self, name) for name in switches}  # an unknown name raises AttributeError
+        try:
+            for name, value in switches.items():
+                setattr(self, name, value)
+            yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
 
 
 GPU = GPUPaths.from_environment()
@@ -344,10 +357,8 @@ class MoEFFN(nn.Module):
 
     def _triton_router(self, x: torch.Tensor):
         """The Triton kernels' module where the router and the grouping run through them, else None."""
-        router = self._modules.get("router")
-        if router is None or router.count_load or not self._plain_modules():
-            return None
-        return _triton_for(x, router.act, GPU.triton_router)
+        router = self._fused_path_router()
+        return None if router is None else _triton_for(x, router.act, GPU.triton_router)
 
     def _triton_routed(self, triton_kernels, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The routed experts added to `out`, routed and grouped by the Triton kernels; the experts run as
@@ -359,11 +370,17 @@ class MoEFFN(nn.Module):
                                                             write_gates=not router.gates_are_one())
         return self.experts(x, chosen, gates, out, grouping=(order, counts))
 
-    def _plain_modules(self) -> bool:
-        """Whether the experts and shared part are cmoe's own modules: wrapped ones (peft LoRA during
-        fine-tuning) hold their weights behind the wrapper, and only the grouped path runs them."""
-        shared = self._modules.get("shared")
-        return type(self._modules.get("experts")) is RoutedExperts and (shared is None or type(shared) is SharedExperts)
+    def _fused_path_router(self):
+        """The router where a fused path (a compiled CPU kernel, the Triton router) may run this FFN, else None.
+
+        Not while the router counts its load (fine-tuning), and not for wrapped experts or shared part (peft
+        LoRA during fine-tuning), which hold their weights behind the wrapper: only the grouped path runs them.
+        """
+        router, shared = self._modules.get("router"), self._modules.get("shared")
+        if (router is None or router.count_load or type(self._modules.get("experts")) is not RoutedExperts
+                or not (shared is None or type(shared) is SharedExperts)):
+            return None
+        return router
 
     # CPU inference. A decode step in the compiled kernel takes under 100 us for SmolLM2, so the Python around
     # it counts: these read submodules and parameters from nn.Module's dicts (an attribute lookup through
@@ -372,11 +389,8 @@ class MoEFFN(nn.Module):
     def _cpu_route(self, x: torch.Tensor):
         """How CPU inference runs on these tokens: a compiled kernel's function, `_EAGER`, or None (the grouped
         path, which GPUs, autograd and torch.compile always take)."""
-        router = self._modules.get("router")
-        if (router is None or x.device.type != "cpu" or torch.is_grad_enabled() or router.count_load
-                or torch.compiler.is_compiling()):
-            return None
-        if not self._plain_modules():
+        router = self._fused_path_router()
+        if router is None or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         slots = x.shape[0] * router.top_k
         weights = self._modules["experts"]._parameters["down_proj"].dtype

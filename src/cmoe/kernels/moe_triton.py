@@ -257,7 +257,7 @@ def route(x: torch.Tensor, weight, bias, selection_bias, gate_scale, top_k: int,
         num_warps=4)
     block = 1024
     _place_kernel[(triton.cdiv(slots, block),)](chosen, ranks, counts, order, slots, num_experts,
-                                                        E_POW2=experts_pow2, BLOCK=block, num_warps=4)
+                                                E_POW2=experts_pow2, BLOCK=block, num_warps=4)
     return chosen, gates, order, counts
 
 
@@ -274,7 +274,7 @@ def routed_experts(x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, t
     slots = tokens * top_k
     if tokens == 0:
         return torch.zeros_like(x) if residual is None else residual.clone()
-    blocks = blocks or (FEW_SLOTS_BLOCKS if slots < FEW_SLOTS else BLOCKS)
+    blocks = _tile_shapes(slots, blocks)
     counts = counts.to(torch.int32)
     hidden = _gate_up(x, order, counts, slots, top_k, gates, gate_up_proj, up_bias, act_code, gated, blocks["gate_up"])
 
@@ -300,7 +300,7 @@ def dense_hidden(x: torch.Tensor, gate_up_proj, up_bias, act_code: int, gated: b
     tokens = x.shape[0]
     if tokens == 0:
         return x.new_empty(0, gate_up_proj.shape[0] // (2 if gated else 1))
-    blocks = blocks or (FEW_SLOTS_BLOCKS if tokens < FEW_SLOTS else BLOCKS)
+    blocks = _tile_shapes(tokens, blocks)
     counts = torch.full((1,), tokens, dtype=torch.int32, device=x.device)
     return _gate_up(x, None, counts, tokens, 1, None, gate_up_proj[None], None if up_bias is None else up_bias[None],
                     act_code, gated, blocks["gate_up"])
@@ -322,6 +322,11 @@ def _gate_up(x, order, counts, slots, top_k, gates, gate_up_proj, up_bias, act_c
         E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages)
     return hidden
+
+
+def _tile_shapes(slots: int, blocks: dict | None) -> dict:
+    """`blocks` where given, else the tile shapes for this many slots."""
+    return blocks or (FEW_SLOTS_BLOCKS if slots < FEW_SLOTS else BLOCKS)
 
 
 def _most_tiles(slots: int, num_experts: int, block_m: int) -> int:
