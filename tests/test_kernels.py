@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmoe import kernels
-from cmoe.moe import DECODE_KERNEL_SLOTS, MoEFFN, _row_hidden
+from cmoe.moe import AMX_DECODE_KERNEL_SLOTS, DECODE_KERNEL_SLOTS, MoEFFN, _row_hidden, decode_kernel_slots
 
 
 def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32,
@@ -38,14 +38,21 @@ CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh"), dict(act="gelu", gated
          dict(act="relu", gated=False, bias=True), dict(act="silu", shared=0), dict(act="silu", trained_gates=False),
          dict(act="silu", top_k=1, routed=7), dict(act="silu", hidden=53),  # 53: not a multiple of the lanes
          # whole vector steps (16 or 32 lanes), and 40 = 32 + 8: a tail; smaller weights keep the sums near 1
-         dict(act="silu", hidden=160, width=40, std=0.2)]
+         dict(act="silu", hidden=160, width=40, std=0.2),
+         # AMX tiles (16 rows, 32 deep): gate/up rows in whole tiles, down rows 2 tiles and 8 more
+         dict(act="silu", hidden=64, width=24, std=0.2), dict(act="silu", hidden=40, width=32, std=0.2)]
 
 
-@pytest.fixture(params=[True, False], ids=["avx512-where-present", "portable"])
+@pytest.fixture(params=[(True, True), (False, True), (False, False)],
+                ids=["amx-where-present", "avx512-where-present", "portable"])
 def products(kernel, request):
-    """Both ways of the kernels' arithmetic: AVX-512 (where the processor has it) and portable."""
-    kernel.use_avx512(request.param)
+    """Each way of the kernels' arithmetic: bfloat16 products in AMX tiles, AVX-512 (each where the processor
+    has it), portable."""
+    amx, avx512 = request.param
+    kernel.use_amx(amx)
+    kernel.use_avx512(avx512)
     yield request.param
+    kernel.use_amx(True)
     kernel.use_avx512(True)
 
 
@@ -86,11 +93,10 @@ def bfloat16_reference(moe, x):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_bfloat16_kernel_multiplies_bfloat16_and_sums_in_float32(kernel, products, case):
     moe = random_moe(**case).to(torch.bfloat16)
-    for tokens in (1, 9):  # 9: blocks of 2 tokens and one of 1
+    for tokens in (1, 9, 50):  # 9: blocks of 2 tokens and one of 1; 50: AMX tiles of 16 tokens, 3 and 1 at once
         x = torch.randn(tokens, moe.hidden_size).to(torch.bfloat16)
         with torch.no_grad():
-            assert moe._cpu_route(x) is kernel.moe_decode
-            fast, want = moe(x), bfloat16_reference(moe, x)
+            fast, want = moe._run_kernel(kernel.moe_decode, x), bfloat16_reference(moe, x)
         assert fast.dtype == torch.bfloat16
         # equal but for the order of float32 sums, which can move a bfloat16 rounding by one step (2^-8)
         assert torch.allclose(fast.float(), want.float(), atol=1e-3, rtol=2 ** -8), (fast.float() - want.float()).abs().max()
@@ -136,11 +142,18 @@ def test_a_failed_build_falls_back_to_pytorch_with_one_warning(monkeypatch, capl
 
 def test_each_call_takes_the_kernel_measured_fastest_for_it(kernel, monkeypatch):
     moe = random_moe(top_k=2)
-    for dtype, slots in DECODE_KERNEL_SLOTS.items():
-        moe.to(dtype)
-        few, many = torch.randn(slots // 2, 32, dtype=dtype), torch.randn(slots // 2 + 1, 32, dtype=dtype)
-        with torch.no_grad():
-            assert moe._cpu_route(few) is kernel.moe_decode and moe._cpu_route(many) is kernel.moe_prefill
+    amx = kernel.uses_amx()
+    assert decode_kernel_slots(kernel, torch.bfloat16) == (AMX_DECODE_KERNEL_SLOTS if amx else DECODE_KERNEL_SLOTS[torch.bfloat16])
+    for amx_allowed in (True, False):
+        kernel.use_amx(amx_allowed)
+        for dtype in DECODE_KERNEL_SLOTS:
+            slots = decode_kernel_slots(kernel, dtype)
+            moe.to(dtype)
+            few, many = torch.randn(slots // 2, 32, dtype=dtype), torch.randn(slots // 2 + 1, 32, dtype=dtype)
+            with torch.no_grad():
+                assert moe._cpu_route(few) is kernel.moe_decode and moe._cpu_route(many) is kernel.moe_prefill
+    kernel.use_amx(True)
+    assert decode_kernel_slots(kernel, torch.float32) == DECODE_KERNEL_SLOTS[torch.float32]  # no float32 tiles
     moe.float()
     with torch.no_grad():
         assert moe._cpu_route(torch.randn(3, 32, dtype=torch.float16)) is None  # no kernel: PyTorch's grouped path
@@ -214,11 +227,12 @@ def test_prefill_kernel_skips_an_expert_no_token_chose(kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype):
+@pytest.mark.parametrize("hidden, width, tokens", [(200, 8, 16), (104, 32, 40)])
+def test_decode_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype, hidden, width, tokens):
     # 200 rows split over 3 threads leave blocks of fewer than 4 rows; 16 tokens over the experts, blocks of
-    # 1 and 2 tokens
-    moe = random_moe(top_k=2, hidden=200).to(dtype)
-    x = torch.randn(16, 200).to(dtype)
+    # 1 and 2 tokens. bfloat16 down rows 32 long: AMX tiles where the processor has them, 104 rows split mid-tile.
+    moe = random_moe(top_k=2, hidden=hidden, width=width, std=0.2).to(dtype)
+    x = torch.randn(tokens, hidden).to(dtype)
     threads = torch.get_num_threads()
     try:
         with torch.no_grad():

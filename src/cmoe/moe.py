@@ -26,10 +26,19 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # reads only the chosen experts' weights, which pays for a few tokens; their prefill runs one BLAS product
 # per expert with the rest in C++. The decode step takes up to this many (token, expert) pairs, the prefill
 # more. Measured crossovers, SmolLM2 at 2 threads, all 30 layers in turn: float32 16-30 pairs (16 tokens at
-# top-1, 10 at top-2 and top-3), bfloat16 42-48 (48 at top-1, 14 tokens at top-3). Without the kernels, up
-# to FEW_SLOTS pairs go token by token in PyTorch operations, more through the grouped products.
+# top-1, 10 at top-2 and top-3), bfloat16 42-48 (48 at top-1, 14 tokens at top-3), and bfloat16 where the
+# decode step multiplies in AMX tiles about 260-300 (S1A1E8 and S3A3E8). Without the kernels, up to FEW_SLOTS
+# pairs go token by token in PyTorch operations, more through the grouped products.
 DECODE_KERNEL_SLOTS = {torch.float32: 24, torch.bfloat16: 48}
+AMX_DECODE_KERNEL_SLOTS = 256
 FEW_SLOTS = 4
+
+
+def decode_kernel_slots(kernels_here, weights: torch.dtype) -> int:
+    """The most (token, expert) pairs the compiled decode step takes for weights of this dtype."""
+    if weights is torch.bfloat16 and kernels_here.uses_amx():
+        return AMX_DECODE_KERNEL_SLOTS
+    return DECODE_KERNEL_SLOTS[weights]
 KERNEL_DTYPES = tuple(DECODE_KERNEL_SLOTS)  # the dtypes the compiled kernels take
 _EAGER = "eager"  # MoEFFN._cpu_route: decode token by token in PyTorch operations
 
@@ -397,7 +406,7 @@ class MoEFFN(nn.Module):
         kernels_here = self._cpu_kernels(x.dtype, weights, router.act)
         if kernels_here is None:
             return _EAGER if slots <= FEW_SLOTS else None
-        if slots <= DECODE_KERNEL_SLOTS[weights]:
+        if slots <= decode_kernel_slots(kernels_here, weights):
             return kernels_here.moe_decode  # takes float32 input to bfloat16 weights too
         return kernels_here.moe_prefill if x.dtype == weights else None
 

@@ -226,10 +226,10 @@ def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: 
 def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: int):
     """Each dense FFN as a decode step of the CPU kernel: every neuron shared, no routed experts."""
     from . import kernels
-    from .moe import DECODE_KERNEL_SLOTS, KERNEL_DTYPES
+    from .moe import KERNEL_DTYPES, decode_kernel_slots
 
     kernel = kernels.moe_cpu() if parameter.device.type == "cpu" and parameter.dtype in KERNEL_DTYPES else None
-    if kernel is None or tokens > DECODE_KERNEL_SLOTS[parameter.dtype]:
+    if kernel is None or tokens > decode_kernel_slots(kernel, parameter.dtype):
         return None
     if any(w.act not in kernels.ACTIVATION_CODES for w in dense_weights):
         return None

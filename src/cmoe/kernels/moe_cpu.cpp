@@ -251,6 +251,98 @@ Block<W> block_for(int rows, int tokens) {
   return portable[r][tokens - 1];
 }
 
+// ---- AMX tiles: bfloat16 products of many tokens (Sapphire Rapids and later) ----------------------------
+// One tile instruction multiplies 16 weight rows by 16 tokens, 32 bfloat16 products deep, into float32 sums:
+// 8,192 multiply-adds where AVX512-BF16 does 32. The weights are the left operand as they lie (16 rows of 32
+// values, `stride` apart); the tokens are the right one, packed beforehand so that each tile row holds the
+// 16 tokens' values at two neighbouring columns (`pack_for_tiles`). A (row, token) sum is built the same way
+// whatever else the tile holds, so it does not depend on the batch nor on the thread count.
+constexpr int64_t kTile = 16;       // weight rows, and tokens, per tile
+constexpr int64_t kTileDepth = 32;  // products along a row per tile instruction
+
+#if defined(CMOE_AVX512) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define CMOE_AMX 1
+#define CMOE_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+
+bool amx_allowed = true;  // use_amx(false): the AVX-512 products, for tests and timing
+
+bool has_amx() {
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    // Linux lends a process the tile registers only once it asks (ARCH_REQ_XCOMP_PERM for XTILEDATA)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return has && amx_allowed;
+}
+
+// Every tile 16 rows of 64 bytes: weight rows of 32 bfloat16s, packed token pairs, float32 sums for 16 tokens.
+// The configuration belongs to the thread, and other code (oneDNN) loads its own: each product loads ours.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+CMOE_AMX_TARGET void configure_tiles() {
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) config.bytes_per_row[i] = 64, config.rows[i] = kTile;
+  // not GCC 12's _tile_loadconfig: its asm tells the compiler it reads 8 bytes, so the rest went unwritten
+  __asm__ volatile("ldtilecfg %0" : : "m"(config));
+}
+
+CMOE_AMX_TARGET void release_tiles() { _tile_release(); }
+
+// Sums of 16 weight rows with C tiles of 16 packed tokens each (C <= 3: tiles 0-2 hold the sums, 3 the
+// weights, loaded once for all C, 4-6 the tokens): out[c * 256 + row * 16 + token].
+template <int C>
+CMOE_AMX_TARGET void tile_sums(const uint16_t* w, int64_t stride, const uint16_t* packed, int64_t cols, float* out) {
+  const int64_t chunk = cols * kTile;  // one token tile's packed values
+  _tile_zero(0);
+  if constexpr (C > 1) _tile_zero(1);
+  if constexpr (C > 2) _tile_zero(2);
+  for (int64_t k = 0; k < cols; k += kTileDepth) {
+    _tile_loadd(3, w + k, stride * 2);
+    const uint16_t* tokens = packed + k * kTile;
+    _tile_loadd(4, tokens, 64);
+    _tile_dpbf16ps(0, 3, 4);
+    if constexpr (C > 1) {
+      _tile_loadd(5, tokens + chunk, 64);
+      _tile_dpbf16ps(1, 3, 5);
+    }
+    if constexpr (C > 2) {
+      _tile_loadd(6, tokens + 2 * chunk, 64);
+      _tile_dpbf16ps(2, 3, 6);
+    }
+  }
+  _tile_stored(0, out, 64);
+  if constexpr (C > 1) _tile_stored(1, out + kTile * kTile, 64);
+  if constexpr (C > 2) _tile_stored(2, out + 2 * kTile * kTile, 64);
+}
+#else
+bool has_amx() { return false; }
+#endif
+
+// x [tokens, cols] (rows ldx apart) as tiles take it: per tile of 16 tokens, per pair of columns, the 16
+// tokens' two values side by side; zeros past the last token.
+std::vector<uint16_t> pack_for_tiles(const uint16_t* x, int64_t ldx, int64_t tokens, int64_t cols) {
+  const int64_t tiles = (tokens + kTile - 1) / kTile;
+  std::vector<uint16_t> packed(tiles * cols * kTile, 0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    uint16_t* to = packed.data() + (t / kTile) * cols * kTile + (t % kTile) * 2;
+    const uint16_t* from = x + t * ldx;
+    for (int64_t q = 0; q < cols / 2; ++q) {
+      to[q * 2 * kTile] = from[2 * q];
+      to[q * 2 * kTile + 1] = from[2 * q + 1];
+    }
+  }
+  return packed;
+}
+
 constexpr int64_t kRowsPerTask = 32;
 
 // One matrix times a few token vectors: y[t * ldy + r] = W[r] . x[t] for the rows r of W [rows, cols]
@@ -264,8 +356,14 @@ struct Matvec {
   float* y;
   int64_t ldy;
   int64_t first;  // where its rows start in the row range that `run` splits across threads
+  const uint16_t* packed = nullptr;  // bfloat16 inputs packed for AMX tiles, where they run this product
 
   void rows_between(int64_t begin, int64_t end) const {
+    if (packed != nullptr) return tile_rows_between(begin, end);
+    block_rows_between(begin, end);
+  }
+
+  void block_rows_between(int64_t begin, int64_t end) const {
     float sums[kRowsAtOnce * kTokensAtOnce];
     for (int64_t r = begin; r < end;) {
       const int R = end - r >= kRowsAtOnce ? kRowsAtOnce : 1;
@@ -279,7 +377,50 @@ struct Matvec {
       r += R;
     }
   }
+
+  // Tiles of 16 rows from the product's start: this thread takes those that start in [begin, end), so
+  // which rows go through tiles does not depend on how the rows are split. The last rows short of a tile
+  // go through the blocks.
+  void tile_rows_between(int64_t begin, int64_t end) const {
+#ifdef CMOE_AMX
+    const auto up_to_tile = [](int64_t r) { return (r + kTile - 1) / kTile * kTile; };
+    const int64_t from = up_to_tile(begin), to = std::min(up_to_tile(end), rows);
+    const int64_t tiles = (tokens + kTile - 1) / kTile;
+    alignas(64) float out[3 * kTile * kTile];
+    const auto* w = reinterpret_cast<const uint16_t*>(weights);
+    int64_t r = from;
+    if (r + kTile <= to) configure_tiles();
+    for (; r + kTile <= to; r += kTile) {
+      for (int64_t c = 0; c < tiles; c += 3) {
+        const int64_t at_once = std::min<int64_t>(3, tiles - c);
+        const uint16_t* tokens_packed = packed + c * cols * kTile;
+        if (at_once == 3) tile_sums<3>(w + r * cols, cols, tokens_packed, cols, out);
+        else if (at_once == 2) tile_sums<2>(w + r * cols, cols, tokens_packed, cols, out);
+        else tile_sums<1>(w + r * cols, cols, tokens_packed, cols, out);
+        for (int64_t i = 0; i < at_once; ++i)
+          for (int64_t n = 0; n < kTile && (c + i) * kTile + n < tokens; ++n)
+            for (int64_t m = 0; m < kTile; ++m) y[((c + i) * kTile + n) * ldy + r + m] = out[i * kTile * kTile + m * kTile + n];
+      }
+    }
+    if (from + kTile <= to) release_tiles();
+    if (r < to) block_rows_between(r, to);
+#endif
+  }
 };
+
+// Packs each product's inputs for AMX tiles where they apply (bfloat16, rows a whole number of tile depths
+// long, a processor with AMX): the packed copies go to `storage`, which must outlive the products.
+template <typename W>
+void use_tiles(std::vector<Matvec<W>>& products, std::vector<std::vector<uint16_t>>& storage) {
+  if constexpr (std::is_same<W, uint16_t>::value) {
+    if (!has_amx()) return;
+    for (Matvec<W>& p : products) {
+      if (p.cols % kTileDepth != 0 || p.rows < kTile) continue;
+      storage.push_back(pack_for_tiles(p.x, p.ldx, p.tokens, p.cols));
+      p.packed = storage.back().data();
+    }
+  }
+}
 
 // Runs the products in one parallel region, its rows split across threads: one region per phase of the
 // step rather than one per matrix, since each region costs a fork and a join (a decode step is ~100 us).
@@ -396,107 +537,7 @@ Routing group_by_expert(const std::vector<int64_t>& chosen, const std::vector<fl
   return routing;
 }
 
-// The step for weights of type W (float, or uint16_t holding bfloat16 bits), on float32 rows x [T, H]:
-// route every token, then two parallel regions, one for all gate/up rows (the shared part's and the chosen
-// experts') and one for all down rows.
-template <typename W>
-void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_gate_up,
-                 const c10::optional<at::Tensor>& shared_down, const Vector& shared_bias, const at::Tensor& router_weight,
-                 const RouterMath& router, const at::Tensor& gate_up, const Vector& up_bias, const at::Tensor& down,
-                 float* result) {
-  const int64_t tokens = x.size(0), hidden = x.size(1), experts = down.size(0), width = down.size(2);
-  const int64_t top_k = router.top_k, act = router.act;
-  const bool gated = router.gated;
-  const float* input = x.data_ptr<float>();
-  const W* router_w = matrix_data<W>(router_weight);
-  const W* experts_in = matrix_data<W>(gate_up);
-  const W* experts_out = matrix_data<W>(down);
-  const int64_t projected_width = gate_up.size(1);
-
-  // router, token by token: each token's experts and their gates
-  std::vector<float> scores(router_weight.size(0)), prob(experts), key(experts), chosen_gate(tokens * top_k);
-  std::vector<int64_t> order(experts), chosen(tokens * top_k);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* row = input + t * hidden;
-    for (int64_t r = 0; r < router_weight.size(0); ++r) scores[r] = dot(router_w + r * hidden, row, hidden);
-    router.route(scores.data(), chosen.data() + t * top_k, chosen_gate.data() + t * top_k, prob.data(), key.data(),
-                 order.data());
-  }
-
-  // each chosen expert's tokens, gathered in expert order, so that each expert's weights are read once per step
-  const Routing routing = group_by_expert(chosen, chosen_gate, top_k, experts);
-  const std::vector<int64_t>& start = routing.start;
-  const int64_t pairs = start[experts];
-  // the products' inputs in the weights' dtype (bfloat16: rounded, as a bfloat16 model holds them)
-  const std::vector<W> input_w = narrowed<W>(input, tokens * hidden);
-  std::vector<W> xs(pairs * hidden);
-  for (int64_t i = 0; i < pairs; ++i)
-    std::copy_n(input_w.data() + routing.token[i] * hidden, hidden, xs.data() + i * hidden);
-  std::vector<float> hs(pairs * projected_width), ys(pairs * hidden);
-
-  const bool has_shared = present(shared_gate_up);
-  const int64_t shared_rows = has_shared ? shared_gate_up->size(0) : 0;
-  const int64_t shared_width = has_shared ? shared_down->size(1) : 0;
-  std::vector<float> shared_h(tokens * shared_rows);
-
-  // phase 1: every gate/up row, the shared part's (all tokens at once) and each chosen expert's
-  std::vector<Matvec<W>> products;
-  int64_t rows = 0;
-  if (has_shared) {
-    products.push_back({matrix_data<W>(*shared_gate_up), shared_rows, hidden, input_w.data(), hidden, tokens, shared_h.data(),
-                        shared_rows, rows});
-    rows += shared_rows;
-  }
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t n = start[e + 1] - start[e];
-    if (n == 0) continue;
-    products.push_back({experts_in + e * projected_width * hidden, projected_width, hidden,
-                        xs.data() + start[e] * hidden, hidden, n, hs.data() + start[e] * projected_width,
-                        projected_width, rows});
-    rows += projected_width;
-  }
-  run(products, rows);
-
-  // the hidden activations, then narrowed to the weights' dtype as the down products' inputs
-  std::vector<W> shared_in(tokens * shared_width), hidden_in(pairs * width);
-  for (int64_t t = 0; t < tokens; ++t) {
-    float* h = shared_h.data() + t * shared_rows;
-    hidden_inplace(h, shared_width, gated, act, shared_bias);
-    narrow(h, shared_width, shared_in.data() + t * shared_width);
-  }
-  for (int64_t e = 0; e < experts; ++e)
-    for (int64_t i = start[e]; i < start[e + 1]; ++i) {
-      float* h = hs.data() + i * projected_width;
-      hidden_inplace(h, width, gated, act, up_bias, e * width);
-      const float gate = routing.gate[i];  // the gate scales the expert's output; down is linear
-      if (!router.gates_are_one)
-        for (int64_t j = 0; j < width; ++j) h[j] *= gate;
-      narrow(h, width, hidden_in.data() + i * width);
-    }
-
-  // phase 2: every down row; the shared part writes the output, each expert its own rows of ys
-  products.clear();
-  if (has_shared)
-    products.push_back({matrix_data<W>(*shared_down), hidden, shared_width, shared_in.data(), shared_width, tokens,
-                        result, hidden, 0});
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t n = start[e + 1] - start[e];
-    if (n == 0) continue;
-    products.push_back({experts_out + e * hidden * width, hidden, width, hidden_in.data() + start[e] * width, width, n,
-                        ys.data() + start[e] * hidden, hidden, 0});
-  }
-  run(products, hidden);
-
-  // experts in order, as the PyTorch path adds them
-  for (int64_t e = 0; e < experts; ++e)
-    for (int64_t i = start[e]; i < start[e + 1]; ++i) {
-      float* out_row = result + routing.token[i] * hidden;
-      const float* y = ys.data() + i * hidden;
-      for (int64_t j = 0; j < hidden; ++j) out_row[j] += y[j];
-    }
-}
-
-// ---- prefill: many tokens, float32 or bfloat16 -----------------------------------------------------------
+// ---- SiLU * up in AVX-512, for both kernels ----------------------------------------------------------
 
 // SiLU(gate) * up (times the row's gate) in one pass over float32 or bfloat16 rows, with AVX-512, where
 // ATen's silu and mul take two, and a third for the gates. SmolLM2 at 2,048 tokens: ATen's took about 1 ms
@@ -563,6 +604,123 @@ CMOE_AVX512_TARGET void silu_times_up_avx512(const T* projected, int64_t ld, int
   }
 }
 #endif
+
+// A row's FFN hidden activation, in place on its projection as hidden_inplace, times `gate` unless it is null;
+// gated SiLU in one AVX-512 pass where the processor has it (SmolLM2 S1A1E8 bfloat16, 128 tokens: the
+// scalar exp took ~0.7 ms of a 1.5 ms step).
+void ffn_hidden_inplace(float* h, int64_t width, bool gated, int64_t act, const Vector& bias, int64_t offset,
+                        const float* gate) {
+#ifdef CMOE_AVX512
+  if (act == SILU && gated && has_avx512<float>()) return silu_times_up_avx512<float>(h, 0, width, gate, h, 0, 1);
+#endif
+  hidden_inplace(h, width, gated, act, bias, offset);
+  if (gate != nullptr)
+    for (int64_t j = 0; j < width; ++j) h[j] *= *gate;
+}
+
+// The step for weights of type W (float, or uint16_t holding bfloat16 bits), on float32 rows x [T, H]:
+// route every token, then two parallel regions, one for all gate/up rows (the shared part's and the chosen
+// experts') and one for all down rows.
+template <typename W>
+void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_gate_up,
+                 const c10::optional<at::Tensor>& shared_down, const Vector& shared_bias, const at::Tensor& router_weight,
+                 const RouterMath& router, const at::Tensor& gate_up, const Vector& up_bias, const at::Tensor& down,
+                 float* result) {
+  const int64_t tokens = x.size(0), hidden = x.size(1), experts = down.size(0), width = down.size(2);
+  const int64_t top_k = router.top_k, act = router.act;
+  const bool gated = router.gated;
+  const float* input = x.data_ptr<float>();
+  const W* router_w = matrix_data<W>(router_weight);
+  const W* experts_in = matrix_data<W>(gate_up);
+  const W* experts_out = matrix_data<W>(down);
+  const int64_t projected_width = gate_up.size(1);
+
+  // router, token by token: each token's experts and their gates
+  std::vector<float> scores(router_weight.size(0)), prob(experts), key(experts), chosen_gate(tokens * top_k);
+  std::vector<int64_t> order(experts), chosen(tokens * top_k);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* row = input + t * hidden;
+    for (int64_t r = 0; r < router_weight.size(0); ++r) scores[r] = dot(router_w + r * hidden, row, hidden);
+    router.route(scores.data(), chosen.data() + t * top_k, chosen_gate.data() + t * top_k, prob.data(), key.data(),
+                 order.data());
+  }
+
+  // each chosen expert's tokens, gathered in expert order, so that each expert's weights are read once per step
+  const Routing routing = group_by_expert(chosen, chosen_gate, top_k, experts);
+  const std::vector<int64_t>& start = routing.start;
+  const int64_t pairs = start[experts];
+  // the products' inputs in the weights' dtype (bfloat16: rounded, as a bfloat16 model holds them)
+  const std::vector<W> input_w = narrowed<W>(input, tokens * hidden);
+  std::vector<W> xs(pairs * hidden);
+  for (int64_t i = 0; i < pairs; ++i)
+    std::copy_n(input_w.data() + routing.token[i] * hidden, hidden, xs.data() + i * hidden);
+  std::vector<float> hs(pairs * projected_width), ys(pairs * hidden);
+
+  const bool has_shared = present(shared_gate_up);
+  const int64_t shared_rows = has_shared ? shared_gate_up->size(0) : 0;
+  const int64_t shared_width = has_shared ? shared_down->size(1) : 0;
+  std::vector<float> shared_h(tokens * shared_rows);
+
+  // phase 1: every gate/up row, the shared part's (all tokens at once) and each chosen expert's
+  std::vector<Matvec<W>> products;
+  int64_t rows = 0;
+  if (has_shared) {
+    products.push_back({matrix_data<W>(*shared_gate_up), shared_rows, hidden, input_w.data(), hidden, tokens, shared_h.data(),
+                        shared_rows, rows});
+    rows += shared_rows;
+  }
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t n = start[e + 1] - start[e];
+    if (n == 0) continue;
+    products.push_back({experts_in + e * projected_width * hidden, projected_width, hidden,
+                        xs.data() + start[e] * hidden, hidden, n, hs.data() + start[e] * projected_width,
+                        projected_width, rows});
+    rows += projected_width;
+  }
+  std::vector<std::vector<uint16_t>> packed;
+  use_tiles(products, packed);
+  run(products, rows);
+
+  // the hidden activations, then narrowed to the weights' dtype as the down products' inputs
+  std::vector<W> shared_in(tokens * shared_width), hidden_in(pairs * width);
+  for (int64_t t = 0; t < tokens; ++t) {
+    float* h = shared_h.data() + t * shared_rows;
+    ffn_hidden_inplace(h, shared_width, gated, act, shared_bias, 0, nullptr);
+    narrow(h, shared_width, shared_in.data() + t * shared_width);
+  }
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t i = start[e]; i < start[e + 1]; ++i) {
+      float* h = hs.data() + i * projected_width;
+      // the gate scales the expert's output; down is linear
+      ffn_hidden_inplace(h, width, gated, act, up_bias, e * width, router.gates_are_one ? nullptr : &routing.gate[i]);
+      narrow(h, width, hidden_in.data() + i * width);
+    }
+
+  // phase 2: every down row; the shared part writes the output, each expert its own rows of ys
+  products.clear();
+  if (has_shared)
+    products.push_back({matrix_data<W>(*shared_down), hidden, shared_width, shared_in.data(), shared_width, tokens,
+                        result, hidden, 0});
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t n = start[e + 1] - start[e];
+    if (n == 0) continue;
+    products.push_back({experts_out + e * hidden * width, hidden, width, hidden_in.data() + start[e] * width, width, n,
+                        ys.data() + start[e] * hidden, hidden, 0});
+  }
+  use_tiles(products, packed);
+  run(products, hidden);
+
+  // experts in order, as the PyTorch path adds them
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t i = start[e]; i < start[e + 1]; ++i) {
+      float* out_row = result + routing.token[i] * hidden;
+      const float* y = ys.data() + i * hidden;
+      for (int64_t j = 0; j < hidden; ++j) out_row[j] += y[j];
+    }
+}
+
+// ---- prefill: many tokens, float32 or bfloat16 -----------------------------------------------------------
+
 
 // Whether silu_times_up applies: gated SiLU, float32 or bfloat16 rows, a processor with AVX-512 (AVX512-BF16
 // for bfloat16), not switched off.
@@ -738,8 +896,18 @@ bool use_avx512(bool allowed) {
   return has_avx512<uint16_t>();
 }
 
+// Allows or forbids the AMX tiles; returns whether bfloat16 steps now use them.
+bool use_amx(bool allowed) {
+#ifdef CMOE_AMX
+  amx_allowed = allowed;
+#endif
+  return has_amx();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_decode", &moe_decode, "MoE FFN forward for a few tokens on the CPU (float32 or bfloat16 weights)");
   m.def("moe_prefill", &moe_prefill, "MoE FFN forward for many tokens on the CPU (float32)");
+  m.def("use_amx", &use_amx, "allow or forbid the AMX tiles; true if bfloat16 steps now use them");
+  m.def("uses_amx", &has_amx, "whether bfloat16 steps use AMX tiles (the processor has them, and they are allowed)");
   m.def("use_avx512", &use_avx512, "allow or forbid the AVX-512 products; true if bfloat16 steps now use them");
 }
