@@ -5,7 +5,9 @@
 // about as much), so this does all of it in plain loops: its own matrix-vector products, threaded over
 // weight rows with ATen's thread pool. At batch 1 they read weights about as fast as torch's linear does
 // through BLAS (2 threads: 14 against 10 GB/s on one host; 29 against 32 in float32 and 26 against 25 in
-// bfloat16 on another), and the step reads only the chosen experts, in one call.
+// bfloat16 on another), and the step reads only the chosen experts, in one call. With bfloat16 weights on a
+// processor with AMX its products run in tiles of 16 rows x 16 tokens, fast enough that the step beats the
+// prefill below up to a few hundred token-expert pairs.
 //
 // moe_prefill: many tokens, float32 or bfloat16. The matrix products go to BLAS through ATen, one per
 // expert on its tokens; routing, gathering each expert's tokens and adding its output back run in loops
