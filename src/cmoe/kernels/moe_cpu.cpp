@@ -262,6 +262,8 @@ Block<W> block_for(int rows, int tokens) {
 constexpr int64_t kTile = 16;       // weight rows, and tokens, per tile
 constexpr int64_t kTileDepth = 32;  // products along a row per tile instruction
 
+constexpr int64_t tiles_for(int64_t n) { return (n + kTile - 1) / kTile; }  // tiles that hold n rows or tokens
+
 #if defined(CMOE_AVX512) && defined(__linux__)
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -332,8 +334,7 @@ bool has_amx() { return false; }
 // x [tokens, cols] (rows ldx apart) as tiles take it: per tile of 16 tokens, per pair of columns, the 16
 // tokens' two values side by side; zeros past the last token.
 std::vector<uint16_t> pack_for_tiles(const uint16_t* x, int64_t ldx, int64_t tokens, int64_t cols) {
-  const int64_t tiles = (tokens + kTile - 1) / kTile;
-  std::vector<uint16_t> packed(tiles * cols * kTile, 0);
+  std::vector<uint16_t> packed(tiles_for(tokens) * cols * kTile, 0);
   for (int64_t t = 0; t < tokens; ++t) {
     uint16_t* to = packed.data() + (t / kTile) * cols * kTile + (t % kTile) * 2;
     const uint16_t* from = x + t * ldx;
@@ -385,14 +386,13 @@ struct Matvec {
   // go through the blocks.
   void tile_rows_between(int64_t begin, int64_t end) const {
 #ifdef CMOE_AMX
-    const auto up_to_tile = [](int64_t r) { return (r + kTile - 1) / kTile * kTile; };
-    const int64_t from = up_to_tile(begin), to = std::min(up_to_tile(end), rows);
-    const int64_t tiles = (tokens + kTile - 1) / kTile;
+    const int64_t from = tiles_for(begin) * kTile, to = std::min(tiles_for(end) * kTile, rows);
+    const int64_t tiled_to = from + std::max<int64_t>(to - from, 0) / kTile * kTile;  // whole tiles end here
+    const int64_t tiles = tiles_for(tokens);
     alignas(64) float out[3 * kTile * kTile];
     const auto* w = reinterpret_cast<const uint16_t*>(weights);
-    int64_t r = from;
-    if (r + kTile <= to) configure_tiles();
-    for (; r + kTile <= to; r += kTile) {
+    if (from < tiled_to) configure_tiles();
+    for (int64_t r = from; r < tiled_to; r += kTile) {
       for (int64_t c = 0; c < tiles; c += 3) {
         const int64_t at_once = std::min<int64_t>(3, tiles - c);
         const uint16_t* tokens_packed = packed + c * cols * kTile;
@@ -404,8 +404,8 @@ struct Matvec {
             for (int64_t m = 0; m < kTile; ++m) y[((c + i) * kTile + n) * ldy + r + m] = out[i * kTile * kTile + m * kTile + n];
       }
     }
-    if (from + kTile <= to) release_tiles();
-    if (r < to) block_rows_between(r, to);
+    if (from < tiled_to) release_tiles();
+    if (tiled_to < to) block_rows_between(tiled_to, to);
 #endif
   }
 };
@@ -607,13 +607,20 @@ CMOE_AVX512_TARGET void silu_times_up_avx512(const T* projected, int64_t ld, int
 }
 #endif
 
+// Whether silu_times_up_avx512 applies to rows of T: gated SiLU, a processor with AVX-512 (AVX512-BF16 for
+// bfloat16), not switched off.
+template <typename T>
+bool one_pass_silu(int64_t act, bool gated) {
+  return act == SILU && gated && has_avx512<T>();
+}
+
 // A row's FFN hidden activation, in place on its projection as hidden_inplace, times `gate` unless it is null;
 // gated SiLU in one AVX-512 pass where the processor has it (SmolLM2 S1A1E8 bfloat16, 128 tokens: the
 // scalar exp took ~0.7 ms of a 1.5 ms step).
 void ffn_hidden_inplace(float* h, int64_t width, bool gated, int64_t act, const Vector& bias, int64_t offset,
                         const float* gate) {
 #ifdef CMOE_AVX512
-  if (act == SILU && gated && has_avx512<float>()) return silu_times_up_avx512<float>(h, 0, width, gate, h, 0, 1);
+  if (one_pass_silu<float>(act, gated)) return silu_times_up_avx512<float>(h, 0, width, gate, h, 0, 1);
 #endif
   hidden_inplace(h, width, gated, act, bias, offset);
   if (gate != nullptr)
@@ -723,13 +730,11 @@ void decode_step(const at::Tensor& x, const c10::optional<at::Tensor>& shared_ga
 
 // ---- prefill: many tokens, float32 or bfloat16 -----------------------------------------------------------
 
-
-// Whether silu_times_up applies: gated SiLU, float32 or bfloat16 rows, a processor with AVX-512 (AVX512-BF16
-// for bfloat16), not switched off.
+// Whether silu_times_up applies: unit-stride float32 or bfloat16 rows that one_pass_silu takes.
 bool fused_silu(const at::Tensor& projected, int64_t act, bool gated) {
-  if (act != SILU || !gated || projected.stride(1) != 1) return false;
-  if (projected.scalar_type() == at::kFloat) return has_avx512<float>();
-  return projected.scalar_type() == at::kBFloat16 && has_avx512<uint16_t>();
+  if (projected.stride(1) != 1) return false;
+  if (projected.scalar_type() == at::kFloat) return one_pass_silu<float>(act, gated);
+  return projected.scalar_type() == at::kBFloat16 && one_pass_silu<uint16_t>(act, gated);
 }
 
 template <typename T>
