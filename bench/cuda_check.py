@@ -1,9 +1,10 @@
 """Check the CUDA paths on a GPU machine: carving on cuda, the grouped-GEMM forward in fp32 and bf16, the
 Triton kernels' forward in bf16 (eager and under a CUDA graph).
 
-    PYTHONPATH=src python bench/cuda_check.py      (needs a CUDA GPU; prints one JSON line per check)
+    PYTHONPATH=src python bench/cuda_check.py [--skip-compile]   (needs a CUDA GPU; prints one JSON line per check)
 """
 
+import argparse
 import json
 import time
 
@@ -18,6 +19,9 @@ from cmoe.speed import cuda_graph
 
 def main():
     assert torch.cuda.is_available(), "no CUDA GPU"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile checks (slow)")
+    args = parser.parse_args()
     torch.manual_seed(0)
     config = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2)
@@ -50,6 +54,8 @@ def main():
             torch.set_grad_enabled(False)
         print(json.dumps(dict(check=f"grouped_mm forward == looped forward ({dtype})",
                               max_abs_diff=(fast - looped).abs().max().item(), scale=looped.abs().max().item())))
+        if args.skip_compile:
+            continue
         graph_ok = True
         try:
             compiled = torch.compile(layer, fullgraph=True)

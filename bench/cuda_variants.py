@@ -149,6 +149,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     torch.set_grad_enabled(False)
     for name in args.configs.split(","):

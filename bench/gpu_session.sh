@@ -5,6 +5,11 @@
 #   bench/gpu_session.sh finetune   recovery fine-tune of S3A3E8 at the paper's budget (2,048 x 2,048 tokens)
 #   bench/gpu_session.sh speed      the speed benchmark in bfloat16, eager and under CUDA graphs
 #   bench/gpu_session.sh triton     the same with the Triton kernels (experts, shared part, router) switched on
+#   bench/gpu_session.sh lease OUT  one short lease's worth (issue 27), most wanted first, each step cut off at
+#                                   a shared deadline (CMOE_DEADLINE_S, default 540 s): the CUDA checks, the
+#                                   7B-shaped variants at S1A1E8, the 7B-shaped carve (needs the token ids of
+#                                   bench/carve_7b.py --write-calibration in .gpu/), the speed benchmark's
+#                                   7B-shaped rows with the Triton kernels, the other configs, SmolLM2's shape
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="src:bench${PYTHONPATH:+:$PYTHONPATH}"
 case "${1:-speed}" in
@@ -18,4 +23,25 @@ speed)
     python3 bench/speed.py --device cuda --dtype bfloat16 ;;
 triton)
     CMOE_GPU_PATHS=triton_experts,triton_shared,triton_router python3 bench/speed.py --device cuda --dtype bfloat16 ;;
+lease)
+    out="${2:?lease needs an output folder}"; mkdir -p "$out"
+    deadline=$((SECONDS + ${CMOE_DEADLINE_S:-540}))
+    step() {  # step NAME MAX_SECONDS COMMAND...: run it for at most MAX_SECONDS, never past the deadline
+        local name=$1 most=$2; shift 2
+        local left=$((deadline - SECONDS)); ((left < most)) && most=$left
+        if ((most < 15)); then echo "== $name: skipped, ${left}s left"; return; fi
+        echo "== $name (at most ${most}s)"; local started=$SECONDS
+        timeout --kill-after=5 "$most" "$@" || echo "== $name: exit $? after $((SECONDS - started))s"
+        echo "== $name took $((SECONDS - started))s"
+    }
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+    python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" || true
+    step check 120 python3 bench/cuda_check.py --skip-compile
+    step variants_7b_s1 170 python3 bench/cuda_variants.py --configs S1A1E8 --out "$out/variants_7b_s1"
+    step carve_7b 170 python3 bench/carve_7b.py --calibration .gpu/wikitext2_8x2048.pt --out "$out/carve_7b.json"
+    step speed_7b_triton 60 env CMOE_RESULTS="$out" CMOE_GPU_PATHS=triton_experts,triton_shared,triton_router \
+        python3 bench/speed.py --device cuda --dtype bfloat16 --skip-smollm2
+    step variants_7b_s23 150 python3 bench/cuda_variants.py --configs S2A2E8,S3A3E8 --no-compile --out "$out/variants_7b_s23"
+    step variants_smollm2 90 python3 bench/cuda_variants.py --hidden 576 --intermediate 1536 --tokens 2048 \
+        --configs S1A1E8,S3A3E8 --no-compile --out "$out/variants_smollm2" ;;
 esac

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 
@@ -9,6 +10,9 @@ import torch
 
 
 def git_commit() -> str:
+    """HEAD's short hash, or $CMOE_GIT_COMMIT where the checkout travelled without its .git (a lent GPU)."""
+    if os.environ.get("CMOE_GIT_COMMIT"):
+        return os.environ["CMOE_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
