@@ -74,9 +74,10 @@ def main():
         for tokens in (1, 5, 4096):
             x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
-                grouped = layer(x).float()
+                with GPU.switched(triton_experts=False, triton_shared=False, triton_router=False):
+                    grouped = layer(x).float()
                 # the same routing (the eager router): only the kernels' rounding differs
-                with GPU.switched(triton_experts=True, triton_shared=True):
+                with GPU.switched(triton_experts=True, triton_shared=True, triton_router=False):
                     experts_only = layer(x).float()
                 # the router's sums and softmax in float32: near-tied tokens may take other experts
                 captured = {}

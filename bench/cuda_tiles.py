@@ -107,7 +107,8 @@ def decode_layers(config: str, layers: int) -> list[dict]:
         if few:
             kernels.FEW_SLOTS_BLOCKS = {"gate_up": few, "down": few}
         try:
-            with GPU.switched(**switches):  # the graphs are captured inside, so the switches hold for replays
+            # the graphs are captured inside, so the switches hold for their replays
+            with GPU.switched(**{**dict(triton_experts=False, triton_shared=False, triton_router=False), **switches}):
                 row = bench_ffn_layers(dense_layers, moe_layers, shape, 1, repeats=30, graphs=True)
         except Exception as failure:  # noqa: BLE001
             row = dict(error=f"{type(failure).__name__}: {str(failure)[:120]}")

@@ -72,8 +72,11 @@ def previous_forward(moe, x):
     return out + (back[:, 0] if top_k == 1 else back.sum(dim=1))
 
 
+ALL_OFF = dict(counting_sort=False, triton_experts=False, triton_shared=False, triton_router=False)
+
+
 def with_settings(fn, blocks=None, few_blocks=None, **settings):
-    """`fn` run with cmoe.moe.GPU's switches set as given (counting_sort, triton_experts, ...) and with
+    """`fn` run with cmoe.moe.GPU's switches set as given (counting_sort, triton_experts, ...; the others off) and with
     `blocks` and `few_blocks` as the Triton kernels' tile shapes (BLOCKS, FEW_SLOTS_BLOCKS), also while a CUDA
     graph captures it."""
 
@@ -84,7 +87,7 @@ def with_settings(fn, blocks=None, few_blocks=None, **settings):
                 moe_triton.BLOCKS = blocks
             if few_blocks:
                 moe_triton.FEW_SLOTS_BLOCKS = few_blocks
-            with cmoe.moe.GPU.switched(**settings):
+            with cmoe.moe.GPU.switched(**{**ALL_OFF, **settings}):
                 return fn()
         finally:
             if moe_triton:
@@ -115,7 +118,7 @@ def pieces(moe, x):
     hidden = _hidden(projected, e.width, e.gated, e.act_fn, None)
     s, r = moe.shared, moe.router
     timed = {
-        "shared part (2 GEMMs + act)": lambda: s(x),
+        "shared part (2 GEMMs + act)": with_settings(lambda: s(x)),
         "shared gate_up GEMM": lambda: F.linear(x, s.gate_up_proj),
         "shared part, Triton gate_up+act, cuBLAS down": with_settings(lambda: s(x), triton_shared=True),
         "router select": lambda: moe.router.select(x),
@@ -167,7 +170,7 @@ def main():
             (out_dir / f"profile_{name}.txt").write_text(table)
             print(name, "\n", table, flush=True)
         variants = {"dense FFN": lambda: dense(x), "carved, previous": lambda: previous_forward(moe, x),
-                    "carved, current": lambda: moe(x)}
+                    "carved, current": with_settings(lambda: moe(x)), "carved, default switches": lambda: moe(x)}
         variants["carved, counting sort"] = with_settings(lambda: moe(x), counting_sort=True)
         if moe_triton is not None and device == "cuda":
             variants["carved, Triton"] = with_settings(lambda: moe(x), triton_experts=True)
@@ -203,7 +206,7 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
         # decode at batch 1: launch-bound, so also through CUDA graphs
         x1 = torch.randn(1, args.hidden, dtype=dtype, device=device)
-        decode = {"decode b1 dense": lambda: dense(x1), "decode b1 carved": lambda: moe(x1)}
+        decode = {"decode b1 dense": lambda: dense(x1), "decode b1 carved": with_settings(lambda: moe(x1))}
         if moe_triton is not None and device == "cuda":
             every = dict(triton_experts=True, triton_shared=True, triton_router=True)
             decode["decode b1 carved, Triton"] = with_settings(lambda: moe(x1), triton_experts=True)

@@ -3,8 +3,9 @@
 # and the data in $CMOE_DATA_DIR; results go to $CMOE_RESULTS (default bench/results).
 #   bench/gpu_session.sh variants   CUDA checks, then where the carved FFN's time goes (bench/cuda_variants.py)
 #   bench/gpu_session.sh finetune   recovery fine-tune of S3A3E8 at the paper's budget (2,048 x 2,048 tokens)
-#   bench/gpu_session.sh speed      the speed benchmark in bfloat16, eager and under CUDA graphs
-#   bench/gpu_session.sh triton     the same with the Triton kernels (experts, shared part, router) switched on
+#   bench/gpu_session.sh speed      the speed benchmark in bfloat16, eager and under CUDA graphs (default GPU paths)
+#   bench/gpu_session.sh triton     the same with every Triton kernel (experts, shared part, router) switched on
+#   bench/gpu_session.sh tiles      the Triton kernels' tile shapes, and decode through 32 layers (cuda_tiles.py)
 #   bench/gpu_session.sh lease OUT  one short lease's worth (issue 27), most wanted first, each step cut off at
 #                                   a shared deadline (CMOE_DEADLINE_S, default 540 s): the CUDA checks, the
 #                                   7B-shaped variants at S1A1E8, the 7B-shaped carve (needs the token ids of
@@ -23,6 +24,8 @@ speed)
     python3 bench/speed.py --device cuda --dtype bfloat16 ;;
 triton)
     CMOE_GPU_PATHS=triton_experts,triton_shared,triton_router python3 bench/speed.py --device cuda --dtype bfloat16 ;;
+tiles)
+    python3 bench/cuda_tiles.py --sweep S1A1E8,S3A3E8 --out "${CMOE_RESULTS:-bench/results}" ;;
 lease)
     out="${2:?lease needs an output folder}"; mkdir -p "$out"
     deadline=$((SECONDS + ${CMOE_DEADLINE_S:-540}))

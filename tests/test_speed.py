@@ -55,8 +55,8 @@ def test_cli_bench_compares_a_carved_folder_with_its_source(tmp_path, capsys):
     report = json.loads((tmp_path / "bench.json").read_text())
     # on glibc the benchmark keeps freed memory, so that page faults do not weigh on either side
     assert report["freed_memory_kept"] == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
-    assert report["gpu_paths"] == {"counting_sort": False, "triton_experts": False, "triton_shared": False,
-                                   "triton_router": False}  # which GPU forward the numbers are of
+    assert report["gpu_paths"] == {"counting_sort": False, "triton_experts": True, "triton_shared": False,
+                                   "triton_router": True}  # which GPU forward the numbers are of
     rows = report["rows"]
     layers = dense.config.num_hidden_layers
     assert [(r["level"], r["mode"], r.get("layers", 1)) for r in rows] == [

@@ -90,14 +90,14 @@ def test_moe_forward_runs_through_the_triton_kernels_where_switched_on(triton_ke
     counting = type("Counting", (), {name: staticmethod(counted(name)) for name in used})
     # as on a GPU, in half precision: the kernels where their switch is on
     monkeypatch.setattr(moe_module, "_triton_for", lambda x, act, on: counting if on else None)
+    all_off = dict(triton_experts=False, triton_shared=False, triton_router=False)
     for case in (dict(act="silu", top_k=2), dict(act="gelu", gated=False, bias=True, top_k=1, routed=7)):
         moe = random_moe(**case, std=0.2)
         x = torch.randn(33, moe.hidden_size)
         with torch.no_grad():
-            expected = moe(x)
-            with monkeypatch.context() as patch:
-                for name, value in switches.items():
-                    patch.setattr(moe_module.GPU, name, value)
+            with moe_module.GPU.switched(**all_off):
+                expected = moe(x)
+            with moe_module.GPU.switched(**{**all_off, **switches}):
                 got = moe(x)
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
     router_on = switches.get("triton_router", False)
@@ -230,14 +230,20 @@ def test_triton_kernels_compile_for_an_h100_with_pipelined_tensor_core_loops(tri
 
 
 def test_gpu_paths_are_read_from_the_environment(monkeypatch):
-    monkeypatch.setenv("CMOE_GPU_PATHS", "triton_experts, triton_router")
-    assert moe_module.GPUPaths.from_environment() == moe_module.GPUPaths(triton_experts=True, triton_router=True)
+    monkeypatch.delenv("CMOE_GPU_PATHS", raising=False)
+    defaults = moe_module.GPUPaths.from_environment()
+    assert defaults == moe_module.GPUPaths(counting_sort=False, triton_experts=True, triton_shared=False,
+                                           triton_router=True)  # what won on the H200 (BENCHMARKS.md, issue 27)
+    monkeypatch.setenv("CMOE_GPU_PATHS", "triton_shared, triton_router")
+    assert moe_module.GPUPaths.from_environment() == moe_module.GPUPaths(
+        counting_sort=False, triton_experts=False, triton_shared=True, triton_router=True)  # exactly those on
+    for nothing in ("none", ""):
+        monkeypatch.setenv("CMOE_GPU_PATHS", nothing)
+        assert not any(vars(moe_module.GPUPaths.from_environment()).values())
     monkeypatch.setenv("CMOE_GPU_PATHS", "triton_experts,fast")
     with pytest.raises(CMoEError, match="names fast, which cmoe does not know") as error:
         moe_module.GPUPaths.from_environment()
     assert "\n" not in str(error.value) and "counting_sort" in str(error.value)
-    monkeypatch.delenv("CMOE_GPU_PATHS")
-    assert moe_module.GPUPaths.from_environment() == moe_module.GPUPaths()
 
 
 def test_triton_kernels_take_no_tokens(triton_kernels):

@@ -72,26 +72,32 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
 
 @dataclass
 class GPUPaths:
-    """Which forward a GPU takes where there is a choice. Each is off until timed on a GPU; bench/cuda_variants.py
-    times them all, side by side. CMOE_GPU_PATHS=triton_experts,triton_router (say) turns some on for a
-    process; `cmoe.moe.GPU.triton_experts = True` does it in code."""
+    """Which forward a GPU takes where there is a choice. The defaults are what won when timed side by side on
+    an H200 (bench/cuda_variants.py and bench/cuda_tiles.py; BENCHMARKS.md, issue 27): the Triton experts and
+    router at every shape measured, cuBLAS for the shared part. CMOE_GPU_PATHS, where set, names the switches
+    that are on (`none`: all off); `cmoe.moe.GPU.triton_experts = False` (say) does it in code. Without
+    Triton, or in float32, the grouped PyTorch path runs whatever the switches say."""
 
     counting_sort: bool = False  # group slots by `group_slots`' counting sort rather than a full sort
     # kernels/moe_triton.py (bfloat16 and float16):
-    triton_experts: bool = False  # the routed experts in two launches (gather, products, activation, un-permute)
+    triton_experts: bool = True  # the routed experts in two launches (gather, products, activation, un-permute)
     triton_shared: bool = False  # the shared part's gate/up product and activation in one launch
-    triton_router: bool = False  # the router and the grouping of slots by expert in two launches
+    triton_router: bool = True  # the router and the grouping of slots by expert in two launches
 
     @classmethod
     def from_environment(cls) -> "GPUPaths":
-        """The switches named in CMOE_GPU_PATHS (comma-separated) on, the others off."""
-        names = [name.strip() for name in os.environ.get("CMOE_GPU_PATHS", "").split(",") if name.strip()]
+        """The defaults where CMOE_GPU_PATHS is unset; else the switches it names (comma-separated) on and the
+        others off."""
+        if "CMOE_GPU_PATHS" not in os.environ:
+            return cls()
+        names = [name.strip() for name in os.environ["CMOE_GPU_PATHS"].split(",") if name.strip()]
+        names = [name for name in names if name != "none"]
         known = [field.name for field in fields(cls)]
         unknown = [name for name in names if name not in known]
         if unknown:
             raise CMoEError(f"CMOE_GPU_PATHS names {', '.join(unknown)}, which cmoe does not know; set it to a "
-                            f"comma-separated list of {', '.join(known)}.")
-        return cls(**{name: True for name in names})
+                            f"comma-separated list of {', '.join(known)}, or to none.")
+        return cls(**{name: name in names for name in known})
 
     @contextmanager
     def switched(self, **switches):

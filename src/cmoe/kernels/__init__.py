@@ -1,7 +1,8 @@
 """Compiled kernels, optional: built on first use with the machine's C++ compiler, plain PyTorch otherwise.
 
 `triton_kernels()` gives the Triton kernels for the MoE FFN on a GPU (moe_triton.py: routed experts, shared
-part, router), where Triton is installed; they are off by default (`cmoe.moe.GPU`) until timed on a GPU.
+part, router), where Triton is installed; `cmoe.moe.GPU` says which of them run (by default the router and the
+routed experts, the winners on an H200).
 
 `moe_cpu()` gives `MoEFFN`'s CPU forward (moe_cpu.cpp: `moe_decode` for a few tokens, `moe_prefill` for
 many) once it is built; the build takes about a minute, once per machine (torch keeps it under
