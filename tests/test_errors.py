@@ -86,7 +86,7 @@ def test_corrupt_saved_model(tmp_path):
     moe.save_pretrained(tmp_path / "out")
     weights = tmp_path / "out" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(CMoEError, match="looks damaged or incomplete") as error:
+    with pytest.raises(CMoEError, match="truncated or not a safetensors file") as error:
         load_model(str(tmp_path / "out"))
     assert one_sentence(str(error.value))
     with pytest.raises(CMoEError, match="no config.json"):

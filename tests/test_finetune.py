@@ -215,7 +215,7 @@ def test_distillation_kl_under_bfloat16_autocast_sums_in_float32():
     (gradient,) = torch.autograd.grad(fused, student)
     log_student, log_teacher = torch.log_softmax(student.double(), -1), torch.log_softmax(teacher.double(), -1)
     reference = torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
-    assert fused.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-6)  # float64 sums: the same on every host
     assert gradient.dtype == torch.bfloat16
     expected = (log_student.exp() - log_teacher.exp()) / student.shape[0]
     assert torch.allclose(gradient.double(), expected, rtol=1e-2, atol=1e-6)

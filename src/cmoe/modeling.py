@@ -16,6 +16,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .adapters import SUPPORTED, adapter_for
+from .checks import check_carved_folder, check_spec
 from .moe import MoEFFN
 from .save import atomic_directory
 
@@ -26,14 +27,17 @@ class CMoEMixin:
     """What a carved model adds to its dense family's class."""
 
     def __init__(self, config, *args, **kwargs):
+        check_spec(config.cmoe, config.hidden_size)
         super().__init__(config, *args, **kwargs)
         adapter = adapter_for(config)
         for layer in adapter.layers(self):
             adapter.install(layer, MoEFFN.from_spec(config.cmoe))
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if Path(pretrained_model_name_or_path).is_dir():  # weights' shapes against config.json, before loading
+            check_carved_folder(pretrained_model_name_or_path)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         for module in model.modules():
             if isinstance(module, MoEFFN):
                 module.align_weights()

@@ -345,7 +345,10 @@ class MoEFFN(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "MoEFFN":
-        """Build an empty module from the `cmoe` section of a carved model's config."""
+        """Build an empty module from the `cmoe` section of a carved model's config (checked first)."""
+        from .checks import check_spec
+
+        check_spec(spec)
         return cls(spec["hidden_size"], spec["expert_width"], spec["shared"], spec["experts"] - spec["shared"],
                    spec["active"], spec["act"], spec["gated"], spec["bias"])
 

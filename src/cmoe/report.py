@@ -151,13 +151,14 @@ def describe(folder) -> dict:
 
     from safetensors import safe_open
 
+    from .checks import check_carved_folder
     from .errors import CMoEError
 
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CMoEError(f"{folder} has no config.json; point inspect at a folder written by cmoe carve.")
-    config = json.loads(config_file.read_text())
+    config = check_carved_folder(folder)  # config.json against itself and the weights' headers
     spec = config.get("cmoe")
     if not spec:
         raise CMoEError(f"{folder} holds a dense {config.get('model_type', 'unknown')} model, not a carved one; carve it first.")

@@ -844,6 +844,38 @@ void add_routed_experts(const at::Tensor& rows, const Routing& routing, const at
   if (!sums.is_same(out)) out.copy_(sums);
 }
 
+// The kernels read every tensor through raw pointers with sizes taken from the others, so before anything is
+// read the shapes must agree with one another: a carved folder with an edited or damaged config must get an
+// error here, never a read past the end of a tensor.
+void check_shapes(const at::Tensor& x, const c10::optional<at::Tensor>& shared_gate_up,
+                  const c10::optional<at::Tensor>& shared_down, const c10::optional<at::Tensor>& shared_bias,
+                  const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
+                  const at::Tensor& selection_bias, const at::Tensor& gate_scale, const at::Tensor& gate_up,
+                  const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
+                  const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated) {
+  const char* what = "cmoe CPU kernel: the MoE weights' shapes do not agree with one another";
+  const int64_t rows_per_neuron = gated ? 2 : 1;
+  TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && router_weight.dim() == 2, what);
+  const int64_t hidden = x.size(1), experts = gate_up.size(0), width = down.size(2);
+  TORCH_CHECK(act >= 0 && act <= 3, "cmoe CPU kernel: unknown activation code");
+  TORCH_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts, "cmoe CPU kernel: top_k must lie between 1 and the experts");
+  TORCH_CHECK(gate_up.size(1) == rows_per_neuron * width && gate_up.size(2) == hidden, what);
+  TORCH_CHECK(down.size(0) == experts && down.size(1) == hidden, what);
+  TORCH_CHECK(router_weight.size(0) == rows_per_neuron * experts && router_weight.size(1) == hidden, what);
+  TORCH_CHECK(selection_bias.numel() == experts && gate_scale.numel() == experts, what);
+  TORCH_CHECK(!present(router_bias) || router_bias->numel() == experts, what);
+  TORCH_CHECK(!present(up_bias) || (up_bias->dim() == 2 && up_bias->size(0) == experts && up_bias->size(1) == width), what);
+  TORCH_CHECK(!present(down_bias) || down_bias->numel() == hidden, what);
+  TORCH_CHECK(present(shared_gate_up) == present(shared_down), what);
+  if (present(shared_gate_up)) {
+    TORCH_CHECK(shared_gate_up->dim() == 2 && shared_down->dim() == 2, what);
+    const int64_t shared = shared_down->size(1);
+    TORCH_CHECK(shared_gate_up->size(0) == rows_per_neuron * shared && shared_gate_up->size(1) == hidden &&
+                shared_down->size(0) == hidden, what);
+    TORCH_CHECK(!present(shared_bias) || shared_bias->numel() == shared, what);
+  }
+}
+
 RouterMath router_math(const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
                        const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one, int64_t top_k,
                        int64_t act, bool gated) {
@@ -861,6 +893,8 @@ at::Tensor moe_prefill(const at::Tensor& x, const c10::optional<at::Tensor>& sha
                        const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one,
                        const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
                        const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated) {
+  check_shapes(x, shared_gate_up, shared_down, shared_bias, router_weight, router_bias, selection_bias, gate_scale,
+               gate_up, up_bias, down, down_bias, top_k, act, gated);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const bool bfloat16 = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK((bfloat16 || x.scalar_type() == at::kFloat) && down.scalar_type() == x.scalar_type(),
@@ -885,6 +919,8 @@ at::Tensor moe_decode(const at::Tensor& x, const c10::optional<at::Tensor>& shar
                       const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one,
                       const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
                       const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated) {
+  check_shapes(x, shared_gate_up, shared_down, shared_bias, router_weight, router_bias, selection_bias, gate_scale,
+               gate_up, up_bias, down, down_bias, top_k, act, gated);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: skip the autograd layer of each op
   const at::Tensor rows = x.to(at::kFloat).contiguous();
   at::Tensor out = present(shared_gate_up) ? at::empty_like(rows) : at::zeros_like(rows);

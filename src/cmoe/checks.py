@@ -1,0 +1,119 @@
+"""Checks of a carved folder before anything is built from it: the `cmoe` section of config.json against
+itself, and the weights' shapes (read from the safetensors headers, without loading a tensor) against it.
+
+A carved model's MoE FFN is sized from config.json, and its compiled kernels read weights through raw
+pointers: an edited or damaged folder must get one sentence here, never a crash there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import torch
+from transformers.activations import ACT2FN
+
+from .errors import CMoEError
+
+SPEC_TYPES = dict(hidden_size=int, expert_width=int, shared=int, active=int, experts=int, act=str, gated=bool,
+                  bias=bool)
+_REDO = "the folder was edited or damaged; carve the model again (or restore the folder)"
+
+
+def check_spec(spec, hidden_size: int | None = None) -> None:
+    """Raise CMoEError unless `spec` (a carved config's `cmoe` section) describes an MoE FFN that can exist."""
+    if not isinstance(spec, dict):
+        raise CMoEError(f"config.json's cmoe section is {type(spec).__name__}, not a table of the experts; {_REDO}.")
+    for key, kind in SPEC_TYPES.items():
+        value = spec.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CMoEError(f"config.json's cmoe.{key} is {value!r}, not {kind.__name__}; {_REDO}.")
+    experts, shared, active = spec["experts"], spec["shared"], spec["active"]
+    routed = experts - shared
+    if spec["hidden_size"] < 1 or spec["expert_width"] < 1 or experts < 1 or not 0 <= shared <= experts:
+        raise CMoEError(f"config.json's cmoe section has impossible sizes (hidden_size {spec['hidden_size']}, expert_width "
+                        f"{spec['expert_width']}, {shared} shared of {experts} experts); {_REDO}.")
+    if (routed and not 1 <= active <= routed) or (not routed and active != 0):
+        raise CMoEError(f"config.json's cmoe section asks for {active} active experts of {routed} routed; {_REDO}.")
+    if spec["act"] not in ACT2FN:
+        raise CMoEError(f"config.json's cmoe.act {spec['act']!r} is no activation transformers knows; {_REDO}.")
+    if hidden_size is not None and spec["hidden_size"] != hidden_size:
+        raise CMoEError(f"config.json's cmoe.hidden_size {spec['hidden_size']} differs from the model's {hidden_size}; "
+                        f"{_REDO}.")
+
+
+def read_config(folder: Path) -> dict:
+    """config.json of `folder` as a dict, or one sentence saying why it cannot be read."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CMoEError(f"{path} cannot be read as JSON ({type(error).__name__}); {_REDO}.") from error
+    if not isinstance(config, dict):
+        raise CMoEError(f"{path} holds no JSON object; {_REDO}.")
+    return config
+
+
+def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the folder's .safetensors files, from their headers; also checks that each
+    file is as long as its header says (a truncated copy fails here, not halfway through loading)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CMoEError(f"{folder} has no .safetensors weights; {_REDO}.")
+    shapes = {}
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > path.stat().st_size:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            if 8 + length + max(ends, default=0) > path.stat().st_size:
+                raise ValueError("shorter than its header says")
+            shapes.update({key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"})
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as error:
+            raise CMoEError(f"{path.name} in {folder} is truncated or not a safetensors file ({error}); {_REDO}.") from error
+    return shapes
+
+
+def expected_moe_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor an MoE FFN of this spec saves, by its name inside the FFN module."""
+    from .moe import MoEFFN
+
+    with torch.device("meta"):
+        module = MoEFFN.from_spec(spec)
+    return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+
+
+def check_carved_folder(folder) -> dict:
+    """Check a carved folder's config and weights against each other without loading them; returns config.json."""
+    folder = Path(folder)
+    config = read_config(folder)
+    spec = config.get("cmoe")
+    if spec is None:
+        return config  # a dense model: nothing of ours to check
+    check_spec(spec, config.get("hidden_size"))
+    shapes = safetensors_shapes(folder)
+    expected = expected_moe_shapes(spec)
+    anchor = "router.weight" if "router.weight" in expected else next(iter(expected))
+    prefixes = sorted({key[: -len(anchor)] for key in shapes if key.endswith("." + anchor)}, key=_layer_number)
+    layers = config.get("num_hidden_layers")
+    if not prefixes or (isinstance(layers, int) and len(prefixes) != layers):
+        raise CMoEError(f"{folder}'s weights hold {len(prefixes)} MoE layers where config.json describes "
+                        f"{layers}; {_REDO}.")
+    for prefix in prefixes:
+        for name, shape in expected.items():
+            found = shapes.get(prefix + name)
+            if found != shape:
+                what = "is missing" if found is None else f"has shape {list(found)}"
+                raise CMoEError(f"{folder}'s weight {prefix + name} {what} where config.json's cmoe section needs "
+                                f"{list(shape)}; {_REDO}.")
+    return config
+
+
+def _layer_number(prefix: str) -> int:
+    numbers = re.findall(r"\.(\d+)\.", "." + prefix)
+    return int(numbers[-1]) if numbers else -1
