@@ -83,6 +83,48 @@ def test_resume_continues_from_the_saved_step(carved, tmp_path, monkeypatch):
     assert summary["steps"] == 12
 
 
+class _RunsCode:
+    """Pickled, it asks the loader to call os.system: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_checkpoint_runs_no_code_and_gets_one_sentence(carved, tmp_path):
+    work = tmp_path / "ft.partial"
+    work.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save(dict(trainable={}, optimizer=_RunsCode(marker), state={}), work / "checkpoint.pt")
+    with pytest.raises(cmoe.CMoEError, match="cannot be read as a fine-tuning checkpoint") as error:
+        finetune(copy.deepcopy(carved), byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN,
+                 resume=True, progress=False)
+    assert not marker.exists() and "\n" not in str(error.value)
+
+
+def test_a_partial_folder_without_a_checkpoint_blocks_no_retry(carved, tmp_path):
+    (tmp_path / "ft.partial").mkdir()  # what a run that failed before its first checkpoint leaves
+    with pytest.raises(cmoe.CMoEError, match="no checkpoint to resume"):
+        finetune(copy.deepcopy(carved), byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN,
+                 resume=True, progress=False)
+    (tmp_path / "ft.partial").mkdir()
+    summary = finetune(copy.deepcopy(carved), byte_tokenizer(), _config(samples=4), tmp_path / "ft",
+                       calibration_ids=PATTERN, progress=False)
+    assert summary["steps"] == 2 and (tmp_path / "ft").is_dir() and not (tmp_path / "ft.partial").exists()
+
+
+@pytest.mark.parametrize("change", [dict(max_minutes=0), dict(max_minutes=-1), dict(lr=-1e-4), dict(lora_alpha=0),
+                                    dict(router_lr=-1.0)])
+def test_bad_training_values_are_refused(change):
+    with pytest.raises(cmoe.CMoEError) as error:
+        _config(**change)
+    assert "\n" not in str(error.value)
+
+
 def test_distillation_needs_a_teacher_and_lowers_the_kl(carved, tmp_path):
     with pytest.raises(cmoe.CMoEError, match="--teacher"):
         finetune(copy.deepcopy(carved), byte_tokenizer(), _config(loss="distill"), tmp_path / "a", calibration_ids=PATTERN)

@@ -68,6 +68,12 @@ class FinetuneConfig:
                             "pass --loss distill or leave --hidden-weight out.")
         if min(self.samples, self.seqlen, self.batch_size, self.lora_rank, self.epochs) < 1:
             raise CMoEError("samples, seqlen, batch size, LoRA rank and epochs must all be at least 1.")
+        if self.lora_alpha <= 0 or self.lr <= 0 or self.router_lr < 0 or self.bias_speed < 0:
+            raise CMoEError(f"The LoRA alpha and learning rate must be above 0 and the router rate and bias speed at "
+                            f"least 0 (got alpha {self.lora_alpha}, lr {self.lr}, router lr {self.router_lr}, bias speed "
+                            f"{self.bias_speed}).")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise CMoEError(f"--max-minutes must be above 0, got {self.max_minutes}; leave it out to train to the end.")
 
 
 class TrainingWindows:
@@ -244,7 +250,9 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
         raise CMoEError("Distillation needs the dense model; pass --teacher DENSE.")
     output = Path(output)
     work = output.with_name(output.name + ".partial")
-    if resume and not (work / CHECKPOINT).is_file():
+    if work.exists() and not (work / CHECKPOINT).is_file():
+        _remove(work)  # a run that stopped before its first checkpoint left nothing to resume
+    if resume and not work.exists():
         raise CMoEError(f"There is no checkpoint to resume in {work}; run without --resume.")
     if not resume and work.exists():
         raise CMoEError(f"{work} holds a stopped fine-tune; pass --resume to continue it or delete it.")
@@ -276,7 +284,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     gate_scales_before = torch.cat([r.gate_scale.detach().clone() for r in routers(student)])
     state = dict(epoch=0, step=0, tokens=0, losses=[], seconds=0.0)
     if resume:
-        saved = torch.load(work / CHECKPOINT, weights_only=False)
+        saved = _load_checkpoint(work)
         _trainable_state(student, saved["trainable"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
@@ -444,6 +452,20 @@ def _trainable_state(model, state: dict | None = None) -> dict:
         raise CMoEError(f"The checkpoint does not match this model ({len(missing)} tensors missing); delete it and start over.")
     model.load_state_dict(state, strict=False)
     return state
+
+
+def _load_checkpoint(work: Path) -> dict:
+    """The checkpoint's tensors and plain values. Read with torch's weights-only unpickler, which builds
+    nothing but tensors and plain containers: a crafted file cannot run code here."""
+    path = work / CHECKPOINT
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(saved, dict) or not {"trainable", "optimizer", "state"} <= set(saved):
+            raise ValueError("not a cmoe fine-tuning checkpoint")
+    except Exception as error:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
+        raise CMoEError(f"{path} cannot be read as a fine-tuning checkpoint ({type(error).__name__}); delete {work} "
+                        "and start over without --resume.") from error
+    return saved
 
 
 def _save_checkpoint(work: Path, model, optimizer, state: dict) -> None:
