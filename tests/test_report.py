@@ -83,10 +83,13 @@ def test_a_stopped_sweep_leaves_no_report_and_resumes(text_model_dir, tmp_path, 
     assert carved == ["S1A1E4"]  # S2A2E8 and dense were not redone
     assert [r["config"] for r in results["rows"]] == ["dense", "S2A2E8", "S1A1E4"]
 
+    (tmp_path / "other.partial" / "runs").mkdir(parents=True)
+    (tmp_path / "other.partial" / "plan.json").write_text(json.dumps(_plan(text_model_dir, seed=5).key()))
+    (tmp_path / "other.partial" / "runs" / "dense.json").write_text("{}")  # a finished run of that other sweep
     with pytest.raises(cmoe.CMoEError, match="different settings"):
-        (tmp_path / "other.partial" / "runs").mkdir(parents=True)
-        (tmp_path / "other.partial" / "plan.json").write_text(json.dumps(_plan(text_model_dir, seed=5).key()))
         run_sweep(plan, tmp_path / "other", progress=False)
+    (tmp_path / "other.partial" / "runs" / "dense.json").unlink()  # nothing finished: nothing to keep
+    assert run_sweep(plan, tmp_path / "other", progress=False)["rows"][0]["config"] == "dense"
 
 
 def test_inspect_reads_a_carved_folder(tmp_path, capsys):

@@ -63,7 +63,7 @@ def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | 
         hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared, active=config.active,
         experts=config.experts, act=first.act, gated=first.gated, bias=first.up_bias is not None,
         record=dict(
-            cmoe_version=__version__, source=getattr(model, "name_or_path", None) or None, config=config.to_dict(),
+            cmoe_version=__version__, **_source(model), config=config.to_dict(),
             name=config.name, k_act=k_act,
             calibration=dict(source=calibration_source, samples=calibration.shape[0], seqlen=calibration.shape[1]),
             carve_seconds=round(seconds, 2), layers=layer_records,
@@ -71,6 +71,14 @@ def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | 
     )
     model.config, model.__class__ = carved_config(model.config, spec)
     return model
+
+
+def _source(model) -> dict:
+    """Where the dense model came from: an absolute path with a fingerprint, a Hub id, or nothing."""
+    from .models import source_record
+
+    name = getattr(model, "name_or_path", None)
+    return source_record(name) if name else dict(source=None)
 
 
 def _check_calibration(calibration) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     carve.add_argument("model", metavar="MODEL", help=model_help)
     carve.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write the carved model to")
     carve.add_argument("--config", metavar="SxAyEz", help="expert layout in one word, e.g. S3A3E8 (overrides the three below)")
-    carve.add_argument("--shared", type=int, default=3, help="always-on shared experts (default 3)")
-    carve.add_argument("--active", type=int, default=3, help="routed experts each token uses (default 3)")
-    carve.add_argument("--experts", type=int, default=8, help="experts in all, shared included (default 8)")
+    carve.add_argument("--shared", type=int, help="always-on shared experts (default 3)")
+    carve.add_argument("--active", type=int, help="routed experts each token uses (default 3)")
+    carve.add_argument("--experts", type=int, help="experts in all, shared included (default 8)")
     carve.add_argument("--preset", choices=("paper", "reference"), default="paper",
                        help="paper: the method as published (default); reference: the official code's path")
     carve.add_argument("--k-act", type=int, help="neurons marked per token when profiling (default: the preset's)")
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a Hugging Face folder")
     convert.add_argument("checkpoint", help="the .bin file, e.g. ../shared/models/stories260K/stories260K.bin")
     convert.add_argument("-o", "--output", required=True, help="folder to write")
+    convert.add_argument("--overwrite", action="store_true", help="replace the folder if it already holds something")
 
     demo = commands.add_parser("demo", help="fetch SmolLM2, carve S3A3E8, compare perplexity with dense, print a table")
     demo.add_argument("-o", "--output", default="demo_results", help="where to write results.md and results.json")
@@ -198,28 +200,105 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
+# -- checks of the arguments, made before any long work, each failing in one sentence --------------------------
+
+def _at_least(flag: str, value, least) -> None:
+    from cmoe.errors import CMoEError
+
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        if item is not None and item < least:
+            raise CMoEError(f"{flag} must be at least {least}, got {item}.")
+
+
+def _device(name: str | None) -> str | None:
+    """The --device argument, checked: a device type PyTorch knows and this machine has."""
+    if name is None:
+        return None
+    import torch
+
+    from cmoe.errors import CMoEError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CMoEError(f"--device {name!r} is no device PyTorch knows; use cpu or cuda (cuda:1 for a second GPU).") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CMoEError(f"--device {name} asks for a CUDA GPU, but PyTorch sees none on this machine; leave --device "
+                            "out to run on the CPU.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CMoEError(f"--device {name} names GPU {device.index}, but this machine has {torch.cuda.device_count()}.")
+    elif device.type != "cpu":
+        raise CMoEError(f"--device {name}: cmoe runs on cpu or cuda only.")
+    return name
+
+
+def _check_json_destination(path: str | None) -> None:
+    """--json FILE: fail before the work if FILE cannot be written (its folder is made when it is)."""
+    if path is None:
+        return
+    from cmoe.errors import CMoEError
+    from cmoe.save import _existing_ancestor
+
+    target = Path(path)
+    if target.is_dir():
+        raise CMoEError(f"--json {path} is a folder; give a file name, e.g. {target / 'results.json'}.")
+    ancestor = _existing_ancestor(target.parent)
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CMoEError(f"--json {path} cannot be written: {ancestor} is not a writable folder.")
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2))
+
+
+def _check_seqlen(model, seqlen: int, flag: str) -> None:
+    """A window may not be longer than the positions the model was built for."""
+    from cmoe.errors import CMoEError
+
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise CMoEError(f"{flag} {seqlen} is longer than the {limit} positions this model was built for; pass "
+                        f"{flag} {limit} or less.")
+
+
 def cmd_carve(args) -> dict:
     import cmoe
     from cmoe.data import calibration_tokens
     from cmoe.errors import CMoEError
     from cmoe.models import load_model
 
+    from cmoe.models import source_record
+    from cmoe.save import check_writable_destination
+
     overrides = dict(preset=args.preset, seed=args.seed, k_act=args.k_act)
     if args.no_balance:
         overrides["balance"] = False
+    counts = dict(shared=args.shared, active=args.active, experts=args.experts)
+    given = [f"--{name} {value}" for name, value in counts.items() if value is not None]
+    if args.config and given:
+        raise CMoEError(f"--config {args.config} and {', '.join(given)} both set the experts; give one or the other.")
+    defaults = dict(shared=3, active=3, experts=8)
     config = (cmoe.CarveConfig.from_name(args.config, **overrides) if args.config else
-              cmoe.CarveConfig(shared=args.shared, active=args.active, experts=args.experts, **overrides))
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CMoEError(f"{out} already exists and is not empty; choose another -o or pass --overwrite.")
+              cmoe.CarveConfig(**{k: defaults[k] if v is None else v for k, v in counts.items()}, **overrides))
+    _at_least("--calib-samples", args.calib_samples, 1)
+    _at_least("--calib-seqlen", args.calib_seqlen, 2)
+    device = _device(args.device)
+    out = check_writable_destination(args.output, args.overwrite)
     model, tokenizer = load_model(args.model, _dtype(args.dtype))
     if tokenizer is None:
-        raise CMoEError(f"{args.model} has no tokenizer that transformers can load; carve it from Python with token ids.")
+        raise CMoEError(f"{args.model} has no tokenizer that cmoe can load (for a llama2.c .bin, put its tok<vocab>.bin "
+                        "beside it); carve it from Python with token ids.")
+    _check_seqlen(model, args.calib_seqlen, "--calib-seqlen")
     calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed, args.data_dir)
     started = time.perf_counter()
-    moe = cmoe.carve(model, config, calibration, device=args.device,
+    moe = cmoe.carve(model, config, calibration, device=device,
                      calibration_source=f"{args.calib} ({args.calib_samples}x{args.calib_seqlen}, seed {args.seed})")
     seconds = time.perf_counter() - started
+    moe.config.cmoe["record"].update(source_record(args.model))
     moe.save_pretrained(out, tokenizer=tokenizer)
     layers = moe.carve_record["layers"]
     summary = dict(config=config.name, preset=config.preset, seconds=round(seconds, 1), output=str(out))
@@ -246,9 +325,16 @@ def cmd_eval(args) -> dict:
         args.ppl = [] if tasks else ["wikitext2"]
     if not args.ppl and not tasks:
         raise CMoEError("Nothing to evaluate; name data sets with --ppl or tasks with --tasks.")
-    model, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
+    _at_least("--seqlen", args.seqlen, 2)
+    _at_least("--max-windows", args.max_windows, 1)
+    _at_least("--limit", args.limit, 1)
+    _at_least("--batch-size", args.batch_size, 1)
+    _check_json_destination(args.json)
+    model, tokenizer = load_model(args.model, _dtype(args.dtype), _device(args.device))
     if tokenizer is None:
-        raise CMoEError(f"{args.model} has no tokenizer that transformers can load, so its text cannot be scored.")
+        raise CMoEError(f"{args.model} has no tokenizer that cmoe can load, so its text cannot be scored.")
+    if args.ppl:
+        _check_seqlen(model, args.seqlen, "--seqlen")
     report = dict(model=args.model)
     if args.ppl:
         results = evaluate_perplexity(model, tokenizer, args.ppl, args.seqlen, args.max_windows, args.data_dir)
@@ -262,8 +348,7 @@ def cmd_eval(args) -> dict:
         scores = evaluate_tasks(model, tokenizer, tasks, args.limit, args.batch_size, args.data_dir)
         print("\n" + _task_table(scores))
         report["tasks"] = scores
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    _write_json(args.json, report)
     return report
 
 
@@ -283,6 +368,12 @@ def cmd_sweep(args) -> dict:
     from cmoe.sweep import SweepPlan, run_sweep
     from cmoe.zeroshot import parse_tasks
 
+    _at_least("--seqlen", args.seqlen, 2)
+    _at_least("--max-windows", args.max_windows, 1)
+    _at_least("--limit", args.limit, 1)
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--calib-samples", args.calib_samples, 1)
+    _at_least("--calib-seqlen", args.calib_seqlen, 2)
     plan = SweepPlan(model=args.model, configs=args.configs, preset=args.preset, ppl=args.ppl, seqlen=args.seqlen,
                      max_windows=args.max_windows, tasks=parse_tasks(args.tasks), limit=args.limit,
                      batch_size=args.batch_size, calib=args.calib, calib_samples=args.calib_samples,
@@ -298,9 +389,10 @@ def cmd_finetune(args) -> dict:
     from cmoe.modeling import is_carved
     from cmoe.models import load_model
 
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CMoEError(f"{out} already exists and is not empty; choose another -o or pass --overwrite.")
+    from cmoe.models import load_source
+    from cmoe.save import check_writable_destination
+
+    out = check_writable_destination(args.output, args.overwrite)
     config = FinetuneConfig(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
                             loss=args.loss, hidden_weight=args.hidden_weight, lora_rank=args.lora_rank,
                             lora_alpha=args.lora_alpha, lr=args.lr, router_lr=args.router_lr, schedule=args.schedule,
@@ -308,17 +400,20 @@ def cmd_finetune(args) -> dict:
                             max_minutes=args.max_minutes, seed=args.seed, rebalance=not args.no_rebalance,
                             precision=args.precision,
                             gradient_checkpointing=dict(auto=None, on=True, off=False)[args.checkpointing])
-    model, tokenizer = load_model(args.model, device=args.device)
+    device = _device(args.device)
+    model, tokenizer = load_model(args.model, device=device)
     if not is_carved(model):
         raise CMoEError(f"{args.model} is a dense model; carve it first (cmoe carve), then fine-tune the carved folder.")
     if tokenizer is None:
-        raise CMoEError(f"{args.model} has no tokenizer that transformers can load, so its training text cannot be read.")
+        raise CMoEError(f"{args.model} has no tokenizer that cmoe can load, so its training text cannot be read.")
+    _check_seqlen(model, args.seqlen, "--seqlen")
     teacher = None
     if args.loss == "distill":
-        source = args.teacher or model.carve_record.get("source")
-        if not source:
-            raise CMoEError("Distillation needs the dense model and the carve record does not name it; pass --teacher.")
-        teacher, _ = load_model(source, device=args.device)
+        teacher, _ = (load_model(args.teacher, device=device) if args.teacher else
+                      load_source(model.carve_record, "--teacher DENSE", device=device))
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise CMoEError(f"The teacher's vocabulary ({teacher.config.vocab_size} tokens) is not the carved model's "
+                            f"({model.config.vocab_size}); pass the dense model it was carved from as --teacher.")
         teacher.eval()
     summary = finetune(model, tokenizer, config, out, teacher=teacher, resume=args.resume, data_dir=args.data_dir)
     print(f"fine-tuned {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['precision']}) in {summary['seconds']:.0f} s; "
@@ -341,22 +436,47 @@ def cmd_bench(args) -> dict:
     from cmoe.report import table
     from cmoe.speed import keep_freed_memory, run_benchmark
 
+    from cmoe.models import load_source
+
+    unknown = [mode for mode in args.mode if mode not in ("prefill", "decode")]
+    if unknown or not args.mode:
+        raise CMoEError(f"--mode {','.join(args.mode)}: the modes are prefill and decode (comma separated).")
+    _at_least("--batch", args.batch, 1)
+    _at_least("--seqlen", args.seqlen, 1)
+    _at_least("--repeats", args.repeats, 1)
+    _check_json_destination(args.json)
+    device = _device(args.device)
     kept = keep_freed_memory()
-    carved, _ = load_model(args.model, _dtype(args.dtype), args.device)
+    carved, _ = load_model(args.model, _dtype(args.dtype), device)
     if not is_carved(carved):
         raise CMoEError(f"{args.model} is a dense model; bench a carved folder (cmoe carve) and pass the dense one as --against.")
+    _check_seqlen(carved, args.seqlen, "--seqlen")
+    dense, _ = (load_model(args.against, _dtype(args.dtype), device) if args.against else
+                load_source(carved.carve_record, "--against DENSE", _dtype(args.dtype), device))
+    _check_same_shape(carved, dense, args.against or carved.carve_record.get("source"))
     source = args.against or carved.carve_record.get("source")
-    if not source:
-        raise CMoEError(f"{args.model} does not record the model it was carved from; pass it with --against.")
-    dense, _ = load_model(source, _dtype(args.dtype), args.device)
     rows = run_benchmark(carved.eval(), dense.eval(), args.mode, args.batch, args.seqlen, args.repeats)
     print(_bench_table(rows))
     report = dict(model=args.model, against=source, device=str(next(carved.parameters()).device), dtype=args.dtype,
                   machine=f"{platform.machine()}, {torch.get_num_threads()} threads", torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), freed_memory_kept=kept, gpu_paths=dataclasses.asdict(GPU), rows=rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    _write_json(args.json, report)
     return report
+
+
+def _check_same_shape(carved, dense, name) -> None:
+    """--against must be the carved model's dense counterpart: the same family and sizes."""
+    from cmoe.errors import CMoEError
+    from cmoe.modeling import is_carved
+
+    spec, config = carved.config.cmoe, dense.config
+    family = carved.config.model_type.removeprefix("cmoe_")
+    sizes = dict(hidden_size=spec["hidden_size"], num_hidden_layers=carved.config.num_hidden_layers,
+                 vocab_size=carved.config.vocab_size)
+    differ = [key for key, value in sizes.items() if getattr(config, key, None) != value]
+    if is_carved(dense) or config.model_type != family or differ:
+        raise CMoEError(f"--against {name} is not the dense model this was carved from (a {config.model_type} model"
+                        f"{', with another ' + ', '.join(differ) if differ else ''}); pass the dense source.")
 
 
 def _bench_table(rows: list[dict]) -> str:
@@ -384,10 +504,10 @@ def _bench_table(rows: list[dict]) -> str:
 def cmd_inspect(args) -> dict:
     from cmoe.report import describe, describe_text
 
+    _check_json_destination(args.json)
     info = describe(args.folder)
     print(describe_text(info))
-    if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=2))
+    _write_json(args.json, info)
     return info
 
 
@@ -401,15 +521,29 @@ def cmd_convert(args):
     from cmoe.llama2c import load_llama2c
     from cmoe.save import atomic_directory
 
+    from cmoe.errors import CMoEError
+    from cmoe.llama2c import tokenizer_beside
+    from cmoe.save import check_writable_destination
+
+    check_writable_destination(args.output, args.overwrite)
+    if not Path(args.checkpoint).is_file():
+        raise CMoEError(f"There is no file {args.checkpoint}; give a llama2.c .bin checkpoint.")
     model = load_llama2c(args.checkpoint)
+    tokenizer = tokenizer_beside(args.checkpoint, model.config.vocab_size)
     with atomic_directory(args.output) as tmp:
         model.save_pretrained(tmp)
-    print(f"wrote {args.output}")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    print(f"wrote {args.output}" + ("" if tokenizer is not None else " (no tok<vocab>.bin beside it: no tokenizer)"))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
     from cmoe.errors import CMoEError
+
+    transformers_logging.disable_progress_bar()  # its per-file loading bars; cmoe's own bars show the long work
 
     handlers = dict(carve=cmd_carve, eval=cmd_eval, sweep=cmd_sweep, finetune=cmd_finetune, bench=cmd_bench, inspect=cmd_inspect, fetch=cmd_fetch, demo=_demo)
     handlers["convert-llama2c"] = cmd_convert
@@ -419,9 +553,19 @@ def main(argv=None) -> int:
         print(f"cmoe: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cmoe: interrupted; nothing was written.", file=sys.stderr)
+        print(f"cmoe: interrupted; {_what_was_kept(args)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _what_was_kept(args) -> str:
+    """After Ctrl-C: what a later run can pick up (fine-tune checkpoints, a sweep's finished runs), or nothing."""
+    work = Path(str(getattr(args, "output", "")) + ".partial")
+    if args.command == "finetune" and (work / "checkpoint.pt").is_file():
+        return f"the last checkpoint is in {work}; run the same command with --resume to continue."
+    if args.command == "sweep" and work.is_dir():
+        return f"the finished runs are kept in {work}; run the same command again to go on from there."
+    return "nothing was written."
 
 
 def _demo(args):

@@ -82,7 +82,15 @@ def _hub_text(name: str, use: str) -> str:
 def _read(path: Path) -> str:
     if not path.is_file():
         raise CMoEError(f"Data file {path} is missing; point --data-dir (or CMOE_DATA_DIR) at a folder that has it.")
-    return path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CMoEError(f"{path} is not UTF-8 text (byte {error.start} cannot be read); give a plain text file.") from error
+    except OSError as error:
+        raise CMoEError(f"{path} cannot be read ({error.strerror}); check the file and its permissions.") from error
+    if "\x00" in text:
+        raise CMoEError(f"{path} holds NUL bytes, so it is binary rather than text; give a plain text file.")
+    return text
 
 
 def _c4_docs(root: Path) -> list[str]:

@@ -20,8 +20,12 @@ def load_llama2c(path: str | Path) -> LlamaForCausalLM:
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack("7i", raw[:28])
     shared_classifier = vocab > 0
     vocab = abs(vocab)
+    sizes_ok = min(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len) > 0
+    if not sizes_ok or dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
+        raise CMoEError(f"{path} does not start with a llama2.c header (sizes {dim}, {hidden}, {n_layers}, {n_heads}, "
+                        f"{n_kv_heads}, {vocab}, {seq_len}); give a legacy-format llama2.c checkpoint such as stories260K.bin.")
     head_dim = dim // n_heads
-    data = np.frombuffer(raw, dtype=np.float32, offset=28)
+    data = np.frombuffer(raw, dtype=np.float32, offset=28, count=(len(raw) - 28) // 4)
     offset = 0
 
     def take(*shape):
@@ -118,3 +122,47 @@ class Llama2cTokenizer:
             else:
                 out += piece.encode("utf-8")
         return out.decode("utf-8", errors="replace").lstrip(" ")
+
+
+def llama2c_tokenizer(path: str | Path):
+    """llama2.c's tokenizer file as a `transformers` fast tokenizer that encodes as `Llama2cTokenizer` does.
+
+    Its pieces are sentencepiece BPE merges: wherever two neighbouring pieces join into one in the
+    vocabulary, the join with the highest score goes first. A BPE model whose merges are ranked by that
+    score does the same, in linear time rather than the reference's quadratic loop (WikiText-2 is a million
+    characters). Pieces never hold a space past their first character, so the text is split before each space.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        reference = Llama2cTokenizer(path)
+    except (OSError, struct.error, ValueError) as error:
+        raise CMoEError(f"{path} is not a llama2.c tokenizer file ({type(error).__name__}); use the tok*.bin that "
+                        "came with the model.") from error
+    vocab = {}
+    for i, piece in enumerate(reference.pieces):
+        vocab.setdefault(piece, i)
+    merges = []
+    for i in sorted(range(len(reference.pieces)), key=lambda i: (-reference.scores[i], i)):
+        piece = reference.pieces[i]
+        if i < 3 or (piece.startswith("<0x") and len(piece) == 6):
+            continue
+        merges += [(piece[:cut], piece[cut:]) for cut in range(1, len(piece))
+                   if piece[:cut] in vocab and piece[cut:] in vocab]
+    model = models.BPE(vocab=vocab, merges=merges, unk_token=reference.pieces[0], byte_fallback=True,
+                       fuse_unk=False, ignore_merges=False)
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Prepend(" ")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_next")
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=reference.pieces[0],
+                                   bos_token=reference.pieces[reference.bos_id],
+                                   eos_token=reference.pieces[reference.eos_id],
+                                   split_special_tokens=True)  # "<unk>" in a text is text, as in llama2.c
+
+
+def tokenizer_beside(checkpoint: str | Path, vocab_size: int):
+    """The fast tokenizer of `tok<vocab>.bin` next to a llama2.c checkpoint (llama2.c's naming), or None."""
+    path = Path(checkpoint).with_name(f"tok{vocab_size}.bin")
+    return llama2c_tokenizer(path) if path.is_file() else None

@@ -94,6 +94,48 @@ def resolve(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """A Hugging Face id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x.bin) is a local path."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or Path(name).suffix in (".gguf", ".bin", ".safetensors"))
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        import json
+
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def source_record(name_or_path: str) -> dict:
+    """How a carve records its source: the absolute path of a local model (with a fingerprint of its files,
+    to tell later whether it is still the same model), or the Hub id or alias as given."""
+    where = Path(resolve(name_or_path)) if str(name_or_path).lower() in ALIASES else Path(name_or_path)
+    if not where.exists():
+        return dict(source=str(name_or_path))
+    where = where.resolve()
+    digest = hashlib.sha256()
+    files = [where] if where.is_file() else sorted(p for p in where.iterdir() if p.suffix in (".json", ".safetensors"))
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(str(file.stat().st_size).encode())
+        with open(file, "rb") as f:  # the headers and the start of the data: cheap, and enough to tell models apart
+            digest.update(f.read(1 << 20))
+    return dict(source=str(where), source_fingerprint=digest.hexdigest()[:16])
+
+
+def load_source(record: dict, what: str, dtype=torch.float32, device=None):
+    """The dense model a carve record names, or one sentence saying it is gone (and what to pass instead)."""
+    source = record.get("source")
+    if not source:
+        raise CMoEError(f"The carve record does not name the model it came from; pass it with {what}.")
+    if Path(source).is_absolute() and not Path(source).exists():
+        raise CMoEError(f"The model this was carved from, {source}, is no longer there; pass it with {what}.")
+    return load_model(source, dtype, device)
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
     """(model, tokenizer) for a Hugging Face id or folder, a .gguf file, a llama2.c .bin, or an alias.
 
@@ -105,14 +147,20 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 
     where = resolve(name_or_path)
     path = Path(where)
+    if not path.exists() and _looks_like_a_path(where):
+        raise CMoEError(f"There is no file or folder {where}; check the path, or give a Hugging Face id such as "
+                        "HuggingFaceTB/SmolLM2-135M.")
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise CMoEError(f"GGUF file {path} does not exist.")
-        model, tokenizer = load_gguf(path, dtype)
+        try:
+            model, tokenizer = load_gguf(path, dtype)
+        except Exception as error:  # noqa: BLE001 - gguf's and transformers' errors for a bad file vary
+            raise CMoEError(f"{path} cannot be read as a GGUF model ({type(error).__name__}); it may be truncated or "
+                            "of an architecture transformers cannot dequantise, so fetch it again.") from error
     elif path.suffix == ".bin" and path.is_file():
-        from .llama2c import load_llama2c
+        from .llama2c import load_llama2c, tokenizer_beside
 
-        model, tokenizer = load_llama2c(path).to(dtype), None
+        model = load_llama2c(path).to(dtype)
+        tokenizer = tokenizer_beside(path, model.config.vocab_size)
     else:
         if path.exists() and not (path / "config.json").is_file():
             raise CMoEError(f"{path} has no config.json; it is not a saved model (carve or save one there first).")
@@ -121,6 +169,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         except CMoEError:
             raise
         except Exception as error:  # noqa: BLE001 - turn any load failure into one clear sentence
+            kind = _model_type(path) if path.exists() else None
+            if kind is not None and "Unrecognized configuration class" in str(error):
+                raise CMoEError(f"{path} holds a {kind} model, which is not a causal language model that cmoe can "
+                                "load; give a decoder-only model (Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2, ...).") from error
             if path.exists():
                 raise CMoEError(
                     f"Could not load the model in {path} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "

@@ -3,23 +3,67 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import CMoEError
+
+# a folder of our own naming left by a writer that was killed: `.OUT.tmp-<pid>-...` or `.OUT.old-<pid>`
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")
+_LEGACY_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-[^-]+$")  # before the pid was in the name
+_LEGACY_AGE_S = 3600
+
+
+def check_writable_destination(path, overwrite: bool = False) -> Path:
+    """Fail now, in one sentence, if `path` cannot become an output folder (before any long work is done)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CMoEError(f"{path} is a file, not a folder; choose another output folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise CMoEError(f"{path} already exists and is not empty; choose another output folder or pass --overwrite.")
+    parent = _existing_ancestor(path.parent)
+    if not parent.is_dir():
+        raise CMoEError(f"{path} cannot be created: {parent} is not a folder; choose another output folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CMoEError(f"{path} cannot be created: {parent} is not writable; choose another output folder.")
+    return path
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 @contextmanager
 def atomic_directory(path):
-    """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed."""
+    """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed.
+
+    The folder gets the permissions the umask gives a new folder, not mkdtemp's 0700. Leftovers of writers
+    to the same place that were killed (their process is gone) are removed first.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CMoEError(f"{path} cannot be created ({error.strerror}); choose another output folder.") from error
+    remove_leftovers(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    except OSError as error:
+        raise CMoEError(f"{path} cannot be written ({error.strerror}); choose another output folder.") from error
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _follow_umask(tmp)
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -27,3 +71,48 @@ def atomic_directory(path):
     tmp.rename(path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` folders beside `path` whose writing process no longer runs."""
+    removed = []
+    for entry in path.parent.glob(f".{path.name}.*"):
+        match = _LEFTOVER.match(entry.name)
+        if match and match["name"] == path.name:
+            stale = not _process_alive(int(match["pid"]))
+        else:
+            legacy = _LEGACY_TMP.match(entry.name)
+            stale = bool(legacy and legacy["name"] == path.name
+                         and time.time() - entry.stat().st_mtime > _LEGACY_AGE_S)
+        if stale and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _follow_umask(folder: Path) -> None:
+    """Files as the umask makes them: writers that go through mkstemp (safetensors' does) leave 0600."""
+    mode = 0o666 & ~_umask()
+    for entry in folder.rglob("*"):
+        if entry.is_file() and not entry.is_symlink():
+            os.chmod(entry, mode)
+        elif entry.is_dir():
+            os.chmod(entry, 0o777 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -54,14 +54,19 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
     from .models import load_model
 
     output = Path(output)
-    plan.carve_configs()  # bad names fail before any work
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise CMoEError(f"{output} already exists and is not empty; choose another -o or pass --overwrite.")
-    work = _work_folder(output, plan)
+    from .save import check_writable_destination
 
+    plan.carve_configs()  # bad names fail before any work
+    check_writable_destination(output, overwrite)
     dense, tokenizer = load_model(plan.model, device=plan.device)
     if tokenizer is None:
-        raise CMoEError(f"{plan.model} has no tokenizer that transformers can load, so it cannot be evaluated.")
+        raise CMoEError(f"{plan.model} has no tokenizer that cmoe can load, so it cannot be evaluated.")
+    limit = getattr(dense.config, "max_position_embeddings", None)
+    for flag, seqlen in (("--seqlen", plan.seqlen), ("--calib-seqlen", plan.calib_seqlen)):
+        if isinstance(limit, int) and seqlen > limit:
+            raise CMoEError(f"{flag} {seqlen} is longer than the {limit} positions this model was built for; pass "
+                            f"{flag} {limit} or less.")
+    work = _work_folder(output, plan)
     names = ["dense"] + plan.configs
     runs = work / "runs"
     pending = [name for name in names if not (runs / f"{name}.json").exists()]
@@ -106,6 +111,8 @@ def _device_name(device: str | None) -> str:
 def _work_folder(output: Path, plan: SweepPlan) -> Path:
     work = output.with_name(output.name + ".partial")
     plan_file = work / "plan.json"
+    if work.exists() and not any(work.glob("runs/*.json")):
+        shutil.rmtree(work)  # nothing finished there: nothing to resume
     if work.exists():
         saved = json.loads(plan_file.read_text()) if plan_file.exists() else None
         if saved != json.loads(json.dumps(plan.key())):

@@ -858,10 +858,14 @@ void check_shapes(const at::Tensor& x, const c10::optional<at::Tensor>& shared_g
   TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && router_weight.dim() == 2, what);
   const int64_t hidden = x.size(1), experts = gate_up.size(0), width = down.size(2);
   TORCH_CHECK(act >= 0 && act <= 3, "cmoe CPU kernel: unknown activation code");
-  TORCH_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts, "cmoe CPU kernel: top_k must lie between 1 and the experts");
-  TORCH_CHECK(gate_up.size(1) == rows_per_neuron * width && gate_up.size(2) == hidden, what);
-  TORCH_CHECK(down.size(0) == experts && down.size(1) == hidden, what);
-  TORCH_CHECK(router_weight.size(0) == rows_per_neuron * experts && router_weight.size(1) == hidden, what);
+  // no routed experts at all (a dense FFN run as the shared part) takes top_k 0
+  TORCH_CHECK(experts == 0 ? top_k == 0 : top_k >= 1 && top_k <= experts,
+              "cmoe CPU kernel: top_k must lie between 1 and the experts");
+  TORCH_CHECK(down.size(0) == experts && router_weight.size(0) == rows_per_neuron * experts, what);
+  if (experts > 0) {
+    TORCH_CHECK(gate_up.size(1) == rows_per_neuron * width && gate_up.size(2) == hidden, what);
+    TORCH_CHECK(down.size(1) == hidden && router_weight.size(1) == hidden, what);
+  }
   TORCH_CHECK(selection_bias.numel() == experts && gate_scale.numel() == experts, what);
   TORCH_CHECK(!present(router_bias) || router_bias->numel() == experts, what);
   TORCH_CHECK(!present(up_bias) || (up_bias->dim() == 2 && up_bias->size(0) == experts && up_bias->size(1) == width), what);
