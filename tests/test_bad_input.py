@@ -232,3 +232,15 @@ def test_written_folders_follow_the_umask(tmp_path):
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "out" / "weights").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so there is nothing to refuse")
+def test_a_read_only_destination_is_refused_before_the_carve(place, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["carve", str(place / "dense"), "-o", str(locked / "out"), "--calib", str(place / "calib.txt")]) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
