@@ -18,8 +18,8 @@ from pathlib import Path
 
 import cmoe
 from cmoe.data import calibration_tokens, eval_text, tokenize
-from cmoe.evaluation import perplexity
-from cmoe.models import load_model
+from cmoe.tools.perplexity import perplexity
+from cmoe.hf.loading import load_model
 
 RESULTS = Path(__file__).parent / "results" / "ablation_smollm2.jsonl"
 
@@ -57,7 +57,7 @@ def main():
             calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=seed)
             row["seed"] = seed
             started = time.perf_counter()
-            model = cmoe.carve(model, config, calibration, progress=False)
+            model = cmoe.carve_(model, config, calibration, progress=False)
             row["carve_seconds"] = round(time.perf_counter() - started, 1)
             layers = model.carve_record["layers"]
             row["imbalance_after"] = round(sum(r.get("imbalance_after", 1) for r in layers) / len(layers), 3)

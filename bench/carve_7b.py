@@ -30,7 +30,7 @@ SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidde
 
 def write_calibration(path: Path, samples: int, seqlen: int) -> None:
     from cmoe.data import calibration_tokens
-    from cmoe.models import load_model
+    from cmoe.hf.loading import load_model
 
     _, tokenizer = load_model("smollm2")
     ids = calibration_tokens(tokenizer, "wikitext2", samples, seqlen, seed=0)
@@ -70,7 +70,7 @@ def main():
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    carved = cmoe.carve(model, cmoe.CarveConfig.from_name(args.config), ids, progress=True)
+    carved = cmoe.carve_(model, cmoe.CarveConfig.from_name(args.config), ids, progress=True)
     if cuda:
         torch.cuda.synchronize()
     carve_seconds = time.perf_counter() - started

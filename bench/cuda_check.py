@@ -12,9 +12,9 @@ import torch
 import transformers as T
 
 import cmoe
-from cmoe.kernels import ACTIVATION_CODES, triton_kernels
-from cmoe.moe import GPU, MoEFFN
-from cmoe.speed import cuda_graph
+from cmoe.moe.kernels import ACTIVATION_CODES, triton_kernels
+from cmoe.moe.module import GPU, MoEFFN
+from cmoe.tools.bench import cuda_graph
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
     with torch.no_grad():
         dense = model(ids).logits
     started = time.perf_counter()
-    moe = cmoe.carve(model, cmoe.CarveConfig(shared=2, active=6, experts=8), ids, device="cuda", progress=False)
+    moe = cmoe.carve_(model, cmoe.CarveConfig(shared=2, active=6, experts=8), ids, device="cuda", progress=False)
     seconds = time.perf_counter() - started
     moe.to("cuda")
     with torch.no_grad():

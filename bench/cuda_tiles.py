@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import cmoe
-from cmoe.kernels import ACTIVATION_CODES, triton_kernels
-from cmoe.moe import GPU
-from cmoe.speed import bench_ffn_layers, cuda_graph, random_ffn_pair, shape_of
+from cmoe.moe.kernels import ACTIVATION_CODES, triton_kernels
+from cmoe.moe.module import GPU
+from cmoe.tools.bench import bench_ffn_layers, cuda_graph, random_ffn_pair, shape_of
 from cuda_variants import median_ms
 from provenance import git_commit
 

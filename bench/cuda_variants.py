@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 import cmoe
-import cmoe.moe
-from cmoe.kernels import ACTIVATION_CODES, triton_kernels
-from cmoe.moe import _hidden, group_slots
-from cmoe.speed import cuda_graph as graphed, random_ffn_pair
+import cmoe.moe.module
+from cmoe.moe.kernels import ACTIVATION_CODES, triton_kernels
+from cmoe.moe.module import _hidden, group_slots
+from cmoe.tools.bench import cuda_graph as graphed, random_ffn_pair
 
 moe_triton = triton_kernels()  # None where Triton is not installed
 

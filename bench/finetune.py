@@ -26,9 +26,9 @@ import torch
 
 import cmoe
 from cmoe.data import calibration_tokens
-from cmoe.evaluation import evaluate_perplexity
-from cmoe.finetune import FinetuneConfig, finetune, training_precision
-from cmoe.models import load_model
+from cmoe.tools.perplexity import evaluate_perplexity
+from cmoe.tools.finetune import FinetuneConfig, finetune, training_precision
+from cmoe.hf.loading import load_model
 from provenance import device_name
 
 RESULTS = Path(os.environ.get("CMOE_RESULTS", Path(__file__).parent / "results"))  # elsewhere on a lent GPU
@@ -38,7 +38,7 @@ def quality(model, tokenizer, tasks: list[str], device: str, limit: int | None =
     scores = {name: round(v["ppl"], 3) for name, v in
               evaluate_perplexity(model, tokenizer, ["wikitext2", "c4"], 2048, 32, progress=False).items()}
     if tasks:
-        from cmoe.zeroshot import evaluate_tasks
+        from cmoe.tools.zeroshot import evaluate_tasks
 
         batch = 64 if device == "cuda" else 16
         results = evaluate_tasks(model, tokenizer, tasks, limit, batch, limits={"hellaswag": min(1000, limit or 1000)})
@@ -106,7 +106,7 @@ def main():
         losses = [loss for loss in args.losses.split(",") if run_key(settings(name, loss), args.device) not in done]
         if not losses:
             continue
-        carved = cmoe.carve(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
+        carved = cmoe.carve_(copy.deepcopy(dense), cmoe.CarveConfig.from_name(name), calibration, progress=False)
         reused = name in measured_before
         before = measured_before[name] if reused else quality(carved.eval(), tokenizer, tasks, args.device, args.limit)
         print(json.dumps(dict(config=name, before=before, reused=reused)), flush=True)

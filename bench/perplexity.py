@@ -18,8 +18,8 @@ import torch
 
 import cmoe
 from cmoe.data import calibration_tokens, eval_text, tokenize
-from cmoe.evaluation import perplexity
-from cmoe.models import load_model
+from cmoe.tools.perplexity import perplexity
+from cmoe.hf.loading import load_model
 from provenance import device_name, git_commit
 
 RESULTS = Path(__file__).parent / "results" / "perplexity_smollm2.json"
@@ -52,7 +52,7 @@ def main():
         row = dict(config=name, preset=preset or "-")
         if preset:
             started = time.perf_counter()
-            model = cmoe.carve(model, cmoe.CarveConfig.from_name(name, preset=preset), calibration, progress=False)
+            model = cmoe.carve_(model, cmoe.CarveConfig.from_name(name, preset=preset), calibration, progress=False)
             row["carve_seconds"] = round(time.perf_counter() - started, 1)
         for set_name, ids in texts.items():
             row[set_name] = round(perplexity(model, ids, 2048, args.windows, progress=False), 3)
@@ -93,7 +93,7 @@ def active_fraction(name: str, hidden: int = 576, width: int = 1536) -> float:
 
 
 def plot(report: dict, path: Path) -> Path:
-    from cmoe.plots import quality_vs_active
+    from cmoe.tools.plots import quality_vs_active
 
     rows = [dict(r, active_fraction=1.0 if r["config"] == "dense" else active_fraction(r["config"])) for r in report["rows"]]
     series = {}

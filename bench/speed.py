@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 import cmoe
-import cmoe.moe
-from cmoe.speed import bench_ffn, keep_freed_memory, random_ffn_pair, run_benchmark, shape_of
+import cmoe.moe.module
+from cmoe.tools.bench import bench_ffn, keep_freed_memory, random_ffn_pair, run_benchmark, shape_of
 from provenance import device_name, git_commit
 
 RESULTS = Path(os.environ.get("CMOE_RESULTS", Path(__file__).parent / "results"))  # elsewhere on a lent GPU
@@ -33,14 +33,14 @@ RESULTS = Path(os.environ.get("CMOE_RESULTS", Path(__file__).parent / "results")
 
 def smollm2_rows(configs, device, dtype, batches) -> list[dict]:
     from cmoe.data import calibration_tokens
-    from cmoe.models import load_model
+    from cmoe.hf.loading import load_model
 
     dense, tokenizer = load_model("smollm2", dtype, device)
     calibration = calibration_tokens(tokenizer, "wikitext2", 4, 512, seed=0)
     rows = []
     for name in configs:
         carved, _ = load_model("smollm2", dtype, device)
-        carved = cmoe.carve(carved, cmoe.CarveConfig.from_name(name), calibration, progress=False)
+        carved = cmoe.carve_(carved, cmoe.CarveConfig.from_name(name), calibration, progress=False)
         dense_mb, carved_mb = _weight_megabytes(dense), _weight_megabytes(carved)
         rows.append(dict(model="SmolLM2-135M", config=name, level="model", mode="memory", dense_mb=dense_mb,
                          carved_mb=carved_mb, ratio=carved_mb / dense_mb))

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cmoe.report import table
+from cmoe.tools.report import table
 from finetune import UNRECORDED
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from cmoe.sweep import SweepPlan, run_sweep
-from cmoe.zeroshot import TASKS
+from cmoe.tools.sweep import SweepPlan, run_sweep
+from cmoe.tools.zeroshot import TASKS
 
 OUTPUT = Path(__file__).parent / "zeroshot_smollm2"
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import transformers as T
 
-from cmoe.cli import _what_was_kept, build_parser, main
-from cmoe.save import atomic_directory
+from cmoe.tools.cli import _what_was_kept, build_parser, main
+from cmoe.run_folder import atomic_directory
 from conftest import byte_tokenizer, tiny_model, tiny_text_model
 
 TEXT = " ".join(f"The {w} sat on the mat and looked at the {v} for a while." for w in ("cat", "dog", "bird")

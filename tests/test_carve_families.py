@@ -4,8 +4,8 @@ import torch
 import transformers as T
 
 import cmoe
-from cmoe.adapters import adapter_for
-from cmoe.moe import MoEFFN
+from cmoe.hf.adapters import adapter_for
+from cmoe.moe.module import MoEFFN
 from conftest import tiny_model, tokens
 
 
@@ -18,7 +18,7 @@ def test_every_expert_active_equals_dense(family):
     model = tiny_model(family)
     ids = tokens()
     dense = logits(model, ids)
-    moe = cmoe.carve(model, cmoe.CarveConfig(shared=2, active=6, experts=8), tokens(seed=2), progress=False)
+    moe = cmoe.carve_(model, cmoe.CarveConfig(shared=2, active=6, experts=8), tokens(seed=2), progress=False)
     carved = logits(moe, ids)
     assert type(moe).__name__.startswith("CMoE")
     assert isinstance(adapter_for(moe).ffn_module(adapter_for(moe).layers(moe)[0]), MoEFFN)
@@ -29,13 +29,13 @@ def test_fewer_experts_changes_output(family):
     model = tiny_model(family)
     ids = tokens()
     dense = logits(model, ids)
-    moe = cmoe.carve(model, cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(seed=2), progress=False)
+    moe = cmoe.carve_(model, cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(seed=2), progress=False)
     assert not torch.allclose(logits(moe, ids), dense, atol=1e-4)
 
 
 def test_groups_are_balanced_disjoint_and_shared_is_top_rate(family):
     model = tiny_model(family)
-    moe = cmoe.carve(model, cmoe.CarveConfig(shared=2, active=2, experts=8), tokens(), progress=False)
+    moe = cmoe.carve_(model, cmoe.CarveConfig(shared=2, active=2, experts=8), tokens(), progress=False)
     for record in moe.carve_record["layers"]:
         routed = torch.tensor(record["routed_neurons"])
         shared = torch.tensor(record["shared_neurons"])
@@ -49,7 +49,7 @@ def test_groups_are_balanced_disjoint_and_shared_is_top_rate(family):
 
 
 def test_training_free_gates_are_one():
-    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
     router = moe.model.layers[0].mlp.router
     weights, chosen = router(torch.randn(10, 32))
     assert torch.equal(weights, torch.ones_like(weights))
@@ -57,7 +57,7 @@ def test_training_free_gates_are_one():
 
 
 def test_save_load_identical_logits_and_generation(family, tmp_path):
-    moe = cmoe.carve(tiny_model(family), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
+    moe = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
     moe.save_pretrained(tmp_path / "out")
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(loaded) is type(moe)
@@ -76,7 +76,7 @@ def test_save_load_identical_logits_and_generation(family, tmp_path):
 
 
 def test_selection_bias_survives_save_load(tmp_path):
-    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(8, 32), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(8, 32), progress=False)
     bias = moe.model.layers[1].mlp.router.selection_bias.clone()
     assert bias.abs().sum() > 0  # balancing moved it
     moe.save_pretrained(tmp_path / "out")
@@ -85,23 +85,23 @@ def test_selection_bias_survives_save_load(tmp_path):
 
 
 def test_same_seed_same_model():
-    first = cmoe.carve(tiny_model("qwen2"), cmoe.CarveConfig(shared=1, active=2, experts=4, seed=3), tokens(), progress=False)
-    second = cmoe.carve(tiny_model("qwen2"), cmoe.CarveConfig(shared=1, active=2, experts=4, seed=3), tokens(), progress=False)
+    first = cmoe.carve_(tiny_model("qwen2"), cmoe.CarveConfig(shared=1, active=2, experts=4, seed=3), tokens(), progress=False)
+    second = cmoe.carve_(tiny_model("qwen2"), cmoe.CarveConfig(shared=1, active=2, experts=4, seed=3), tokens(), progress=False)
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_load_balancing_evens_the_load():
-    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=0, active=1, experts=4), tokens(8, 64), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=0, active=1, experts=4), tokens(8, 64), progress=False)
     for record in moe.carve_record["layers"]:
         assert record["imbalance_after"] <= record["imbalance_before"]
         assert abs(sum(record["load_after"]) - 1) < 1e-6
 
 
 def test_reference_preset_carves_and_differs_from_paper():
-    paper = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
-    reference = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4, preset="reference"),
+    paper = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    reference = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4, preset="reference"),
                            tokens(), progress=False)
     assert reference.carve_record["config"]["distance"] == "l1"
     assert reference.carve_record["layers"][0]["kmeans_iterations"] == 1
@@ -115,12 +115,12 @@ def test_each_layer_is_carved_from_what_the_carved_layers_before_it_give(family,
     (a carved, not dense, prefix; the FFN output replayed into each layer is the MoE's output)."""
     import sys
 
-    carve_module = sys.modules["cmoe.carve"]  # the module, not the function `cmoe.carve`
+    carve_module = sys.modules["cmoe.core.carve"]
     seen = []
     real_build = carve_module.build_moe
     monkeypatch.setattr(carve_module, "build_moe", lambda x, *a: (seen.append(x.clone()), real_build(x, *a))[1])
     calibration = tokens(samples=3, seed=2)
-    moe = cmoe.carve(tiny_model(family), cmoe.CarveConfig(shared=1, active=1, experts=4), calibration,
+    moe = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(shared=1, active=1, experts=4), calibration,
                      batch_size=2, progress=False)
     adapter = adapter_for(moe)
     actual = []

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cmoe.data import C4_EVAL_DOCS, calibration_text, data_dir, eval_text, sample_windows
-from cmoe.evaluation import perplexity
+from cmoe.tools.perplexity import perplexity
 from conftest import tiny_model, tokens
 
 HAS_DATA = True

@@ -5,10 +5,10 @@ import torch
 import transformers as T
 
 import cmoe
-from cmoe.cli import main
+from cmoe.tools.cli import main
 from cmoe.data import sample_windows
 from cmoe.errors import CMoEError
-from cmoe.models import load_model
+from cmoe.hf.loading import load_model
 from conftest import tiny_model, tokens
 
 
@@ -20,7 +20,7 @@ def test_unsupported_architecture():
     config = T.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     model = T.BertForMaskedLM(config)
     with pytest.raises(CMoEError, match="'bert' is not supported") as error:
-        cmoe.carve(model, cmoe.CarveConfig(), tokens())
+        cmoe.carve_(model, cmoe.CarveConfig(), tokens())
     assert one_sentence(str(error.value)) and "llama" in str(error.value)
 
 
@@ -31,7 +31,7 @@ def test_gated_ffn_with_biases_is_refused_rather_than_carved_wrong():
                            num_attention_heads=2, num_key_value_heads=1, mlp_bias=True)
     model = T.LlamaForCausalLM(config)
     with pytest.raises(CMoEError, match="FFN has biases") as error:
-        cmoe.carve(model, cmoe.CarveConfig(), tokens())
+        cmoe.carve_(model, cmoe.CarveConfig(), tokens())
     assert one_sentence(str(error.value))
 
 
@@ -49,7 +49,7 @@ def test_impossible_expert_configuration(kwargs, match):
 
 def test_width_the_experts_cannot_split():
     with pytest.raises(CMoEError, match="64 neurons.*cannot split equally") as error:
-        cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=6), tokens(), progress=False)
+        cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=6), tokens(), progress=False)
     assert one_sentence(str(error.value))
 
 
@@ -60,9 +60,9 @@ def test_bad_config_name():
 
 def test_missing_and_malformed_calibration():
     with pytest.raises(CMoEError, match="No calibration data"):
-        cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(), None)
+        cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(), None)
     with pytest.raises(CMoEError, match="integer token ids"):
-        cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(), torch.randn(2, 8))
+        cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(), torch.randn(2, 8))
 
 
 def test_too_short_calibration_text():
@@ -82,7 +82,7 @@ def test_missing_data_dir(tmp_path, monkeypatch):
 
 
 def test_corrupt_saved_model(tmp_path):
-    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
     moe.save_pretrained(tmp_path / "out")
     weights = tmp_path / "out" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -94,7 +94,7 @@ def test_corrupt_saved_model(tmp_path):
 
 
 def test_failed_save_leaves_no_folder(tmp_path, monkeypatch):
-    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -106,7 +106,7 @@ def test_failed_save_leaves_no_folder(tmp_path, monkeypatch):
 
 
 def test_failed_save_keeps_the_previous_folder(tmp_path, monkeypatch):
-    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
     moe.save_pretrained(tmp_path / "out")
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     monkeypatch.setattr(T.PreTrainedModel, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("full")))

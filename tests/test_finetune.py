@@ -7,9 +7,9 @@ import torch
 from conftest import byte_tokenizer, tiny_text_model
 
 import cmoe
-from cmoe import finetune as finetune_module
-from cmoe.finetune import FinetuneConfig, add_lora, finetune, routers
-from cmoe.models import load_model
+from cmoe.tools import finetune as finetune_module
+from cmoe.tools.finetune import FinetuneConfig, add_lora, finetune, routers
+from cmoe.hf.loading import load_model
 
 # A short repeated pattern: a model that learns anything at all lowers its loss on it quickly.
 PATTERN = torch.arange(40).repeat(100)[None] * 5 % 256
@@ -18,7 +18,7 @@ PATTERN = torch.arange(40).repeat(100)[None] * 5 % 256
 @pytest.fixture(scope="module")
 def carved():
     model = tiny_text_model()
-    return cmoe.carve(model, cmoe.CarveConfig(shared=1, active=1, experts=4), PATTERN[:, :256].view(4, 64), progress=False)
+    return cmoe.carve_(model, cmoe.CarveConfig(shared=1, active=1, experts=4), PATTERN[:, :256].view(4, 64), progress=False)
 
 
 def _config(**changes):
@@ -187,7 +187,7 @@ def test_a_dense_model_is_refused(tmp_path):
 
 
 def test_cli_finetune_on_a_text_file(carved, tmp_path, capsys):
-    from cmoe.cli import main
+    from cmoe.tools.cli import main
 
     carved.save_pretrained(tmp_path / "moe", tokenizer=byte_tokenizer())
     (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)

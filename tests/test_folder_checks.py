@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import cmoe
-from cmoe import kernels as cmoe_kernels
-from cmoe.checks import check_carved_folder, check_spec
+from cmoe.moe import kernels as cmoe_kernels
+from cmoe.hf.checks import check_carved_folder, check_spec
 from cmoe.errors import CMoEError
-from cmoe.models import load_model
-from cmoe.moe import MoEFFN
+from cmoe.hf.loading import load_model
+from cmoe.moe.module import MoEFFN
 from conftest import tiny_model, tokens
 
 SPEC = dict(hidden_size=64, expert_width=32, shared=1, active=1, experts=4, act="silu", gated=True, bias=False)
@@ -26,7 +26,7 @@ SPEC = dict(hidden_size=64, expert_width=32, shared=1, active=1, experts=4, act=
 @pytest.fixture(scope="module")
 def carved_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("carved") / "S1A1E4"
-    model = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    model = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
     model.save_pretrained(folder)
     return folder
 
@@ -92,7 +92,7 @@ _FUZZ = textwrap.dedent("""
     from pathlib import Path
     import cmoe
     from cmoe.errors import CMoEError
-    from cmoe.models import load_model
+    from cmoe.hf.loading import load_model
     source, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
     for index, case in enumerate(cases):
         folder = source.parent / f"fuzz{index}"

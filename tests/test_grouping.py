@@ -3,8 +3,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from cmoe.config import CarveConfig
-from cmoe.grouping import balanced_assignment, group_neurons
+from cmoe.core.config import CarveConfig
+from cmoe.core.grouping import balanced_assignment, group_neurons
 
 
 @pytest.mark.parametrize("n,k,seed", [(6, 2, 0), (12, 3, 1), (40, 5, 2), (64, 8, 3), (120, 4, 4)])

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from cmoe import kernels
-from cmoe.moe import AMX_DECODE_KERNEL_SLOTS, DECODE_KERNEL_SLOTS, MoEFFN, _row_hidden, decode_kernel_slots
+from cmoe.moe import kernels
+from cmoe.moe.module import AMX_DECODE_KERNEL_SLOTS, DECODE_KERNEL_SLOTS, MoEFFN, _row_hidden, decode_kernel_slots
 
 
 def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32,

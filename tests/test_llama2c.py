@@ -7,8 +7,8 @@ import torch
 import transformers as T
 
 import cmoe
-from cmoe.cli import main
-from cmoe.llama2c import Llama2cTokenizer, load_llama2c
+from cmoe.tools.cli import main
+from cmoe.hf.llama2c import Llama2cTokenizer, load_llama2c
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason="../shared/models/stories260K is not here")
@@ -40,9 +40,9 @@ def test_carving_stories_works(stories, tmp_path):
     calibration = ids[: (ids.numel() // 64) * 64].view(-1, 64)
     with torch.no_grad():
         dense_loss = model(calibration, labels=calibration).loss
-    moe = cmoe.carve(load_llama2c(ROOT / "stories260K.bin"), cmoe.CarveConfig(shared=1, active=1, experts=4),
+    moe = cmoe.carve_(load_llama2c(ROOT / "stories260K.bin"), cmoe.CarveConfig(shared=1, active=1, experts=4),
                      calibration, progress=False)
-    wider = cmoe.carve(load_llama2c(ROOT / "stories260K.bin"), cmoe.CarveConfig(shared=1, active=2, experts=4),
+    wider = cmoe.carve_(load_llama2c(ROOT / "stories260K.bin"), cmoe.CarveConfig(shared=1, active=2, experts=4),
                        calibration, progress=False)
     with torch.no_grad():
         loss = moe(calibration, labels=calibration).loss
@@ -50,7 +50,7 @@ def test_carving_stories_works(stories, tmp_path):
     chance = torch.log(torch.tensor(512.0))
     assert torch.isfinite(loss) and loss < chance - 1.5  # half the FFN: still far better than chance
     assert dense_loss < wider_loss < loss  # more neurons active, closer to dense
-    full = cmoe.carve(load_llama2c(ROOT / "stories260K.bin"), cmoe.CarveConfig(shared=1, active=3, experts=4),
+    full = cmoe.carve_(load_llama2c(ROOT / "stories260K.bin"), cmoe.CarveConfig(shared=1, active=3, experts=4),
                       calibration, progress=False)
     with torch.no_grad():
         assert torch.allclose(full(calibration).logits, model(calibration).logits, atol=1e-4, rtol=1e-4)

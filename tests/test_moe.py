@@ -3,8 +3,8 @@ from functools import partial
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import cmoe.moe as moe_module
-from cmoe.moe import MoEFFN, group_slots
+import cmoe.moe.module as moe_module
+from cmoe.moe.module import MoEFFN, group_slots
 
 
 def random_moe(gated=True, bias=False, shared=1, routed=5, top_k=2, seed=0):

@@ -7,10 +7,10 @@ import torch
 from conftest import byte_tokenizer, tiny_model, tiny_text_model, tokens
 
 import cmoe
-from cmoe import sweep as sweep_module
-from cmoe.cli import main
-from cmoe.report import describe
-from cmoe.sweep import SweepPlan, run_sweep
+from cmoe.tools import sweep as sweep_module
+from cmoe.tools.cli import main
+from cmoe.tools.report import describe
+from cmoe.tools.sweep import SweepPlan, run_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -93,7 +93,7 @@ def test_a_stopped_sweep_leaves_no_report_and_resumes(text_model_dir, tmp_path, 
 
 
 def test_inspect_reads_a_carved_folder(tmp_path, capsys):
-    model = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
+    model = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
     model.save_pretrained(tmp_path / "moe")
     info = describe(tmp_path / "moe")
     assert info["name"] == "S1A2E4" and len(info["layers"]) == 2
@@ -116,7 +116,7 @@ def test_inspect_refuses_a_dense_folder(tmp_path, capsys):
 
 
 def test_inspect_shows_the_saved_bias_not_the_record(tmp_path):
-    model = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
+    model = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
     with torch.no_grad():
         model.model.layers[1].mlp.router.selection_bias.fill_(0.25)
     model.save_pretrained(tmp_path / "moe")

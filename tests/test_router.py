@@ -2,7 +2,7 @@
 
 import torch
 
-from cmoe.router import balance_selection_bias, expert_load, imbalance
+from cmoe.core.router_fit import balance_selection_bias, expert_load, imbalance
 
 
 def _skewed_probs(tokens=4000, experts=8, seed=0):

@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_model, tokens
 
 import cmoe
-from cmoe import kernels
-from cmoe.cli import main
-from cmoe.speed import Shape, random_ffn_pair
+from cmoe.moe import kernels
+from cmoe.tools.cli import main
+from cmoe.tools.bench import Shape, random_ffn_pair
 
 
 def test_ideal_ratios_follow_the_arithmetic():
@@ -31,8 +31,8 @@ def test_random_pair_with_every_expert_active_is_the_dense_ffn():
 
 
 def test_dense_ffn_through_the_decode_kernel_gives_the_dense_output():
-    from cmoe.adapters import FFNWeights
-    from cmoe.speed import _dense_kernel_steps
+    from cmoe.hf.adapters import FFNWeights
+    from cmoe.tools.bench import _dense_kernel_steps
 
     if kernels.moe_cpu() is None:
         pytest.skip("the CPU decode kernel is not built on this machine")
@@ -47,7 +47,7 @@ def test_dense_ffn_through_the_decode_kernel_gives_the_dense_output():
 def test_cli_bench_compares_a_carved_folder_with_its_source(tmp_path, capsys):
     dense = tiny_model("llama")
     dense.save_pretrained(tmp_path / "dense")
-    moe = cmoe.carve(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
     moe.save_pretrained(tmp_path / "moe")
     args = ["bench", str(tmp_path / "moe"), "--against", str(tmp_path / "dense"), "--seqlen", "16", "--batch", "1,2",
             "--repeats", "2", "--json", str(tmp_path / "bench.json")]
@@ -73,7 +73,7 @@ def test_cli_bench_compares_a_carved_folder_with_its_source(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cuda_graph_timing_without_a_gpu_says_so():
-    from cmoe.speed import cuda_graph
+    from cmoe.tools.bench import cuda_graph
 
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA GPU"):
         cuda_graph(lambda: None)

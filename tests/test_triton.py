@@ -4,11 +4,11 @@ interpreter's bfloat16 tl.dot is wrong, and on a GPU bench/cuda_check.py checks 
 import pytest
 import torch
 
-from cmoe import kernels
+from cmoe.moe import kernels
 from cmoe.errors import CMoEError
-from cmoe.kernels import ACTIVATION_CODES
-import cmoe.moe as moe_module
-from cmoe.moe import _hidden, group_slots
+from cmoe.moe.kernels import ACTIVATION_CODES
+import cmoe.moe.module as moe_module
+from cmoe.moe.module import _hidden, group_slots
 
 from test_kernels import CASES, random_moe
 
@@ -154,7 +154,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from cmoe.kernels import moe_triton as m
+from cmoe.moe.kernels import moe_triton as m
 
 GATE_UP = dict(x_ptr="*bf16", w_ptr="*bf16", hidden_ptr="*bf16", order_ptr="*i32", counts_ptr="*i32")
 DOWN = dict(hidden_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", order_ptr="*i32", counts_ptr="*i32")

@@ -8,7 +8,7 @@ from conftest import byte_tokenizer, tiny_text_model
 
 from cmoe.data import data_dir
 from cmoe.errors import CMoEError
-from cmoe.zeroshot import TASKS, evaluate_tasks, read_task
+from cmoe.tools.zeroshot import TASKS, evaluate_tasks, read_task
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_a_partial_data_copy_falls_back_only_for_what_is_missing(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "tasks").mkdir()
     shutil.copy(data_dir() / "tasks" / "piqa.jsonl", tmp_path / "tasks")
-    from cmoe.zeroshot import build_tasks
+    from cmoe.tools.zeroshot import build_tasks
 
     assert len(build_tasks(["piqa"], tmp_path)) == 1
     with pytest.raises(CMoEError, match="boolq"):
@@ -84,7 +84,7 @@ def test_a_partial_data_copy_falls_back_only_for_what_is_missing(tmp_path, monke
 
 
 def test_cli_eval_runs_tasks_without_perplexity(lm, tmp_path, capsys):
-    from cmoe.cli import main
+    from cmoe.tools.cli import main
 
     model, tokenizer = lm
     model.save_pretrained(tmp_path / "model")

@@ -1,18 +1,22 @@
 """cmoe: carve a dense causal LM into a Mixture-of-Experts model, without training (CMoE, arXiv 2502.04416).
 
     import cmoe
-    moe = cmoe.carve(model, cmoe.CarveConfig(shared=3, active=3, experts=8), calibration=tokens)
-    moe.save_pretrained("out")          # AutoModelForCausalLM.from_pretrained("out") after `import cmoe`
+    cmoe.carve_(model, cmoe.CarveConfig(shared=3, active=3, experts=8), calibration=tokens)  # in place
+    model.save_pretrained("out")        # AutoModelForCausalLM.from_pretrained("out") after `import cmoe`
+
+Layout: `core/` the method (config, calibration loop, activations, grouping, router fitting, carve),
+`moe/` the MoE FFN module with its backends and kernels, `hf/` the Hugging Face glue (adapters, carved
+model classes, loading, checks, llama2.c), `tools/` what is built on them (CLI, evaluation, sweep, report,
+fine-tuning, benchmark harness).
 """
 
-__version__ = "0.1.0"
-
-from .config import CarveConfig  # noqa: E402
-from .errors import CMoEError  # noqa: E402
-from .modeling import register_all as _register_all  # noqa: E402
+from cmoe.version import __version__
+from cmoe.core.config import CarveConfig
+from cmoe.errors import CMoEError
+from cmoe.hf.modeling import register_all as _register_all
 
 _register_all()
 
-from .carve import carve  # noqa: E402
+from cmoe.core.carve import carve_  # noqa: E402  (after the carved classes are registered)
 
-__all__ = ["CarveConfig", "CMoEError", "carve", "__version__"]
+__all__ = ["CarveConfig", "CMoEError", "carve_", "__version__"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CMoEError
+from cmoe.errors import CMoEError
 
 # Evaluation texts, the standard way each is joined (see the data README).
 EVAL_SETS = ("wikitext2", "c4", "ptb")

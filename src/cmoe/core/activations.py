@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.activations import ACT2FN
 
-from .adapters import FFNWeights
+from cmoe.hf.adapters import FFNWeights
 
 
 def ffn_activations(x: torch.Tensor, ffn: FFNWeights, activation: str = "real") -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CMoEError
+from cmoe.errors import CMoEError
 
 # a folder of our own naming left by a writer that was killed: `.OUT.tmp-<pid>-...` or `.OUT.old-<pid>`
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")

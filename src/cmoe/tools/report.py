@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from .adapters import adapter_for
-from .modeling import is_carved
-from .moe import MoEFFN
+from cmoe.hf.adapters import adapter_for
+from cmoe.hf.modeling import is_carved
+from cmoe.moe.module import MoEFFN
 
 
 def ffn_parameters(model) -> dict:
@@ -151,8 +151,8 @@ def describe(folder) -> dict:
 
     from safetensors import safe_open
 
-    from .checks import check_carved_folder
-    from .errors import CMoEError
+    from cmoe.hf.checks import check_carved_folder
+    from cmoe.errors import CMoEError
 
     folder = Path(folder)
     config_file = folder / "config.json"

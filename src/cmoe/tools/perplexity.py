@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import eval_text, tokenize
-from .errors import CMoEError
+from cmoe.data import eval_text, tokenize
+from cmoe.errors import CMoEError
 
 
 @torch.no_grad()

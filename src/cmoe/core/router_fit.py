@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .adapters import FFNWeights
-from .moe import Router
+from cmoe.hf.adapters import FFNWeights
+from cmoe.moe.module import Router
 
 
 def router_rows(ffn: FFNWeights, representatives: torch.Tensor, normalise: bool):

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from . import kernels
-from .errors import CMoEError
-from .kernels import ACTIVATION_CODES
+from cmoe.moe import kernels
+from cmoe.errors import CMoEError
+from cmoe.moe.kernels import ACTIVATION_CODES
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # CPU inference runs through the compiled kernels (kernels/moe_cpu.cpp) where they build. Their decode step
@@ -346,7 +346,7 @@ class MoEFFN(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict) -> "MoEFFN":
         """Build an empty module from the `cmoe` section of a carved model's config (checked first)."""
-        from .checks import check_spec
+        from cmoe.hf.checks import check_spec
 
         check_spec(spec)
         return cls(spec["hidden_size"], spec["expert_width"], spec["shared"], spec["experts"] - spec["shared"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers.activations import ACT2FN
 
-from .errors import CMoEError
+from cmoe.errors import CMoEError
 
 SPEC_TYPES = dict(hidden_size=int, expert_width=int, shared=int, active=int, experts=int, act=str, gated=bool,
                   bias=bool)
@@ -81,7 +81,7 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 def expected_moe_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     """The shape of each tensor an MoE FFN of this spec saves, by its name inside the FFN module."""
-    from .moe import MoEFFN
+    from cmoe.moe.module import MoEFFN
 
     with torch.device("meta"):
         module = MoEFFN.from_spec(spec)

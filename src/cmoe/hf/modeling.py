@@ -15,10 +15,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .adapters import SUPPORTED, adapter_for
-from .checks import check_carved_folder, check_spec
-from .moe import MoEFFN
-from .save import atomic_directory
+from cmoe.hf.adapters import SUPPORTED, adapter_for
+from cmoe.hf.checks import check_carved_folder, check_spec
+from cmoe.moe.module import MoEFFN
+from cmoe.run_folder import atomic_directory
 
 RECORD_FILE = "carve_record.json"
 

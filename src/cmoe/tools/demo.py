@@ -16,10 +16,10 @@ SEQLEN = 1024
 def run_demo(output: str = "demo_results", windows: int = 8, data_dir=None) -> dict:
     import cmoe
     from cmoe.data import calibration_tokens, eval_text, tokenize
-    from cmoe.evaluation import perplexity
-    from cmoe.models import load_model
-    from cmoe.report import ffn_parameters, table
-    from cmoe.save import atomic_directory
+    from cmoe.tools.perplexity import perplexity
+    from cmoe.hf.loading import load_model
+    from cmoe.tools.report import ffn_parameters, table
+    from cmoe.run_folder import atomic_directory
 
     print(f"cmoe demo: SmolLM2-135M-Instruct -> {DEMO_CONFIG}, WikiText-2 perplexity on {windows} x {SEQLEN} tokens\n")
     model, tokenizer = load_model("smollm2")
@@ -35,7 +35,7 @@ def run_demo(output: str = "demo_results", windows: int = 8, data_dir=None) -> d
 
     config = cmoe.CarveConfig.from_name(DEMO_CONFIG)
     started = time.perf_counter()
-    moe = cmoe.carve(model, config, calibration, calibration_source="wikitext2 (8x2048, seed 0)")
+    moe = cmoe.carve_(model, config, calibration, calibration_source="wikitext2 (8x2048, seed 0)")
     carve_s = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
     moe_ppl = perplexity(moe, ids, SEQLEN, windows, desc=f"{DEMO_CONFIG} ppl")

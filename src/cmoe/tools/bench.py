@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import CarveConfig
+from cmoe.core.config import CarveConfig
 
 
 def keep_freed_memory() -> bool:
@@ -139,11 +139,11 @@ def random_ffn_pair(hidden: int, intermediate: int, config: CarveConfig, dtype=t
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from .adapters import FFNWeights
-    from .carve import _fill_experts
-    from .grouping import ExpertGroups
-    from .moe import MoEFFN
-    from .router import fill_router
+    from cmoe.hf.adapters import FFNWeights
+    from cmoe.core.carve import _fill_experts
+    from cmoe.core.grouping import ExpertGroups
+    from cmoe.moe.module import MoEFFN
+    from cmoe.core.router_fit import fill_router
 
     torch.manual_seed(seed)
     dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate)).to(dtype)
@@ -225,8 +225,8 @@ def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: 
 
 def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: int):
     """Each dense FFN as a decode step of the CPU kernel: every neuron shared, no routed experts."""
-    from . import kernels
-    from .moe import KERNEL_DTYPES, decode_kernel_slots
+    from cmoe.moe import kernels
+    from cmoe.moe.module import KERNEL_DTYPES, decode_kernel_slots
 
     kernel = kernels.moe_cpu() if parameter.device.type == "cpu" and parameter.dtype in KERNEL_DTYPES else None
     if kernel is None or tokens > decode_kernel_slots(kernel, parameter.dtype):
@@ -277,7 +277,7 @@ def run_benchmark(carved_model, dense_model, modes=("prefill", "decode"), batche
     """Every measurement `cmoe bench` makes, as rows: FFN of the middle layer, then the whole model."""
     from tqdm.auto import tqdm
 
-    from .adapters import adapter_for
+    from cmoe.hf.adapters import adapter_for
 
     adapter = adapter_for(dense_model)
     middle = len(adapter.layers(dense_model)) // 2

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import data_dir, online
-from .errors import CMoEError
+from cmoe.data import data_dir, online
+from cmoe.errors import CMoEError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .errors import CMoEError
+from cmoe.errors import CMoEError
 
 
 def load_llama2c(path: str | Path) -> LlamaForCausalLM:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import CarveConfig
+from cmoe.core.config import CarveConfig
 
 
 @dataclass

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .config import CarveConfig
-from .errors import CMoEError
+from cmoe.version import __version__
+from cmoe.core.config import CarveConfig
+from cmoe.errors import CMoEError
 
 
 @dataclass
@@ -51,10 +51,10 @@ class SweepPlan:
 
 def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> dict:
     """Dense first, then each configuration: carve, evaluate, record. Returns the results (also results.json)."""
-    from .models import load_model
+    from cmoe.hf.loading import load_model
 
     output = Path(output)
-    from .save import check_writable_destination
+    from cmoe.run_folder import check_writable_destination
 
     plan.carve_configs()  # bad names fail before any work
     check_writable_destination(output, overwrite)
@@ -92,7 +92,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
 
     rows = [json.loads((runs / f"{name}.json").read_text()) for name in names]
     results = dict(cmoe_version=__version__, plan=plan.key(), date=time.strftime("%Y-%m-%d"), rows=rows)
-    from .report import write_report
+    from cmoe.tools.report import write_report
 
     write_report(work, results, records={n: runs / f"{n}.record.json" for n in plan.configs})
     (work / "results.json").write_text(json.dumps(results, indent=2))
@@ -130,18 +130,18 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _calibration(tokenizer, plan: SweepPlan):
-    from .data import calibration_tokens
+    from cmoe.data import calibration_tokens
 
     return calibration_tokens(tokenizer, plan.calib, plan.calib_samples, plan.calib_seqlen, plan.seed, plan.data_dir)
 
 
 def _carve_and_evaluate(dense, tokenizer, name: str, calibration, plan: SweepPlan, progress: bool, cache: Path):
-    from .carve import carve
-    from .report import ffn_parameters
+    from cmoe.core.carve import carve_
+    from cmoe.tools.report import ffn_parameters
 
     config = CarveConfig.from_name(name, preset=plan.preset, seed=plan.seed)
     started = time.perf_counter()
-    moe = carve(copy.deepcopy(dense), config, calibration, progress=progress, device=plan.device,
+    moe = carve_(copy.deepcopy(dense), config, calibration, progress=progress, device=plan.device,
                 calibration_source=f"{plan.calib} ({plan.calib_samples}x{plan.calib_seqlen}, seed {plan.seed})")
     row = dict(config=name, preset=plan.preset, carve_seconds=round(time.perf_counter() - started, 1))
     counts, dense_counts = ffn_parameters(moe), ffn_parameters(dense)
@@ -151,14 +151,14 @@ def _carve_and_evaluate(dense, tokenizer, name: str, calibration, plan: SweepPla
 
 
 def _evaluate(model, tokenizer, plan: SweepPlan, progress: bool, cache: Path) -> dict:
-    from .evaluation import evaluate_perplexity
+    from cmoe.tools.perplexity import evaluate_perplexity
 
     scores = {}
     if plan.ppl:
         ppl = evaluate_perplexity(model, tokenizer, plan.ppl, plan.seqlen, plan.max_windows, plan.data_dir, progress)
         scores["perplexity"] = {name: values["ppl"] for name, values in ppl.items()}
     if plan.tasks:
-        from .zeroshot import evaluate_tasks
+        from cmoe.tools.zeroshot import evaluate_tasks
 
         # The request cache lets a stopped run pick up mid-task: the harness stores each answer as it is scored.
         scores["tasks"] = evaluate_tasks(model, tokenizer, plan.tasks, plan.limit, plan.batch_size, plan.data_dir,
