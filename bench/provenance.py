@@ -8,6 +8,8 @@ import subprocess
 
 import torch
 
+from cmoe.tools.provenance import processor_name
+
 
 def git_commit() -> str:
     """HEAD's short hash, or $CMOE_GIT_COMMIT where the checkout travelled without its .git (a lent GPU)."""
@@ -20,15 +22,7 @@ def git_commit() -> str:
 
 
 def device_name(device: str | None) -> str:
-    """The GPU's name on CUDA, else the processor's, with "AMX" where it has the bfloat16 matrix unit (hosts
-    with and without it round float sums differently, and so carve differently)."""
+    """The GPU's name on CUDA, else the processor's (cmoe.tools.provenance)."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    name = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
-    except OSError:
-        pass
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return name + (" with AMX" if amx else "")
+    return processor_name()

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from cmoe.moe import kernels
-from cmoe.moe.module import AMX_DECODE_KERNEL_SLOTS, DECODE_KERNEL_SLOTS, MoEFFN, _row_hidden, decode_kernel_slots
+from cmoe.moe.backends import (AMX_DECODE_KERNEL_SLOTS, CPU_DECODE, CPU_PREFILL, DECODE_KERNEL_SLOTS, EAGER_DECODE, TORCH,
+                                backend_for, cpu_kernels, decode_kernel_slots)
+from cmoe.moe.module import MoEFFN, _row_hidden
 
 
 def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32,
@@ -62,7 +64,7 @@ def test_kernel_matches_the_pytorch_decode_path(kernel, products, case):
     for tokens in (1, 2, 9):  # 9: experts chosen by several tokens at once
         x = torch.randn(tokens, moe.hidden_size)
         with torch.no_grad():
-            assert moe._cpu_route(x) is kernel.moe_decode
+            assert backend_for(moe, x) == CPU_DECODE
             fast, eager = moe(x), moe._decode_eager(x)
         assert torch.allclose(fast, eager, atol=1e-5, rtol=1e-5), (fast - eager).abs().max()
 
@@ -96,7 +98,7 @@ def test_bfloat16_kernel_multiplies_bfloat16_and_sums_in_float32(kernel, product
     for tokens in (1, 9, 50):  # 9: blocks of 2 tokens and one of 1; 50: AMX tiles of 16 tokens, 3 and 1 at once
         x = torch.randn(tokens, moe.hidden_size).to(torch.bfloat16)
         with torch.no_grad():
-            fast, want = moe._run_kernel(kernel.moe_decode, x), bfloat16_reference(moe, x)
+            fast, want = moe.cpu_kernel(CPU_DECODE, x), bfloat16_reference(moe, x)
         assert fast.dtype == torch.bfloat16
         # equal but for the order of float32 sums, which can move a bfloat16 rounding by one step (2^-8)
         assert torch.allclose(fast.float(), want.float(), atol=1e-3, rtol=2 ** -8), (fast.float() - want.float()).abs().max()
@@ -116,9 +118,9 @@ def test_kernel_output_depends_on_the_chosen_experts(kernel):
 
 def test_kernel_is_not_used_where_it_does_not_apply(kernel, monkeypatch):
     moe = random_moe()
-    assert moe._cpu_kernels(torch.float16, moe.experts.down_proj.dtype, moe.router.act) is None
+    assert cpu_kernels(torch.float16, moe.experts.down_proj.dtype, moe.router.act) is None
     with torch.enable_grad():  # training takes the PyTorch path, which autograd sees through
-        assert moe._cpu_route(torch.randn(1, 32)) is None
+        assert backend_for(moe, torch.randn(1, 32)) == TORCH
     monkeypatch.setenv("CMOE_CPU_KERNEL", "0")
     assert kernels.moe_cpu() is None
 
@@ -151,14 +153,14 @@ def test_each_call_takes_the_kernel_measured_fastest_for_it(kernel, monkeypatch)
             moe.to(dtype)
             few, many = torch.randn(slots // 2, 32, dtype=dtype), torch.randn(slots // 2 + 1, 32, dtype=dtype)
             with torch.no_grad():
-                assert moe._cpu_route(few) is kernel.moe_decode and moe._cpu_route(many) is kernel.moe_prefill
+                assert backend_for(moe, few) == CPU_DECODE and backend_for(moe, many) == CPU_PREFILL
     kernel.use_amx(True)
     assert decode_kernel_slots(kernel, torch.float32) == DECODE_KERNEL_SLOTS[torch.float32]  # no float32 tiles
     moe.float()
     with torch.no_grad():
-        assert moe._cpu_route(torch.randn(3, 32, dtype=torch.float16)) is None  # no kernel: PyTorch's grouped path
+        assert backend_for(moe, torch.randn(3, 32, dtype=torch.float16)) == TORCH  # no kernel: PyTorch's grouped path
         monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # without the kernels: eager decode for a few pairs only
-        assert moe._cpu_route(torch.randn(2, 32)) == "eager" and moe._cpu_route(torch.randn(3, 32)) is None
+        assert backend_for(moe, torch.randn(2, 32)) == EAGER_DECODE and backend_for(moe, torch.randn(3, 32)) == TORCH
 
 
 def with_the_pytorch_path(moe, x, monkeypatch):
@@ -179,7 +181,7 @@ def test_prefill_kernel_matches_the_pytorch_path(kernel, products, case, monkeyp
     for tokens in (DECODE_KERNEL_SLOTS[torch.float32] // moe.router.top_k + 1, 300):
         x = torch.randn(tokens, moe.hidden_size)
         with torch.no_grad():
-            assert moe._cpu_route(x) is kernel.moe_prefill
+            assert backend_for(moe, x) == CPU_PREFILL
             fast, reference = moe(x), with_the_pytorch_path(moe, x, monkeypatch)
         assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-5), (fast - reference).abs().max()
 
@@ -210,7 +212,7 @@ def test_bfloat16_prefill_kernel_matches_the_pytorch_path_routed_in_float32(kern
     moe = random_moe(**case).to(torch.bfloat16)
     x = torch.randn(300, moe.hidden_size).to(torch.bfloat16)
     with torch.no_grad():
-        assert moe._cpu_route(x) is kernel.moe_prefill
+        assert backend_for(moe, x) == CPU_PREFILL
         fast, reference = moe(x), routed_in_float32(moe, x)
     assert fast.dtype == torch.bfloat16
     # the same roundings in the same order; the softmax and the SiLU (exp) may differ in the last bit
@@ -237,9 +239,9 @@ def test_decode_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype,
     try:
         with torch.no_grad():
             torch.set_num_threads(1)
-            one = moe._run_kernel(kernel.moe_decode, x)
+            one = moe.cpu_kernel(CPU_DECODE, x)
             torch.set_num_threads(3)
-            three = moe._run_kernel(kernel.moe_decode, x)
+            three = moe.cpu_kernel(CPU_DECODE, x)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, three)
@@ -249,7 +251,7 @@ def test_float32_input_to_a_bfloat16_model_decodes_through_the_kernel(kernel):
     moe = random_moe(top_k=2).to(torch.bfloat16)
     x = torch.randn(3, 32)
     with torch.no_grad():
-        assert moe._cpu_route(x) is kernel.moe_decode
+        assert backend_for(moe, x) == CPU_DECODE
         out, from_bfloat16 = moe(x), moe(x.to(torch.bfloat16)).float()
     assert out.dtype == torch.float32  # the input's dtype; the products still take bfloat16 inputs
     assert torch.allclose(out, from_bfloat16, rtol=2 ** -7, atol=1e-2), (out - from_bfloat16).abs().max()

@@ -48,7 +48,7 @@ def test_sweep_writes_every_report_file(text_model_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Perplexity" in report and "## Zero-shot acc_norm" in report
     assert report.index("| dense") < report.index("| S2A2E8")
-    assert all(r["device"].startswith("cpu, ") and r["resumed"] is False for r in results["rows"])
+    assert all(r["device"].endswith(" threads") and r["resumed"] is False for r in results["rows"])  # the processor named
     assert "| device" in report and "resumed from a stopped run" not in report
     for name in ("ppl_vs_active", "accuracy_vs_active"):
         assert _png_size(out / f"{name}.png") == (1200, 750)

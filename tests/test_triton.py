@@ -8,6 +8,7 @@ from cmoe.moe import kernels
 from cmoe.errors import CMoEError
 from cmoe.moe.kernels import ACTIVATION_CODES
 import cmoe.moe.module as moe_module
+from cmoe.moe import backends
 from cmoe.moe.module import _hidden, group_slots
 
 from test_kernels import CASES, random_moe
@@ -88,8 +89,9 @@ def test_moe_forward_runs_through_the_triton_kernels_where_switched_on(triton_ke
         return lambda *args, **kwargs: used.__setitem__(name, used[name] + 1) or function(*args, **kwargs)
 
     counting = type("Counting", (), {name: staticmethod(counted(name)) for name in used})
-    # as on a GPU, in half precision: the kernels where their switch is on
-    monkeypatch.setattr(moe_module, "_triton_for", lambda x, act, on: counting if on else None)
+    # as on a GPU, in half precision: the backends module decides which pieces the kernels run
+    monkeypatch.setattr(backends, "triton_applies", lambda x: True)
+    monkeypatch.setattr(backends.kernels, "triton_kernels", lambda: counting)
     all_off = dict(triton_experts=False, triton_shared=False, triton_router=False)
     for case in (dict(act="silu", top_k=2), dict(act="gelu", gated=False, bias=True, top_k=1, routed=7)):
         moe = random_moe(**case, std=0.2)

@@ -10,10 +10,10 @@ model classes, loading, checks, llama2.c), `tools/` what is built on them (CLI, 
 fine-tuning, benchmark harness).
 """
 
-from cmoe.version import __version__
 from cmoe.core.config import CarveConfig
 from cmoe.errors import CMoEError
 from cmoe.hf.modeling import register_all as _register_all
+from cmoe.version import __version__
 
 _register_all()
 

@@ -7,16 +7,16 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from cmoe.version import __version__
-from cmoe.hf.adapters import FFNWeights, adapter_for
+from cmoe.core.activations import activation_marks, activation_rate, ffn_activations
 from cmoe.core.calibration import ffn_inputs_and_attention, record_layer_inputs, run_layer_replaying
 from cmoe.core.config import CarveConfig
+from cmoe.core.grouping import group_neurons
+from cmoe.core.router_fit import balance_selection_bias, expert_load, fill_router, imbalance
 from cmoe.errors import CMoEError
-from cmoe.core.grouping import ExpertGroups, group_neurons
+from cmoe.hf.adapters import FFNWeights, adapter_for
 from cmoe.hf.modeling import carved_config, is_carved
 from cmoe.moe.module import MoEFFN
-from cmoe.core.router_fit import balance_selection_bias, expert_load, fill_router, imbalance
-from cmoe.core.activations import activation_marks, activation_rate, ffn_activations
+from cmoe.version import __version__
 
 
 def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
@@ -99,9 +99,7 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
     del scores
     rate = activation_rate(marks)
     groups = group_neurons(marks, rate, config)
-    moe = MoEFFN(ffn.up.shape[1], expert_width, config.shared, config.routed, config.active, ffn.act,
-                 ffn.gated, ffn.up_bias is not None).to(device=x.device, dtype=ffn.up.dtype)
-    _fill_experts(moe, ffn, groups)
+    moe = MoEFFN.from_dense(ffn, groups.shared, groups.routed, config.active)
     record = dict(shared_neurons=groups.shared.tolist(), routed_neurons=groups.routed.tolist(),
                   representatives=groups.representatives.tolist(), kmeans_iterations=groups.iterations,
                   activation_rate=[round(r, 5) for r in rate.tolist()])
@@ -123,23 +121,3 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
     if ffn.down_bias is not None:
         out += ffn.down_bias.float()
     return moe, record, out.to(x.dtype)
-
-
-@torch.no_grad()
-def _fill_experts(moe: MoEFFN, ffn: FFNWeights, groups: ExpertGroups) -> None:
-    def input_rows(neurons):  # [gate; up] rows of these neurons (up rows alone for a plain FFN)
-        rows = ffn.up[neurons]
-        return rows if ffn.gate is None else torch.cat([ffn.gate[neurons], rows], dim=-2)
-
-    if moe.shared is not None:
-        moe.shared.gate_up_proj.copy_(input_rows(groups.shared))
-        moe.shared.down_proj.copy_(ffn.down[:, groups.shared])
-        if ffn.up_bias is not None:
-            moe.shared.up_bias.copy_(ffn.up_bias[groups.shared])
-    if moe.experts is not None:
-        moe.experts.gate_up_proj.copy_(torch.stack([input_rows(n) for n in groups.routed]))
-        moe.experts.down_proj.copy_(torch.stack([ffn.down[:, n] for n in groups.routed]))
-        if ffn.up_bias is not None:
-            moe.experts.up_bias.copy_(ffn.up_bias[groups.routed])
-    if ffn.down_bias is not None:
-        moe.down_bias.copy_(ffn.down_bias)

@@ -7,9 +7,6 @@ scales at zero, the output equals the dense FFN's up to float rounding.
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
@@ -17,30 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from cmoe.moe import kernels
-from cmoe.errors import CMoEError
+from cmoe.moe import backends
+from cmoe.moe.backends import (  # noqa: F401  (GPU and GPUPaths are part of this module's face)
+    CPU_DECODE, CPU_PREFILL, EAGER_DECODE, GPU, NO_TRITON, GPUPaths, TritonPieces, backend_for, can_group,
+    cpu_kernel_call, triton_pieces,
+)
 from cmoe.moe.kernels import ACTIVATION_CODES
-
-_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-# CPU inference runs through the compiled kernels (kernels/moe_cpu.cpp) where they build. Their decode step
-# reads only the chosen experts' weights, which pays for a few tokens; their prefill runs one BLAS product
-# per expert with the rest in C++. The decode step takes up to this many (token, expert) pairs, the prefill
-# more. Measured crossovers, SmolLM2 at 2 threads, all 30 layers in turn: float32 16-30 pairs (16 tokens at
-# top-1, 10 at top-2 and top-3), bfloat16 42-48 (48 at top-1, 14 tokens at top-3), and bfloat16 where the
-# decode step multiplies in AMX tiles about 260-300 (S1A1E8 and S3A3E8). Without the kernels, up to FEW_SLOTS
-# pairs go token by token in PyTorch operations, more through the grouped products.
-DECODE_KERNEL_SLOTS = {torch.float32: 24, torch.bfloat16: 48}
-AMX_DECODE_KERNEL_SLOTS = 256
-FEW_SLOTS = 4
-
-
-def decode_kernel_slots(kernels_here, weights: torch.dtype) -> int:
-    """The most (token, expert) pairs the compiled decode step takes for weights of this dtype."""
-    if weights is torch.bfloat16 and kernels_here.uses_amx():
-        return AMX_DECODE_KERNEL_SLOTS
-    return DECODE_KERNEL_SLOTS[weights]
-KERNEL_DTYPES = tuple(DECODE_KERNEL_SLOTS)  # the dtypes the compiled kernels take
-_EAGER = "eager"  # MoEFFN._cpu_route: decode token by token in PyTorch operations
 
 
 # Plain functions for the common activations: a module call costs microseconds, which decode notices.
@@ -68,61 +47,6 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
     if gated:
         return act_fn(projected[:width]).mul_(projected[width:])
     return act_fn(projected if bias is None else projected.add_(bias))
-
-
-@dataclass
-class GPUPaths:
-    """Which forward a GPU takes where there is a choice. The defaults are what won when timed side by side on
-    an H200 (bench/cuda_variants.py and bench/cuda_tiles.py; BENCHMARKS.md, issue 27): the Triton experts and
-    router at every shape measured, cuBLAS for the shared part. CMOE_GPU_PATHS, where set, names the switches
-    that are on (`none`: all off); `cmoe.moe.GPU.triton_experts = False` (say) does it in code. Without
-    Triton, or in float32, the grouped PyTorch path runs whatever the switches say."""
-
-    counting_sort: bool = False  # group slots by `group_slots`' counting sort rather than a full sort
-    # kernels/moe_triton.py (bfloat16 and float16):
-    triton_experts: bool = True  # the routed experts in two launches (gather, products, activation, un-permute)
-    triton_shared: bool = False  # the shared part's gate/up product and activation in one launch
-    triton_router: bool = True  # the router and the grouping of slots by expert in two launches
-
-    @classmethod
-    def from_environment(cls) -> "GPUPaths":
-        """The defaults where CMOE_GPU_PATHS is unset; else the switches it names (comma-separated) on and the
-        others off."""
-        if "CMOE_GPU_PATHS" not in os.environ:
-            return cls()
-        names = [name.strip() for name in os.environ["CMOE_GPU_PATHS"].split(",") if name.strip()]
-        names = [name for name in names if name != "none"]
-        known = [field.name for field in fields(cls)]
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise CMoEError(f"CMOE_GPU_PATHS names {', '.join(unknown)}, which cmoe does not know; set it to a "
-                            f"comma-separated list of {', '.join(known)}, or to none.")
-        return cls(**{name: name in names for name in known})
-
-    @contextmanager
-    def switched(self, **switches):
-        """Inside the block these switches are as given, after it as they were (for timing and checking)."""
-        saved = {name: getattr(self, name) for name in switches}  # an unknown name raises AttributeError
-        try:
-            for name, value in switches.items():
-                setattr(self, name, value)
-            yield self
-        finally:
-            for name, value in saved.items():
-                setattr(self, name, value)
-
-
-GPU = GPUPaths.from_environment()
-TRITON_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _triton_for(x: torch.Tensor, act: str, switched_on: bool):
-    """The Triton kernels' module where they apply to x (switched on, a GPU, half precision, an activation
-    they know, inference outside torch.compile), else None."""
-    if not (switched_on and x.is_cuda and x.dtype in TRITON_DTYPES and act in ACTIVATION_CODES
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-        return None
-    return kernels.triton_kernels()
 
 
 def group_slots(flat: torch.Tensor, num_experts: int, counting: bool | None = None):
@@ -222,26 +146,26 @@ class RoutedExperts(nn.Module):
         self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor | None, out: torch.Tensor,
-                grouping: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                grouping: tuple[torch.Tensor, torch.Tensor] | None = None, triton=None) -> torch.Tensor:
         """`out` [T, H] plus each token's chosen experts times their gates.
 
         x [T, H]; chosen [T, k]; gates [T, k], or None when every gate is 1; grouping: the slots grouped by
-        expert, (order, counts) as `group_slots` gives them, where the caller has them already. Without
-        autograd `out` may be updated in place: use the returned tensor.
+        expert, (order, counts) as `group_slots` gives them, where the caller has them already; triton: the
+        Triton kernels' module where they run the experts (`backends.triton_pieces`). Without autograd `out`
+        may be updated in place: use the returned tensor.
         """
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
         order, counts = grouping or group_slots(flat, self.num_experts)  # token slots grouped by expert
-        triton_kernels = _triton_for(x, self.act, GPU.triton_experts)
-        if triton_kernels is not None:
-            return triton_kernels.routed_experts(x, order, counts, top_k, gates, self.gate_up_proj, self.up_bias,
-                                                 self.down_proj, ACTIVATION_CODES[self.act], self.gated, out)
+        if triton is not None:
+            return triton.routed_experts(x, order, counts, top_k, gates, self.gate_up_proj, self.up_bias,
+                                         self.down_proj, ACTIVATION_CODES[self.act], self.gated, out)
         order, counts = order.long(), counts.long()
         token_of_slot = order // top_k
-        routed_x = x.index_select(0, token_of_slot)  # on CPU 2.6x faster than x[token_of_slot] (2048 x 576, SmolLM2)
+        routed_x = x.index_select(0, token_of_slot)  # on CPU much faster than x[token_of_slot]
         # the gate scales an expert's output; down is linear, so scale its hidden rows (W wide, not H)
         slot_gates = None if gates is None else gates.reshape(-1)[order].unsqueeze(-1)
-        if self._can_group(x) and not torch.is_grad_enabled():
+        if can_group(self, x):
             expert_out = self._grouped(routed_x, counts, flat[order], slot_gates)
         else:
             expert_out = self._looped(routed_x, counts, slot_gates)
@@ -252,13 +176,6 @@ class RoutedExperts(nn.Module):
         back = torch.empty_like(expert_out).index_copy_(0, order, expert_out).view(tokens, top_k, -1)
         back = back[:, 0] if top_k == 1 else back.sum(dim=1)
         return out.add_(back) if in_place else out + back
-
-    def _can_group(self, x: torch.Tensor) -> bool:
-        # grouped_mm needs row strides that are multiples of 16 bytes, and bfloat16 on CUDA (torch 2.11) and
-        # wherever torch.compile traces it (its shape function takes nothing else, torch 2.13)
-        size = x.element_size()
-        dtype_ok = x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
-        return _HAS_GROUPED_MM and dtype_ok and all((n * size) % 16 == 0 for n in (self.width, x.shape[-1]))
 
     def _grouped(self, routed_x, counts, expert_of_slot, slot_gates):
         offsets = counts.cumsum(0).to(torch.int32)
@@ -305,11 +222,10 @@ class SharedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(hidden_size, width))
         self.act_fn = activation(act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        triton_kernels = _triton_for(x, self.act, GPU.triton_shared)
-        if triton_kernels is not None:
-            hidden = triton_kernels.dense_hidden(x, self.gate_up_proj, self.up_bias, ACTIVATION_CODES[self.act],
-                                                 self.gated)
+    def forward(self, x: torch.Tensor, triton=None) -> torch.Tensor:
+        """The shared part's output for x [T, H]; triton: the Triton kernels' module where it runs the first product."""
+        if triton is not None:
+            hidden = triton.dense_hidden(x, self.gate_up_proj, self.up_bias, ACTIVATION_CODES[self.act], self.gated)
         else:
             hidden = _hidden(F.linear(x, self.gate_up_proj), self.width, self.gated, self.act_fn, self.up_bias)
         return F.linear(hidden, self.down_proj)
@@ -336,12 +252,41 @@ class MoEFFN(nn.Module):
         """Copy every parameter whose data does not start on a cache line to one that does.
 
         safetensors loads tensors at their offsets in the file. Misaligned, each vector load of the CPU decode
-        step straddles two cache lines: batch-8 decode ran 5% slower (SmolLM2 S1A1E8, every layer).
+        step straddles two cache lines, which slows decode (BENCHMARKS.md).
         """
         with torch.no_grad():
             for parameter in self.parameters():
                 if parameter.data_ptr() % alignment:
                     parameter.data = parameter.data.clone()  # torch's CPU allocator aligns to 64 bytes
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense(cls, ffn, shared_neurons: torch.Tensor, routed_neurons: torch.Tensor, top_k: int) -> "MoEFFN":
+        """The MoE FFN made of a dense FFN's neurons: `ffn` holds its weights (`cmoe.hf.adapters.FFNWeights`:
+        up [I, H], down [H, I], gate [I, H] or None, up_bias, down_bias, act), `shared_neurons` [S * W] the
+        always-on neurons, `routed_neurons` [E, W] each routed expert's; `top_k` experts a token. Router rows
+        are left at zero (cmoe.core.router_fit fills them); on the weights' device, in their dtype."""
+        width = routed_neurons.shape[1]  # [0, W] where every expert is shared
+        moe = cls(ffn.up.shape[1], width, len(shared_neurons) // width, routed_neurons.shape[0], top_k, ffn.act,
+                  ffn.gated, ffn.up_bias is not None).to(device=ffn.up.device, dtype=ffn.up.dtype)
+
+        def input_rows(neurons):  # [gate; up] rows of these neurons (up rows alone for a plain FFN)
+            rows = ffn.up[neurons]
+            return rows if ffn.gate is None else torch.cat([ffn.gate[neurons], rows], dim=-2)
+
+        if moe.shared is not None:
+            moe.shared.gate_up_proj.copy_(input_rows(shared_neurons))
+            moe.shared.down_proj.copy_(ffn.down[:, shared_neurons])
+            if ffn.up_bias is not None:
+                moe.shared.up_bias.copy_(ffn.up_bias[shared_neurons])
+        if moe.experts is not None:
+            moe.experts.gate_up_proj.copy_(torch.stack([input_rows(n) for n in routed_neurons]))
+            moe.experts.down_proj.copy_(torch.stack([ffn.down[:, n] for n in routed_neurons]))
+            if ffn.up_bias is not None:
+                moe.experts.up_bias.copy_(ffn.up_bias[routed_neurons])
+        if ffn.down_bias is not None:
+            moe.down_bias.copy_(ffn.down_bias)
+        return moe
 
     @classmethod
     def from_spec(cls, spec: dict) -> "MoEFFN":
@@ -355,88 +300,53 @@ class MoEFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        route = self._cpu_route(x)
-        if route is not None:
-            return (self._decode_eager(x) if route is _EAGER else self._run_kernel(route, x)).view(shape)
-        out = torch.zeros_like(x) if self.shared is None else self.shared(x)
-        triton_kernels = self._triton_router(x)
-        if triton_kernels is not None:
-            out = self._triton_routed(triton_kernels, x, out)
+        backend = backend_for(self, x)
+        if backend is CPU_DECODE or backend is CPU_PREFILL:
+            return self.cpu_kernel(backend, x).view(shape)
+        if backend is EAGER_DECODE:
+            return self._decode_eager(x).view(shape)
+        return self.torch_forward(x, triton_pieces(self, x)).reshape(shape)
+
+    def torch_forward(self, x: torch.Tensor, triton: TritonPieces = NO_TRITON) -> torch.Tensor:
+        """The reference forward for x [T, H], in PyTorch operations, with the Triton kernels for the pieces
+        `triton` names (the torch backend)."""
+        out = torch.zeros_like(x) if self.shared is None else self.shared(x, triton=triton.shared)
+        if triton.router is not None:
+            router = self.router
+            chosen, gates, order, counts = triton.router.route(
+                x, router.weight, router.bias, router.selection_bias, router.gate_scale, router.top_k,
+                ACTIVATION_CODES[router.act], router.gated, write_gates=not router.gates_are_one())
+            out = self.experts(x, chosen, gates, out, grouping=(order, counts), triton=triton.experts)
         elif self.router is not None:
             probs, chosen = self.router.select(x)
             # the check reads gate_scale on the host once per change; torch.compile traces the gates instead
             skip_gates = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                           and self.router.gates_are_one())
             gates = None if skip_gates else self.router.gates(probs, chosen).to(x.dtype)
-            out = self.experts(x, chosen, gates, out)
+            out = self.experts(x, chosen, gates, out, triton=triton.experts)
         if self.down_bias is not None:
             out = out + self.down_bias
-        return out.reshape(shape)
+        return out
 
-    def _triton_router(self, x: torch.Tensor):
-        """The Triton kernels' module where the router and the grouping run through them, else None."""
-        router = self._fused_path_router()
-        return None if router is None else _triton_for(x, router.act, GPU.triton_router)
+    # CPU inference. A decode step in the compiled kernel is short, so the Python around it counts: these read
+    # submodules and parameters from nn.Module's dicts (an attribute lookup through nn.Module.__getattr__ costs
+    # about half a microsecond, and a step needs some twenty).
 
-    def _triton_routed(self, triton_kernels, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The routed experts added to `out`, routed and grouped by the Triton kernels; the experts run as
-        GPU.triton_experts says."""
-        router = self.router
-        chosen, gates, order, counts = triton_kernels.route(x, router.weight, router.bias, router.selection_bias,
-                                                            router.gate_scale, router.top_k,
-                                                            ACTIVATION_CODES[router.act], router.gated,
-                                                            write_gates=not router.gates_are_one())
-        return self.experts(x, chosen, gates, out, grouping=(order, counts))
-
-    def _fused_path_router(self):
-        """The router where a fused path (a compiled CPU kernel, the Triton router) may run this FFN, else None.
-
-        Not while the router counts its load (fine-tuning), and not for wrapped experts or shared part (peft
-        LoRA during fine-tuning), which hold their weights behind the wrapper: only the grouped path runs them.
-        """
-        router, shared = self._modules.get("router"), self._modules.get("shared")
-        if (router is None or router.count_load or type(self._modules.get("experts")) is not RoutedExperts
-                or not (shared is None or type(shared) is SharedExperts)):
-            return None
-        return router
-
-    # CPU inference. A decode step in the compiled kernel takes under 100 us for SmolLM2, so the Python around
-    # it counts: these read submodules and parameters from nn.Module's dicts (an attribute lookup through
-    # nn.Module.__getattr__ costs about half a microsecond, and a step needs some twenty).
-
-    def _cpu_route(self, x: torch.Tensor):
-        """How CPU inference runs on these tokens: a compiled kernel's function, `_EAGER`, or None (the grouped
-        path, which GPUs, autograd and torch.compile always take)."""
-        router = self._fused_path_router()
-        if router is None or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None
-        slots = x.shape[0] * router.top_k
-        weights = self._modules["experts"]._parameters["down_proj"].dtype
-        kernels_here = self._cpu_kernels(x.dtype, weights, router.act)
-        if kernels_here is None:
-            return _EAGER if slots <= FEW_SLOTS else None
-        if slots <= decode_kernel_slots(kernels_here, weights):
-            return kernels_here.moe_decode  # takes float32 input to bfloat16 weights too
-        return kernels_here.moe_prefill if x.dtype == weights else None
-
-    @staticmethod
-    def _cpu_kernels(input_dtype: torch.dtype, weight_dtype: torch.dtype, act: str):
-        """The compiled CPU kernels, where they apply: float32 or bfloat16 input and weights, an activation they
-        know."""
-        if input_dtype not in KERNEL_DTYPES or weight_dtype not in KERNEL_DTYPES or act not in ACTIVATION_CODES:
-            return None
-        return kernels.moe_cpu()
-
-    def _run_kernel(self, function, x: torch.Tensor) -> torch.Tensor:
+    def cpu_kernel(self, backend: str, x: torch.Tensor) -> torch.Tensor:
+        """The cpu_decode or cpu_prefill backend on x [T, H] (the decode step takes float32 input to bfloat16
+        weights too)."""
+        compiled = backends.kernels.moe_cpu()
         modules = self._modules
         shared, router, experts = modules.get("shared"), modules["router"], modules["experts"]
         s = {} if shared is None else shared._parameters
         r, e = router._parameters, experts._parameters
-        return function(
-            x, s.get("gate_up_proj"), s.get("down_proj"), s.get("up_bias"), r["weight"], r.get("bias"),
-            router._buffers["selection_bias"], r["gate_scale"], router.gates_are_one(), e["gate_up_proj"],
-            e.get("up_bias"), e["down_proj"], self._parameters.get("down_bias"), router.top_k,
-            ACTIVATION_CODES[router.act], experts.gated)
+        return cpu_kernel_call(
+            compiled.moe_decode if backend is CPU_DECODE else compiled.moe_prefill, x,
+            shared_gate_up=s.get("gate_up_proj"), shared_down=s.get("down_proj"), shared_bias=s.get("up_bias"),
+            router_weight=r["weight"], router_bias=r.get("bias"), selection_bias=router._buffers["selection_bias"],
+            gate_scale=r["gate_scale"], gates_are_one=router.gates_are_one(), gate_up=e["gate_up_proj"],
+            up_bias=e.get("up_bias"), down=e["down_proj"], down_bias=self._parameters.get("down_bias"),
+            top_k=router.top_k, act=router.act, gated=experts.gated)
 
     def _decode_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The decode step in PyTorch operations: the fallback of the compiled kernel, and its reference."""

@@ -24,7 +24,7 @@ def keep_freed_memory() -> bool:
     By default glibc maps each large block afresh and unmaps it when freed, so an FFN called again and
     again page-faults its temporaries on every call. Those of the dense FFN are larger (SmolLM2 at 2,048
     tokens: 12 MB each), so in a fresh process the faults slowed it more than the carved one and flattered
-    carving (FFN prefill S1A1E8 3.36x against 2.80x without them). The benchmarks call this first, so
+    carving (BENCHMARKS.md, "Page faults flattered the prefill ratios"). The benchmarks call this first, so
     that neither side pays them; cmoe itself leaves the allocator alone.
     """
     import ctypes
@@ -139,11 +139,9 @@ def random_ffn_pair(hidden: int, intermediate: int, config: CarveConfig, dtype=t
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from cmoe.hf.adapters import FFNWeights
-    from cmoe.core.carve import _fill_experts
-    from cmoe.core.grouping import ExpertGroups
-    from cmoe.moe.module import MoEFFN
     from cmoe.core.router_fit import fill_router
+    from cmoe.hf.adapters import FFNWeights
+    from cmoe.moe.module import MoEFFN
 
     torch.manual_seed(seed)
     dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate)).to(dtype)
@@ -155,12 +153,10 @@ def random_ffn_pair(hidden: int, intermediate: int, config: CarveConfig, dtype=t
     width = config.expert_width(intermediate)
     order = torch.randperm(intermediate)
     routed = order[config.shared * width:].view(config.routed, width).sort(dim=-1).values
-    groups = ExpertGroups(shared=order[: config.shared * width], routed=routed, representatives=routed[:, 0], iterations=0)
-    moe = MoEFFN(hidden, width, config.shared, config.routed, config.active, "silu", True, False).to(dtype)
+    moe = MoEFFN.from_dense(ffn, order[: config.shared * width], routed, config.active)
     with torch.no_grad():
-        _fill_experts(moe, ffn, groups)
         if moe.router is not None:
-            fill_router(moe.router, ffn, groups.representatives, normalise=False)
+            fill_router(moe.router, ffn, routed[:, 0], normalise=False)
     return dense.to(device).eval(), moe.to(device).eval()
 
 
@@ -226,7 +222,7 @@ def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: 
 def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: int):
     """Each dense FFN as a decode step of the CPU kernel: every neuron shared, no routed experts."""
     from cmoe.moe import kernels
-    from cmoe.moe.module import KERNEL_DTYPES, decode_kernel_slots
+    from cmoe.moe.backends import KERNEL_DTYPES, cpu_kernel_call, decode_kernel_slots
 
     kernel = kernels.moe_cpu() if parameter.device.type == "cpu" and parameter.dtype in KERNEL_DTYPES else None
     if kernel is None or tokens > decode_kernel_slots(kernel, parameter.dtype):
@@ -238,10 +234,12 @@ def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: in
     no_router, no_gate_up, no_down = none.view(0, hidden), none.view(0, 1, hidden), none.view(0, hidden, 1)
     steps = []
     for w in dense_weights:
-        gate_up = (w.up if w.gate is None else torch.cat([w.gate, w.up])).contiguous()
-        args = (gate_up, w.down.contiguous(), w.up_bias, no_router, None, none, none, True, no_gate_up, None,
-                no_down, w.down_bias, 0, kernels.ACTIVATION_CODES[w.act], w.gated)
-        steps.append(lambda x, args=args: kernel.moe_decode(x, *args))
+        arguments = dict(
+            shared_gate_up=(w.up if w.gate is None else torch.cat([w.gate, w.up])).contiguous(),
+            shared_down=w.down.contiguous(), shared_bias=w.up_bias, router_weight=no_router, router_bias=None,
+            selection_bias=none, gate_scale=none, gates_are_one=True, gate_up=no_gate_up, up_bias=None, down=no_down,
+            down_bias=w.down_bias, top_k=0, act=w.act, gated=w.gated)
+        steps.append(lambda x, arguments=arguments: cpu_kernel_call(kernel.moe_decode, x, **arguments))
     return steps
 
 

@@ -33,7 +33,24 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """Options several commands take, defined once (argparse parent parsers)."""
+    def parent(*args, **kwargs) -> argparse.ArgumentParser:
+        option = argparse.ArgumentParser(add_help=False)
+        option.add_argument(*args, **kwargs)
+        return option
+
+    return dict(
+        data=parent("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)"),
+        device=parent("--device", default=None, help="cpu or cuda (default: where the model loads, the CPU)"),
+        dtype=parent("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights' dtype"),
+        json=parent("--json", metavar="FILE", help="also write the results as JSON (its folder is made)"),
+        overwrite=parent("--overwrite", action="store_true", help="replace the output folder if it holds something"),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    shared = _shared_options()
     parser = argparse.ArgumentParser(
         prog="cmoe", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Carve a dense causal LM into a Mixture-of-Experts model, without training (CMoE).",
@@ -42,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     model_help = "Hugging Face id or folder, a .gguf file, a llama2.c .bin, or an alias: smollm2, stories260k"
-    carve = commands.add_parser("carve", help="carve a dense model into a CMoE model and save it",
+    carve = commands.add_parser("carve", parents=[shared[k] for k in ("device", "dtype", "data", "overwrite")], help="carve a dense model into a CMoE model and save it",
                                 description="Carve a dense model into a CMoE model and save it (all or nothing).")
     carve.add_argument("model", metavar="MODEL", help=model_help)
     carve.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write the carved model to")
-    carve.add_argument("--config", metavar="SxAyEz", help="expert layout in one word, e.g. S3A3E8 (overrides the three below)")
+    carve.add_argument("--config", metavar="SxAyEz", help="expert layout in one word, e.g. S3A3E8 (or the three below, not both)")
     carve.add_argument("--shared", type=int, help="always-on shared experts (default 3)")
     carve.add_argument("--active", type=int, help="routed experts each token uses (default 3)")
     carve.add_argument("--experts", type=int, help="experts in all, shared included (default 8)")
@@ -59,12 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     carve.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
     carve.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     carve.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default 0)")
-    carve.add_argument("--device", default=None, help="where layers are carved: cpu or cuda (default: the model's)")
-    carve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights' dtype")
-    carve.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
-    carve.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds something")
 
-    evaluate = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a dense or carved model",
+    evaluate = commands.add_parser("eval", parents=[shared[k] for k in ("device", "dtype", "data", "json")], help="perplexity and zero-shot accuracy of a dense or carved model",
                                    description="Perplexity (whole text tokenised once, non-overlapping windows, mean token "
                                    "NLL) and zero-shot accuracy through EleutherAI's lm-evaluation-harness.")
     evaluate.add_argument("model", metavar="MODEL_OR_OUT", help=model_help + ", or a carved folder")
@@ -73,12 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     evaluate.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
     _task_arguments(evaluate)
-    evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    evaluate.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
-    evaluate.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
 
-    sweep = commands.add_parser("sweep", help="carve several configurations, evaluate each, write a report with plots",
+    sweep = commands.add_parser("sweep", parents=[shared[k] for k in ("data", "overwrite")], help="carve several configurations, evaluate each, write a report with plots",
                                 description="Carve several configurations of MODEL, evaluate dense and each carved model, "
                                 "and write REPORT_DIR: results.json, report.md and PNG plots. A stopped sweep goes on "
                                 "where it stopped when the same command is run again.")
@@ -95,10 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
     sweep.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     sweep.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    sweep.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
-    sweep.add_argument("--overwrite", action="store_true", help="replace REPORT_DIR if it already holds something")
 
-    tune = commands.add_parser("finetune", help="win back quality with a short LoRA fine-tune of a carved model",
+    tune = commands.add_parser("finetune", parents=[shared[k] for k in ("device", "data", "overwrite")], help="win back quality with a short LoRA fine-tune of a carved model",
                                description="LoRA on attention and every expert, router rows and gate scales trained "
                                "in full, selection bias balanced by load; merged and saved as a plain carved model. "
                                "Checkpoints go to OUT_FT.partial/; --resume continues from the last one.")
@@ -138,11 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "else float32 (default auto)")
     tune.add_argument("--resume", action="store_true", help="continue a stopped fine-tune from its checkpoint")
     tune.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    tune.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
-    tune.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
-    tune.add_argument("--overwrite", action="store_true", help="replace OUT_FT if it already holds something")
 
-    bench = commands.add_parser("bench", help="time a carved model against its dense source, side by side",
+    bench = commands.add_parser("bench", parents=[shared[k] for k in ("device", "dtype", "json")], help="time a carved model against its dense source, side by side",
                                 description="Time the FFN of the middle layer and the whole model, dense and carved, "
                                 "interleaved in one process; medians after warm-up, with the ideal ratio from FLOPs "
                                 "(prefill) or weight bytes read (decode). On CUDA the FFN is also timed as CUDA-graph replays, "
@@ -156,27 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seqlen", type=int, default=2048, help="prefill tokens (default 2048)")
     bench.add_argument("--repeats", type=int, help="timed runs per measurement (default: 10 FFN prefill, 50 FFN "
                        "decode, 5 model prefill, 3 generation)")
-    bench.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
-    bench.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
-    inspect = commands.add_parser("inspect", help="what a carved model is: experts, loads and biases per layer",
+    inspect = commands.add_parser("inspect", parents=[shared["json"]], help="what a carved model is: experts, loads and biases per layer",
                                   description="Summarise a carved model folder without loading its weights.")
     inspect.add_argument("folder", metavar="OUT", help="a folder written by cmoe carve")
-    inspect.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
 
     fetch = commands.add_parser("fetch", help="download a known model into the cache and print its folder")
     fetch.add_argument("name", choices=("smollm2",))
 
-    convert = commands.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a Hugging Face folder")
+    convert = commands.add_parser("convert-llama2c", parents=[shared["overwrite"]], help="convert a llama2.c checkpoint to a Hugging Face folder")
     convert.add_argument("checkpoint", help="the .bin file, e.g. ../shared/models/stories260K/stories260K.bin")
     convert.add_argument("-o", "--output", required=True, help="folder to write")
-    convert.add_argument("--overwrite", action="store_true", help="replace the folder if it already holds something")
 
-    demo = commands.add_parser("demo", help="fetch SmolLM2, carve S3A3E8, compare perplexity with dense, print a table")
+    demo = commands.add_parser("demo", parents=[shared["data"]], help="fetch SmolLM2, carve S3A3E8, compare perplexity with dense, print a table")
     demo.add_argument("-o", "--output", default="demo_results", help="where to write results.md and results.json")
     demo.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1,024 tokens to evaluate (default 8)")
-    demo.add_argument("--data-dir", help="data folder (default: $CMOE_DATA_DIR, else ../shared/data)")
     return parser
 
 
@@ -418,7 +416,6 @@ def cmd_finetune(args) -> dict:
 
 def cmd_bench(args) -> dict:
     import dataclasses
-    import platform
 
     import torch
 
@@ -426,6 +423,7 @@ def cmd_bench(args) -> dict:
     from cmoe.hf.modeling import is_carved
     from cmoe.hf.loading import load_model
     from cmoe.moe.module import GPU
+    from cmoe.tools.provenance import machine
     from cmoe.tools.report import table
     from cmoe.tools.bench import keep_freed_memory, run_benchmark
 
@@ -451,7 +449,7 @@ def cmd_bench(args) -> dict:
     rows = run_benchmark(carved.eval(), dense.eval(), args.mode, args.batch, args.seqlen, args.repeats)
     print(_bench_table(rows))
     report = dict(model=args.model, against=source, device=str(next(carved.parameters()).device), dtype=args.dtype,
-                  machine=f"{platform.machine()}, {torch.get_num_threads()} threads", torch=torch.__version__,
+                  machine=machine(args.device), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), freed_memory_kept=kept, gpu_paths=dataclasses.asdict(GPU), rows=rows)
     _write_json(args.json, report)
     return report

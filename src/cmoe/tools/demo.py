@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ def run_demo(output: str = "demo_results", windows: int = 8, data_dir=None) -> d
     from cmoe.hf.loading import load_model
     from cmoe.tools.report import ffn_parameters, table
     from cmoe.run_folder import atomic_directory
+    from cmoe.tools.provenance import machine
 
     print(f"cmoe demo: SmolLM2-135M-Instruct -> {DEMO_CONFIG}, WikiText-2 perplexity on {windows} x {SEQLEN} tokens\n")
     model, tokenizer = load_model("smollm2")
@@ -47,7 +47,7 @@ def run_demo(output: str = "demo_results", windows: int = 8, data_dir=None) -> d
     print("\n" + table(rows, columns))
     report = dict(model="SmolLM2-135M-Instruct", config=DEMO_CONFIG, preset=config.preset, seqlen=SEQLEN,
                   windows=windows, calibration="wikitext2 validation, 8 x 2048 tokens, seed 0", rows=rows,
-                  machine=f"{platform.machine()}, {torch.get_num_threads()} threads", torch=torch.__version__,
+                  machine=machine(), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"))
     with atomic_directory(output) as tmp:
         (tmp / "results.json").write_text(json.dumps(report, indent=2))

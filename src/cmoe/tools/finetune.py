@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cmoe.hf.adapters import adapter_for
 from cmoe.errors import CMoEError
+from cmoe.hf.adapters import adapter_for
 from cmoe.hf.modeling import is_carved
 from cmoe.moe.module import MoEFFN, Router
 
@@ -171,9 +171,9 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """Mean over rows of KL(teacher || student) between the softmaxes of logits [N, V] at `temperature`,
     scaled by temperature^2 as usual; differentiable in `student_logits`.
 
-    Same value and gradient as `F.kl_div` on two log-softmaxes, in a third of the time on CPU (SmolLM2,
-    2,047 x 49,152: 0.8 s against 2.4 s for loss and backward) and a fraction of the memory: at that
-    vocabulary each [N, V] temporary takes 400 MB, and autograd would keep several. This takes one
+    Same value and gradient as `F.kl_div` on two log-softmaxes, in less time on a CPU and a fraction of the
+    memory (BENCHMARKS.md): at a large vocabulary each [N, V] temporary is large, and autograd would keep
+    several. This takes one
     exponential per logit, works through the rows in chunks that stay in cache (CPU: 8 rows), and keeps
     only the gradient.
     """

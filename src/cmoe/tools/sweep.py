@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from cmoe.version import __version__
 from cmoe.core.config import CarveConfig
 from cmoe.errors import CMoEError
+from cmoe.tools.provenance import machine
+from cmoe.version import __version__
 
 
 @dataclass
@@ -84,7 +85,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
             row, record = _carve_and_evaluate(dense, tokenizer, name, calibration, plan, progress, runs / f"{name}.lmeval")
             (runs / f"{name}.record.json").write_text(json.dumps(record))
         row["seconds"] = round(time.perf_counter() - started, 1)
-        row.update(device=_device_name(plan.device), resumed=resumed)
+        row.update(device=machine(plan.device), resumed=resumed)
         _write_atomically(runs / f"{name}.json", json.dumps(row, indent=2))
         for cache in runs.glob(f"{name}.lmeval*"):  # the harness's request cache, kept only until the row is written
             cache.unlink()
@@ -100,12 +101,6 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
         shutil.rmtree(output)
     os.replace(work, output)
     return results
-
-
-def _device_name(device: str | None) -> str:
-    if device is not None and torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu, {torch.get_num_threads()} threads"
 
 
 def _work_folder(output: Path, plan: SweepPlan) -> Path:
