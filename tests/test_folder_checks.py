@@ -167,3 +167,16 @@ def test_the_kernels_refuse_shapes_that_disagree(monkeypatch):
     with pytest.raises(RuntimeError, match="do not agree"):
         kernels.moe_decode(x, s.gate_up_proj, s.down_proj, None, r.weight[:2], None, r.selection_bias, r.gate_scale,
                            True, e.gate_up_proj, None, e.down_proj, None, 2, 0, True)
+
+
+def test_the_spec_is_typed_and_round_trips_through_config_json(carved_folder):
+    from cmoe.moe.spec import MoESpec
+
+    section = json.loads((carved_folder / "config.json").read_text())["cmoe"]
+    spec = MoESpec.from_dict(section)
+    assert (spec.shared, spec.active, spec.experts, spec.routed) == (1, 1, 4, 3) and spec.act == "silu"
+    assert spec.to_dict() == {key: section[key] for key in spec.to_dict()} and "record" in section
+    from_typed, from_section = MoEFFN.from_spec(spec), MoEFFN.from_spec(section)
+    assert {k: v.shape for k, v in from_typed.state_dict().items()} == {k: v.shape for k, v in from_section.state_dict().items()}
+    with pytest.raises(CMoEError, match="active experts of 3 routed"):
+        MoESpec.from_dict({**section, "active": 4})

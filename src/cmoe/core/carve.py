@@ -16,6 +16,7 @@ from cmoe.errors import CMoEError
 from cmoe.hf.adapters import FFNWeights, adapter_for
 from cmoe.hf.modeling import carved_config, is_carved
 from cmoe.moe.module import MoEFFN
+from cmoe.moe.spec import MoESpec
 from cmoe.version import __version__
 
 
@@ -58,9 +59,11 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
         layer_records.append(record)
     seconds = time.perf_counter() - started
 
-    spec = dict(
-        hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared, active=config.active,
-        experts=config.experts, act=first.act, gated=first.gated, bias=first.up_bias is not None,
+    spec = MoESpec(hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared,
+                   active=config.active, experts=config.experts, act=first.act, gated=first.gated,
+                   bias=first.up_bias is not None)
+    section = dict(
+        spec.to_dict(),
         record=dict(
             cmoe_version=__version__, **_source(model), config=config.to_dict(),
             name=config.name, k_act=k_act,
@@ -68,7 +71,7 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
             carve_seconds=round(seconds, 2), layers=layer_records,
         ),
     )
-    model.config, model.__class__ = carved_config(model.config, spec)
+    model.config, model.__class__ = carved_config(model.config, section)
     return model
 
 

@@ -20,6 +20,7 @@ from cmoe.moe.backends import (  # noqa: F401  (GPU and GPUPaths are part of thi
     cpu_kernel_call, triton_pieces,
 )
 from cmoe.moe.kernels import ACTIVATION_CODES
+from cmoe.moe.spec import MoESpec
 
 
 # Plain functions for the common activations: a module call costs microseconds, which decode notices.
@@ -289,13 +290,11 @@ class MoEFFN(nn.Module):
         return moe
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "MoEFFN":
-        """Build an empty module from the `cmoe` section of a carved model's config (checked first)."""
-        from cmoe.hf.checks import check_spec
-
-        check_spec(spec)
-        return cls(spec["hidden_size"], spec["expert_width"], spec["shared"], spec["experts"] - spec["shared"],
-                   spec["active"], spec["act"], spec["gated"], spec["bias"])
+    def from_spec(cls, spec: "MoESpec | dict") -> "MoEFFN":
+        """An empty module of this spec (a `MoESpec`, or a config's `cmoe` section, checked first)."""
+        spec = spec if isinstance(spec, MoESpec) else MoESpec.from_dict(spec)
+        return cls(spec.hidden_size, spec.expert_width, spec.shared, spec.routed, spec.active, spec.act, spec.gated,
+                   spec.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

@@ -7,6 +7,7 @@ import json
 from cmoe.hf.adapters import adapter_for
 from cmoe.hf.modeling import is_carved
 from cmoe.moe.module import MoEFFN
+from cmoe.moe.spec import MoESpec
 
 
 def ffn_parameters(model) -> dict:
@@ -171,14 +172,15 @@ def describe(folder) -> dict:
                 match = re.search(r"\.(\d+)\..*router\.(selection_bias|gate_scale)$", key)
                 if match:
                     buffers.setdefault(int(match.group(1)), {})[match.group(2)] = f.get_tensor(key).float().tolist()
-    width = spec["expert_width"]
+    spec_fields = MoESpec.from_dict(spec)
+    width = spec_fields.expert_width
     layers = []
     for index, layer in enumerate(record.get("layers", [])):
         bias = buffers.get(index, {}).get("selection_bias", layer.get("selection_bias", []))
         scale = buffers.get(index, {}).get("gate_scale", [])
         layers.append(dict(
-            layer=index, shared_width=spec["shared"] * width, routed=spec["experts"] - spec["shared"], expert_width=width,
-            top_k=spec["active"], kmeans_iterations=layer.get("kmeans_iterations"),
+            layer=index, shared_width=spec_fields.shared * width, routed=spec_fields.routed, expert_width=width,
+            top_k=spec_fields.active, kmeans_iterations=layer.get("kmeans_iterations"),
             imbalance_before=layer.get("imbalance_before"), imbalance_after=layer.get("imbalance_after"),
             bias_min=min(bias, default=None), bias_max=max(bias, default=None),
             gate_scale_max=max((abs(s) for s in scale), default=None),
@@ -189,9 +191,9 @@ def describe(folder) -> dict:
     return dict(folder=str(folder), model_type=config.get("model_type"), name=record.get("name"),
                 preset=record.get("config", {}).get("preset"), k_act=record.get("k_act"),
                 calibration=record.get("calibration"), carve_seconds=record.get("carve_seconds"),
-                cmoe_version=record.get("cmoe_version"), hidden_size=spec["hidden_size"], expert_width=width,
-                shared=spec["shared"], active=spec["active"], experts=spec["experts"],
-                active_fraction=round((spec["shared"] + spec["active"]) / spec["experts"], 4), layers=layers)
+                cmoe_version=record.get("cmoe_version"), hidden_size=spec_fields.hidden_size, expert_width=width,
+                shared=spec_fields.shared, active=spec_fields.active, experts=spec_fields.experts,
+                active_fraction=round((spec_fields.shared + spec_fields.active) / spec_fields.experts, 4), layers=layers)
 
 
 def describe_text(info: dict) -> str:
