@@ -8,6 +8,7 @@ from conftest import byte_tokenizer, tiny_text_model
 
 import cmoe
 from cmoe.tools import finetune as finetune_module
+from cmoe.tools import losses
 from cmoe.tools.finetune import FinetuneConfig, add_lora, finetune, routers
 from cmoe.hf.loading import load_model
 
@@ -140,14 +141,14 @@ def test_layer_output_term_is_zero_for_the_teacher_itself_and_lowers_with_traini
     with torch.no_grad():
         states = teacher(batch, output_hidden_states=True).hidden_states
         student_states = carved(batch, output_hidden_states=True).hidden_states
-    assert float(finetune_module.layer_output_error(states, states)) == 0.0
-    before = float(finetune_module.layer_output_error(student_states, states))
+    assert float(losses.layer_output_error(states, states)) == 0.0
+    before = float(losses.layer_output_error(student_states, states))
     assert before > 0.01
     finetune(copy.deepcopy(carved), byte_tokenizer(), _config(loss="distill", hidden_weight=1.0), tmp_path / "out",
              teacher=teacher, calibration_ids=PATTERN, progress=False)
     tuned, _ = load_model(str(tmp_path / "out"))
     with torch.no_grad():
-        after = float(finetune_module.layer_output_error(tuned(batch, output_hidden_states=True).hidden_states, states))
+        after = float(losses.layer_output_error(tuned(batch, output_hidden_states=True).hidden_states, states))
     assert after < before
 
 
@@ -236,7 +237,7 @@ def test_distillation_kl_has_the_value_and_gradient_of_kl_div(temperature):
     student = torch.randn(37, 101, dtype=torch.float64, generator=generator, requires_grad=True)
     teacher = 3 * torch.randn(37, 101, dtype=torch.float64, generator=generator)
     # 37 rows in chunks of 8: the last chunk is short
-    fused = finetune_module.distillation_kl(student, teacher, temperature, rows_per_chunk=8)
+    fused = losses.distillation_kl(student, teacher, temperature, rows_per_chunk=8)
     (fused_gradient,) = torch.autograd.grad(2 * fused, student)
     log_student = torch.log_softmax(student / temperature, -1)
     log_teacher = torch.log_softmax(teacher / temperature, -1)
@@ -253,7 +254,7 @@ def test_distillation_kl_under_bfloat16_autocast_sums_in_float32():
     student = torch.randn(64, 4099, generator=generator).bfloat16().requires_grad_(True)
     teacher = 3 * torch.randn(64, 4099, generator=generator).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = finetune_module.distillation_kl(student, teacher, rows_per_chunk=64)
+        fused = losses.distillation_kl(student, teacher, rows_per_chunk=64)
     (gradient,) = torch.autograd.grad(fused, student)
     log_student, log_teacher = torch.log_softmax(student.double(), -1), torch.log_softmax(teacher.double(), -1)
     reference = torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")

@@ -1,4 +1,4 @@
-"""All-or-nothing writing of output folders."""
+"""Output folders: checked before the work, written all or nothing, resumable work kept in OUTPUT.partial."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def _existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def partial_folder(output) -> Path:
+    """Where a resumable run (sweep, fine-tune) keeps its work until it is done: OUTPUT.partial beside OUTPUT."""
+    output = Path(output)
+    return output.with_name(output.name + ".partial")
+
+
+def drop_if_nothing_to_resume(work: Path, resumable: bool) -> None:
+    """Remove a work folder that holds nothing a later run could resume (a run that failed early)."""
+    if work.exists() and not resumable:
+        shutil.rmtree(work)
 
 
 @contextmanager

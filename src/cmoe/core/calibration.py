@@ -1,8 +1,10 @@
 """The layer-by-layer calibration loop (GPTQ/Wanda style), written against the current transformers API.
 
-`record_layer_inputs` runs the model once with every decoder layer replaced by a pass-through stand-in, so
-the model itself computes what each layer receives (rotary embeddings, the mask of the layer's attention
-type, ...) and we keep it. `LayerRunner` then runs one real layer at a time on those inputs.
+`replace_ffns` owns the loop: it runs the calibration tokens through the model one decoder layer at a time,
+hands each FFN's inputs to a transform that returns the new FFN and its outputs, installs the new FFN, and
+carries on from what the new layer gives. `record_layer_inputs` runs the model once with every decoder layer
+replaced by a pass-through stand-in, so the model itself computes what each layer receives (rotary
+embeddings, the mask of the layer's attention type, ...) and we keep it; each layer then runs on those.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 class _StandIn(nn.Module):
@@ -129,3 +132,30 @@ class _Replay(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.output.view(args[0].shape) if self.shaped_like_input else self.output
+
+
+def replace_ffns(model, adapter, batches: list[torch.Tensor], transform, device, desc: str = "layers",
+                 progress: bool = True) -> list:
+    """Replace every decoder layer's FFN, first to last, by what `transform` makes of it; returns the transform's
+    records, one a layer.
+
+    transform(layer, ffn_inputs [T, H]) -> (new FFN module, its outputs on those inputs [T, H], record). Each
+    layer sees what the layers before it, with their new FFNs, give; its attention runs once and the new FFN's
+    outputs are replayed, not recomputed. Each layer is moved to `device` for its turn and back afterwards.
+    """
+    layers = adapter.layers(model)
+    home = next(model.parameters()).device
+    hidden, calls = record_layer_inputs(model, layers, batches, device)
+    records = []
+    for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
+        layer.to(device)
+        ffn_inputs, attention_outputs = ffn_inputs_and_attention(
+            layer, adapter.ffn_module(layer), getattr(layer, adapter.attention), hidden, calls[index])
+        new_ffn, outputs, record = transform(layer, torch.cat(ffn_inputs))
+        if index + 1 < len(layers):
+            outputs = outputs.split([len(x) for x in ffn_inputs])
+            hidden = run_layer_replaying(layer, adapter, attention_outputs, outputs, hidden, calls[index])
+        adapter.install(layer, new_ffn)
+        layer.to(home)
+        records.append(record)
+    return records

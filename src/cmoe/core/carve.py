@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from cmoe.core.activations import activation_marks, activation_rate, ffn_activations
-from cmoe.core.calibration import ffn_inputs_and_attention, record_layer_inputs, run_layer_replaying
+from cmoe.core.calibration import replace_ffns
 from cmoe.core.config import CarveConfig
 from cmoe.core.grouping import group_neurons
 from cmoe.core.router_fit import balance_selection_bias, expert_load, fill_router, imbalance
@@ -21,7 +20,7 @@ from cmoe.version import __version__
 
 
 def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
-            batch_size: int = 1, device=None, progress: bool = True, calibration_source: str = "tokens"):
+           batch_size: int = 1, device=None, progress: bool = True, calibration_source: str = "tokens"):
     """Carve `model` (a dense `PreTrainedModel`) in place into a CMoE model: its FFNs become MoE FFNs and its
     class the carved one. Returns the same object.
 
@@ -33,30 +32,18 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
     if is_carved(model):
         raise CMoEError("This model is already carved; carve the dense model it came from.")
     calibration = _check_calibration(calibration)
-    layers = adapter.layers(model)
-    first = adapter.read(layers[0], model.config)
+    first = adapter.read(adapter.layers(model)[0], model.config)
     expert_width = config.expert_width(first.width)  # fails early on a width the experts cannot split
     k_act = config.resolved_k_act(first.width)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def carve_ffn(layer, ffn_inputs):
+        moe, record, outputs = build_moe(ffn_inputs, adapter.read(layer, model.config), config, k_act, expert_width)
+        return moe, outputs, record
 
     started = time.perf_counter()
-    batches = list(calibration.split(batch_size))
-    hidden, calls = record_layer_inputs(model, layers, batches, device)
-    layer_records = []
-    for index, layer in enumerate(tqdm(layers, desc=f"carving {config.name}", disable=not progress)):
-        layer.to(device)
-        ffn_in, attention_out = ffn_inputs_and_attention(
-            layer, adapter.ffn_module(layer), getattr(layer, adapter.attention), hidden, calls[index])
-        ffn = adapter.read(layer, model.config)
-        moe, record, ffn_out = build_moe(torch.cat(ffn_in), ffn, config, k_act, expert_width)
-        adapter.install(layer, moe)
-        if index + 1 < len(layers):  # the next layer is carved from what the carved layers before it give
-            ffn_out = ffn_out.split([len(x) for x in ffn_in])
-            hidden = run_layer_replaying(layer, adapter, attention_out, ffn_out, hidden, calls[index])
-            adapter.install(layer, moe)
-        layer.to(home)
-        layer_records.append(record)
+    layer_records = replace_ffns(model, adapter, list(calibration.split(batch_size)), carve_ffn, device,
+                                 desc=f"carving {config.name}", progress=progress)
     seconds = time.perf_counter() - started
 
     spec = MoESpec(hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared,

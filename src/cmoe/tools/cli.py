@@ -307,7 +307,7 @@ def cmd_eval(args) -> dict:
     from cmoe.errors import CMoEError
     from cmoe.tools.perplexity import evaluate_perplexity
     from cmoe.hf.loading import load_model
-    from cmoe.tools.report import table
+    from cmoe.tools.report import table, task_table
 
     from cmoe.tools.zeroshot import parse_tasks
 
@@ -337,22 +337,10 @@ def cmd_eval(args) -> dict:
         from cmoe.tools.zeroshot import evaluate_tasks
 
         scores = evaluate_tasks(model, tokenizer, tasks, args.limit, args.batch_size, args.data_dir)
-        print("\n" + _task_table(scores))
+        print("\n" + task_table(scores))
         report["tasks"] = scores
     _write_json(args.json, report)
     return report
-
-
-def _task_table(scores: dict) -> str:
-    from cmoe.tools.report import table
-
-    def pct(score, key):
-        return None if key not in score else f"{100 * score[key]:.1f} ± {100 * score.get(key + '_stderr', 0):.1f}"
-
-    rows = [dict(task=name, acc=pct(s, "acc"), acc_norm=pct(s, "acc_norm"), items=s["items"], seconds=s["seconds"])
-            for name, s in scores.items()]
-    return table(rows, [("task", "task"), ("acc", "acc %"), ("acc_norm", "acc_norm %"), ("items", "items"),
-                        ("seconds", "seconds")])
 
 
 def cmd_sweep(args) -> dict:
@@ -424,7 +412,7 @@ def cmd_bench(args) -> dict:
     from cmoe.hf.loading import load_model
     from cmoe.moe.module import GPU
     from cmoe.tools.provenance import machine
-    from cmoe.tools.report import table
+    from cmoe.tools.report import bench_table
     from cmoe.tools.bench import keep_freed_memory, run_benchmark
 
     from cmoe.hf.loading import load_source
@@ -447,7 +435,7 @@ def cmd_bench(args) -> dict:
     _check_same_shape(carved, dense, args.against or carved.carve_record.get("source"))
     source = args.against or carved.carve_record.get("source")
     rows = run_benchmark(carved.eval(), dense.eval(), args.mode, args.batch, args.seqlen, args.repeats)
-    print(_bench_table(rows))
+    print(bench_table(rows))
     report = dict(model=args.model, against=source, device=str(next(carved.parameters()).device), dtype=args.dtype,
                   machine=machine(args.device), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), freed_memory_kept=kept, gpu_paths=dataclasses.asdict(GPU), rows=rows)
@@ -468,28 +456,6 @@ def _check_same_shape(carved, dense, name) -> None:
     if is_carved(dense) or config.model_type != family or differ:
         raise CMoEError(f"--against {name} is not the dense model this was carved from (a {config.model_type} model"
                         f"{', with another ' + ', '.join(differ) if differ else ''}); pass the dense source.")
-
-
-def _bench_table(rows: list[dict]) -> str:
-    from cmoe.tools.report import table
-
-    cells = []
-    for r in rows:
-        size = f"{r['tokens']} tokens" if r["mode"] == "prefill" else f"batch {r.get('batch', r.get('tokens'))}"
-        if "dense_tok_s" in r:
-            dense, carved = f"{r['dense_tok_s']:.1f} tok/s", f"{r['carved_tok_s']:.1f} tok/s"
-        else:
-            dense, carved = f"{r['dense_ms']:.2f} ms", f"{r['carved_ms']:.2f} ms"
-        ideal = r.get("ideal_ratio", r.get("ffn_ideal_ratio"))
-        level = "ffn, every layer" if r.get("layers", 1) > 1 else r["level"]
-        level += ", CUDA graph" if r.get("cuda_graph") else ""
-        cells.append(dict(what=f"{level} {r['mode']}", size=size, dense=dense, carved=carved,
-                          ratio=f"{r['ratio']:.2f}x", ideal=f"{ideal:.2f}x" + ("" if r["level"] == "ffn" else " (FFN)")))
-        if "dense_kernel_ms" in r:  # carving's own share: the dense FFN through the same decode kernel
-            cells.append(dict(cells[-1], what=cells[-1]["what"] + ", dense in cmoe's kernel",
-                              dense=f"{r['dense_kernel_ms']:.2f} ms", ratio=f"{r['ratio_same_kernel']:.2f}x"))
-    return table(cells, [("what", "measured"), ("size", "size"), ("dense", "dense"), ("carved", "carved"),
-                         ("ratio", "dense/carved"), ("ideal", "ideal")])
 
 
 def cmd_inspect(args) -> dict:
@@ -551,7 +517,9 @@ def main(argv=None) -> int:
 
 def _what_was_kept(args) -> str:
     """After Ctrl-C: what a later run can pick up (fine-tune checkpoints, a sweep's finished runs), or nothing."""
-    work = Path(str(getattr(args, "output", "")) + ".partial")
+    from cmoe.run_folder import partial_folder
+
+    work = partial_folder(getattr(args, "output", None) or "output")
     if args.command == "finetune" and (work / "checkpoint.pt").is_file():
         return f"the last checkpoint is in {work}; run the same command with --resume to continue."
     if args.command == "sweep" and work.is_dir():

@@ -221,3 +221,35 @@ def describe_text(info: dict) -> str:
                ("iters", "k-means iters"), ("imbalance", "load max/mean before -> after"),
                ("bias", "selection bias min .. max"), ("load", "load per routed expert, % (calibration)")]
     return "\n".join(head) + table(rows, columns)
+
+
+def task_table(scores: dict) -> str:
+    """Zero-shot scores as a table (`cmoe eval --tasks`)."""
+    def pct(score, key):
+        return None if key not in score else f"{100 * score[key]:.1f} ± {100 * score.get(key + '_stderr', 0):.1f}"
+
+    rows = [dict(task=name, acc=pct(s, "acc"), acc_norm=pct(s, "acc_norm"), items=s["items"], seconds=s["seconds"])
+            for name, s in scores.items()]
+    return table(rows, [("task", "task"), ("acc", "acc %"), ("acc_norm", "acc_norm %"), ("items", "items"),
+                        ("seconds", "seconds")])
+
+
+def bench_table(rows: list[dict]) -> str:
+    """`cmoe bench`'s rows as a table: dense, carved, their ratio and the ideal one."""
+    cells = []
+    for r in rows:
+        size = f"{r['tokens']} tokens" if r["mode"] == "prefill" else f"batch {r.get('batch', r.get('tokens'))}"
+        if "dense_tok_s" in r:
+            dense, carved = f"{r['dense_tok_s']:.1f} tok/s", f"{r['carved_tok_s']:.1f} tok/s"
+        else:
+            dense, carved = f"{r['dense_ms']:.2f} ms", f"{r['carved_ms']:.2f} ms"
+        ideal = r.get("ideal_ratio", r.get("ffn_ideal_ratio"))
+        level = "ffn, every layer" if r.get("layers", 1) > 1 else r["level"]
+        level += ", CUDA graph" if r.get("cuda_graph") else ""
+        cells.append(dict(what=f"{level} {r['mode']}", size=size, dense=dense, carved=carved,
+                          ratio=f"{r['ratio']:.2f}x", ideal=f"{ideal:.2f}x" + ("" if r["level"] == "ffn" else " (FFN)")))
+        if "dense_kernel_ms" in r:  # carving's own share: the dense FFN through the same decode kernel
+            cells.append(dict(cells[-1], what=cells[-1]["what"] + ", dense in cmoe's kernel",
+                              dense=f"{r['dense_kernel_ms']:.2f} ms", ratio=f"{r['ratio_same_kernel']:.2f}x"))
+    return table(cells, [("what", "measured"), ("size", "size"), ("dense", "dense"), ("carved", "carved"),
+                         ("ratio", "dense/carved"), ("ideal", "ideal")])

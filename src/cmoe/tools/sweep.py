@@ -19,6 +19,7 @@ import torch
 
 from cmoe.core.config import CarveConfig
 from cmoe.errors import CMoEError
+from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder
 from cmoe.tools.provenance import machine
 from cmoe.version import __version__
 
@@ -104,10 +105,9 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
 
 
 def _work_folder(output: Path, plan: SweepPlan) -> Path:
-    work = output.with_name(output.name + ".partial")
+    work = partial_folder(output)
     plan_file = work / "plan.json"
-    if work.exists() and not any(work.glob("runs/*.json")):
-        shutil.rmtree(work)  # nothing finished there: nothing to resume
+    drop_if_nothing_to_resume(work, any(work.glob("runs/*.json")))
     if work.exists():
         saved = json.loads(plan_file.read_text()) if plan_file.exists() else None
         if saved != json.loads(json.dumps(plan.key())):
