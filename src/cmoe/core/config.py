@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from cmoe.errors import CMoEError
 
@@ -57,7 +57,6 @@ class CarveConfig:
     balance: bool | None = None  # set the selection bias so routed experts get equal load
     balance_steps: int = 300
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.preset not in PRESETS:

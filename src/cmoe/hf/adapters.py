@@ -55,9 +55,6 @@ class Adapter:
         """The module whose first argument is the FFN input (we hook it to see that input)."""
         return getattr(layer, self.ffn)
 
-    def attention_module_name(self) -> str:
-        return self.attention
-
     def read(self, layer, config) -> FFNWeights:
         raise NotImplementedError
 

@@ -61,10 +61,6 @@ def table(rows: list[dict], columns: list[tuple[str, str]], markdown: bool = Fal
 HEADLINE = ("acc_norm", "acc")  # the accuracy plotted per task: acc_norm where the task has it
 
 
-def _pct(value):
-    return None if value is None else round(100 * value, 1)
-
-
 def _model_cells(row: dict) -> dict:
     return dict(model=row["config"], preset=row.get("preset", "-"), active=f"{100 * row['active_fraction']:.1f}")
 

@@ -10,7 +10,7 @@ import cmoe
 from cmoe.tools.cli import main
 from cmoe.hf.llama2c import Llama2cTokenizer, load_llama2c
 
-ROOT = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+ROOT = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K"
 pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason="../shared/models/stories260K is not here")
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
