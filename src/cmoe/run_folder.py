@@ -76,13 +76,26 @@ def atomic_directory(path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _follow_umask(tmp)
+    publish(tmp, path)
+
+
+def publish(finished: Path, path: Path) -> None:
+    """Put the finished folder in `path`'s place: whatever was there is moved aside first and removed after,
+    so `path` always holds one whole folder."""
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         path.rename(old)
-    tmp.rename(path)
+    finished.rename(path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file whole or not at all: to a temporary name beside it, then renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def remove_leftovers(path: Path) -> list[Path]:

@@ -25,7 +25,7 @@ from cmoe.errors import CMoEError
 from cmoe.hf.adapters import adapter_for
 from cmoe.hf.modeling import is_carved
 from cmoe.moe.module import MoEFFN, Router
-from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder
+from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder, write_atomically
 from cmoe.tools.losses import training_loss
 
 _loss = training_loss  # the step's loss (a name of this module, so a test can watch it)
@@ -383,7 +383,7 @@ def _save_checkpoint(work: Path, model, optimizer, state: dict) -> None:
     tmp = work / (CHECKPOINT + ".tmp")
     torch.save(dict(trainable=_trainable_state(model), optimizer=optimizer.state_dict(), state=state), tmp)
     os.replace(tmp, work / CHECKPOINT)
-    (work / "progress.json").write_text(json.dumps({k: v for k, v in state.items() if k != "losses"}))
+    write_atomically(work / "progress.json", json.dumps({k: v for k, v in state.items() if k != "losses"}))
 
 
 def _remove(folder: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from cmoe.core.config import CarveConfig
 from cmoe.errors import CMoEError
-from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder
+from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder, publish, write_atomically
 from cmoe.tools.provenance import machine
 from cmoe.version import __version__
 
@@ -87,7 +86,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
             (runs / f"{name}.record.json").write_text(json.dumps(record))
         row["seconds"] = round(time.perf_counter() - started, 1)
         row.update(device=machine(plan.device), resumed=resumed)
-        _write_atomically(runs / f"{name}.json", json.dumps(row, indent=2))
+        write_atomically(runs / f"{name}.json", json.dumps(row, indent=2))
         for cache in runs.glob(f"{name}.lmeval*"):  # the harness's request cache, kept only until the row is written
             cache.unlink()
         print(f"{name}: done in {row['seconds']:.0f} s")
@@ -98,9 +97,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
 
     write_report(work, results, records={n: runs / f"{n}.record.json" for n in plan.configs})
     (work / "results.json").write_text(json.dumps(results, indent=2))
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(work, output)
+    publish(work, output)
     return results
 
 
@@ -116,12 +113,6 @@ def _work_folder(output: Path, plan: SweepPlan) -> Path:
     (work / "runs").mkdir(parents=True)
     plan_file.write_text(json.dumps(plan.key(), indent=2))
     return work
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _calibration(tokenizer, plan: SweepPlan):
