@@ -87,8 +87,31 @@ def expert_oracle(ffn, shared: torch.Tensor, routed: torch.Tensor, top_k: int):
     return keep
 
 
+GROUPINGS = {  # name: (what marks a neuron on a token, how many a token marks, as a share of the FFN width)
+    "paper marks (cosine, k_act 10)": ("cosine", None),
+    "contribution marks, top 25% a token": ("contribution", 0.25),
+}
+
+
+def partitions(x: torch.Tensor, ffn, layouts: list[str]) -> dict:
+    """For each grouping and layout (SxAyEz): the shared neurons and routed experts `group_neurons` makes from
+    these FFN inputs x [T, H]."""
+    import cmoe
+    from cmoe.core.grouping import group_neurons
+
+    made = {}
+    for grouping, (score, share) in GROUPINGS.items():
+        _, scores = ffn_activations(x, ffn, score)
+        marks = activation_marks(scores, 10 if share is None else round(share * ffn.width))
+        rate = activation_rate(marks)
+        for layout in layouts:
+            groups = group_neurons(marks, rate, cmoe.CarveConfig.from_name(layout))
+            made[(grouping, layout)] = (groups.shared, groups.routed)
+    return made
+
+
 @torch.no_grad()
-def calibration_statistics(model, adapter, ids: torch.Tensor) -> list[dict]:
+def calibration_statistics(model, adapter, ids: torch.Tensor, layouts: list[str] = ()) -> list[dict]:
     """Per layer, from the dense model's FFN inputs on the calibration tokens: the activation rate (the paper
     preset's cosine marks, k_act 10) and the mean hidden activation."""
     layers = adapter.layers(model)
@@ -109,7 +132,8 @@ def calibration_statistics(model, adapter, ids: torch.Tensor) -> list[dict]:
         ffn = adapter.read(layer, model.config)
         hidden, scores = ffn_activations(x, ffn, "cosine")
         stats.append(dict(rate=activation_rate(activation_marks(scores, 10)), mean_hidden=hidden.mean(0),
-                          contribution=hidden.abs().mean(0) * ffn.down.float().norm(dim=0)))
+                          contribution=hidden.abs().mean(0) * ffn.down.float().norm(dim=0),
+                          partitions=partitions(x, ffn, list(layouts)) if layouts else {}))
     return stats
 
 
@@ -131,6 +155,9 @@ def main():
     parser.add_argument("--budgets", default="0.75,0.5,0.25")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--partitions", default="", help="carved folders whose partitions the expert oracle uses")
+    parser.add_argument("--grouping-layouts", default="",
+                        help="layouts (e.g. S2A2E8,S8A8E32) whose partitions are made here, by each way of marking in "
+                             "GROUPINGS, and scored by the expert oracle")
     parser.add_argument("--rules", default="static,static + mean,static by contribution,static by contribution + mean,"
                         "neuron oracle",
                         help="which of the per-budget rules to run (comma separated)")
@@ -153,8 +180,18 @@ def main():
                                             date=time.strftime("%Y-%m-%d"), rows=rows), indent=1))
 
     measure("dense", 1.0)
-    stats = calibration_statistics(model, adapter, calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0))
-    for budget in [float(b) for b in args.budgets.split(",")]:
+    layouts = list(filter(None, args.grouping_layouts.split(",")))
+    stats = calibration_statistics(model, adapter, calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0), layouts)
+    for layout in layouts:
+        import cmoe
+
+        config = cmoe.CarveConfig.from_name(layout)
+        for grouping in GROUPINGS:
+            undo = with_rule(model, adapter, lambda i, ffn: MaskedFFN(ffn, expert_oracle(
+                ffn, *stats[i]["partitions"][(grouping, layout)], config.active)))
+            measure(f"expert oracle, {layout}, {grouping}", config.active_fraction, partition=layout, grouping=grouping)
+            undo()
+    for budget in [float(b) for b in filter(None, args.budgets.split(","))]:
         def static(i, ffn, compensate, rank="rate"):
             kept = stats[i][rank].sort(descending=True, stable=True).indices[: round(budget * ffn.width)]
             dropped = torch.ones(ffn.width, dtype=torch.bool)
