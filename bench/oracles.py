@@ -90,20 +90,27 @@ def expert_oracle(ffn, shared: torch.Tensor, routed: torch.Tensor, top_k: int):
 GROUPINGS = {  # name: (what marks a neuron on a token, how many a token marks, as a share of the FFN width)
     "paper marks (cosine, k_act 10)": ("cosine", None),
     "contribution marks, top 25% a token": ("contribution", 0.25),
+    # not a mark but a value in [0, 1]: each neuron's contribution over the token's largest
+    "contribution values, relative to the token's largest": ("contribution", "soft"),
 }
 
 
-def partitions(x: torch.Tensor, ffn, layouts: list[str]) -> dict:
+def partitions(x: torch.Tensor, ffn, layouts: list[str], groupings: list[str]) -> dict:
     """For each grouping and layout (SxAyEz): the shared neurons and routed experts `group_neurons` makes from
     these FFN inputs x [T, H]."""
     import cmoe
     from cmoe.core.grouping import group_neurons
 
     made = {}
-    for grouping, (score, share) in GROUPINGS.items():
+    for grouping in groupings:
+        score, share = GROUPINGS[grouping]
         _, scores = ffn_activations(x, ffn, score)
-        marks = activation_marks(scores, 10 if share is None else round(share * ffn.width))
-        rate = activation_rate(marks)
+        if share == "soft":  # k-means on values in [0, 1] (group_neurons' distances hold for them up to a
+            marks = scores / scores.amax(dim=1, keepdim=True).clamp_min(1e-12)  # per-neuron constant)
+            rate = marks.mean(0)
+        else:
+            marks = activation_marks(scores, 10 if share is None else round(share * ffn.width))
+            rate = activation_rate(marks)
         for layout in layouts:
             groups = group_neurons(marks, rate, cmoe.CarveConfig.from_name(layout))
             made[(grouping, layout)] = (groups.shared, groups.routed)
@@ -111,7 +118,7 @@ def partitions(x: torch.Tensor, ffn, layouts: list[str]) -> dict:
 
 
 @torch.no_grad()
-def calibration_statistics(model, adapter, ids: torch.Tensor, layouts: list[str] = ()) -> list[dict]:
+def calibration_statistics(model, adapter, ids: torch.Tensor, layouts: list[str] = (), groupings=()) -> list[dict]:
     """Per layer, from the dense model's FFN inputs on the calibration tokens: the activation rate (the paper
     preset's cosine marks, k_act 10) and the mean hidden activation."""
     layers = adapter.layers(model)
@@ -133,7 +140,7 @@ def calibration_statistics(model, adapter, ids: torch.Tensor, layouts: list[str]
         hidden, scores = ffn_activations(x, ffn, "cosine")
         stats.append(dict(rate=activation_rate(activation_marks(scores, 10)), mean_hidden=hidden.mean(0),
                           contribution=hidden.abs().mean(0) * ffn.down.float().norm(dim=0),
-                          partitions=partitions(x, ffn, list(layouts)) if layouts else {}))
+                          partitions=partitions(x, ffn, list(layouts), list(groupings)) if layouts else {}))
     return stats
 
 
@@ -155,6 +162,7 @@ def main():
     parser.add_argument("--budgets", default="0.75,0.5,0.25")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--partitions", default="", help="carved folders whose partitions the expert oracle uses")
+    parser.add_argument("--groupings", default=";".join(GROUPINGS), help="which of GROUPINGS to try (; separated)")
     parser.add_argument("--grouping-layouts", default="",
                         help="layouts (e.g. S2A2E8,S8A8E32) whose partitions are made here, by each way of marking in "
                              "GROUPINGS, and scored by the expert oracle")
@@ -181,12 +189,14 @@ def main():
 
     measure("dense", 1.0)
     layouts = list(filter(None, args.grouping_layouts.split(",")))
-    stats = calibration_statistics(model, adapter, calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0), layouts)
+    groupings = list(filter(None, args.groupings.split(";")))
+    stats = calibration_statistics(model, adapter, calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0), layouts,
+                                   groupings)
     for layout in layouts:
         import cmoe
 
         config = cmoe.CarveConfig.from_name(layout)
-        for grouping in GROUPINGS:
+        for grouping in groupings:
             undo = with_rule(model, adapter, lambda i, ffn: MaskedFFN(ffn, expert_oracle(
                 ffn, *stats[i]["partitions"][(grouping, layout)], config.active)))
             measure(f"expert oracle, {layout}, {grouping}", config.active_fraction, partition=layout, grouping=grouping)
