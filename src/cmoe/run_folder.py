@@ -25,12 +25,28 @@ def check_writable_destination(path, overwrite: bool = False) -> Path:
         raise CMoEError(f"{path} is a file, not a folder; choose another output folder.")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise CMoEError(f"{path} already exists and is not empty; choose another output folder or pass --overwrite.")
-    parent = _existing_ancestor(path.parent)
-    if not parent.is_dir():
-        raise CMoEError(f"{path} cannot be created: {parent} is not a folder; choose another output folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CMoEError(f"{path} cannot be created: {parent} is not writable; choose another output folder.")
+    parent = _blocking_ancestor(path)
+    if parent is not None:
+        problem = "not a folder" if not parent.is_dir() else "not writable"
+        raise CMoEError(f"{path} cannot be created: {parent} is {problem}; choose another output folder.")
     return path
+
+
+def check_writable_file(path, flag: str) -> None:
+    """Fail now, in one sentence, if the file `path` (given as `flag`) cannot be written later; its folders are
+    made when it is."""
+    path = Path(path)
+    if path.is_dir():
+        raise CMoEError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'results.json'}.")
+    parent = _blocking_ancestor(path)
+    if parent is not None:
+        raise CMoEError(f"{flag} {path} cannot be written: {parent} is not a writable folder.")
+
+
+def _blocking_ancestor(path: Path) -> Path | None:
+    """The nearest existing path above `path` where it is not a writable folder, else None."""
+    parent = _existing_ancestor(path.parent)
+    return None if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK) else parent
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -14,10 +14,11 @@ import torch
 
 import cmoe
 from cmoe.moe import kernels as cmoe_kernels
-from cmoe.hf.checks import check_carved_folder, check_spec
+from cmoe.hf.checks import check_carved_folder
 from cmoe.errors import CMoEError
 from cmoe.hf.loading import load_model
 from cmoe.moe.module import MoEFFN
+from cmoe.moe.spec import check_spec
 from conftest import tiny_model, tokens
 
 SPEC = dict(hidden_size=64, expert_width=32, shared=1, active=1, experts=4, act="silu", gated=True, bias=False)

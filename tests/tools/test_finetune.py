@@ -58,7 +58,7 @@ def test_merged_lora_gives_the_logits_of_the_unmerged_model(carved):
 
 
 def test_resume_continues_from_the_saved_step(carved, tmp_path, monkeypatch):
-    real_loss = finetune_module._loss
+    real_loss = finetune_module.training_loss
     calls = []
 
     def stop_after_six(*args):
@@ -67,7 +67,7 @@ def test_resume_continues_from_the_saved_step(carved, tmp_path, monkeypatch):
         calls.append(1)
         return real_loss(*args)
 
-    monkeypatch.setattr(finetune_module, "_loss", stop_after_six)
+    monkeypatch.setattr(finetune_module, "training_loss", stop_after_six)
     with pytest.raises(KeyboardInterrupt):
         finetune(copy.deepcopy(carved), byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN,
                  progress=False)
@@ -77,7 +77,7 @@ def test_resume_continues_from_the_saved_step(carved, tmp_path, monkeypatch):
                  progress=False)
 
     calls.clear()
-    monkeypatch.setattr(finetune_module, "_loss", lambda *a: (calls.append(1), real_loss(*a))[1])
+    monkeypatch.setattr(finetune_module, "training_loss", lambda *a: (calls.append(1), real_loss(*a))[1])
     summary = finetune(copy.deepcopy(carved), byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN,
                        resume=True, progress=False)
     assert len(calls) == 8  # steps 5..12: the checkpoint was written after step 4
@@ -266,13 +266,13 @@ def test_distillation_kl_under_bfloat16_autocast_sums_in_float32():
 
 def test_precision_sets_autocast_for_the_training_steps(carved, tmp_path, monkeypatch):
     autocast_in_steps = []
-    real_loss = finetune_module._loss
+    real_loss = finetune_module.training_loss
 
     def record(*args):
         autocast_in_steps.append(torch.is_autocast_enabled("cpu"))
         return real_loss(*args)
 
-    monkeypatch.setattr(finetune_module, "_loss", record)
+    monkeypatch.setattr(finetune_module, "training_loss", record)
     for precision in ("bfloat16", "float32"):
         summary = finetune(copy.deepcopy(carved), byte_tokenizer(), _config(samples=4, precision=precision),
                            tmp_path / precision, calibration_ids=PATTERN, progress=False)

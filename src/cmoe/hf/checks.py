@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 
 from cmoe.errors import CMoEError
-from cmoe.moe.spec import check_spec  # noqa: F401  (checks of a folder start with its spec)
-
-_REDO = "the folder was edited or damaged; carve the model again (or restore the folder)"
+from cmoe.moe.spec import REDO, MoESpec
 
 
 def read_config(folder: Path) -> dict:
@@ -26,9 +24,9 @@ def read_config(folder: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CMoEError(f"{path} cannot be read as JSON ({type(error).__name__}); {_REDO}.") from error
+        raise CMoEError(f"{path} cannot be read as JSON ({type(error).__name__}); {REDO}.") from error
     if not isinstance(config, dict):
-        raise CMoEError(f"{path} holds no JSON object; {_REDO}.")
+        raise CMoEError(f"{path} holds no JSON object; {REDO}.")
     return config
 
 
@@ -37,7 +35,7 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     file is as long as its header says (a truncated copy fails here, not halfway through loading)."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
-        raise CMoEError(f"{folder} has no .safetensors weights; {_REDO}.")
+        raise CMoEError(f"{folder} has no .safetensors weights; {REDO}.")
     shapes = {}
     for path in files:
         try:
@@ -51,11 +49,11 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
                 raise ValueError("shorter than its header says")
             shapes.update({key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"})
         except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as error:
-            raise CMoEError(f"{path.name} in {folder} is truncated or not a safetensors file ({error}); {_REDO}.") from error
+            raise CMoEError(f"{path.name} in {folder} is truncated or not a safetensors file ({error}); {REDO}.") from error
     return shapes
 
 
-def expected_moe_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
+def expected_moe_shapes(spec: MoESpec) -> dict[str, tuple[int, ...]]:
     """The shape of each tensor an MoE FFN of this spec saves, by its name inside the FFN module."""
     from cmoe.moe.module import MoEFFN
 
@@ -68,10 +66,9 @@ def check_carved_folder(folder) -> dict:
     """Check a carved folder's config and weights against each other without loading them; returns config.json."""
     folder = Path(folder)
     config = read_config(folder)
-    spec = config.get("cmoe")
-    if spec is None:
+    if config.get("cmoe") is None:
         return config  # a dense model: nothing of ours to check
-    check_spec(spec, config.get("hidden_size"))
+    spec = MoESpec.from_dict(config["cmoe"], config.get("hidden_size"))
     shapes = safetensors_shapes(folder)
     expected = expected_moe_shapes(spec)
     anchor = "router.weight" if "router.weight" in expected else next(iter(expected))
@@ -79,17 +76,25 @@ def check_carved_folder(folder) -> dict:
     layers = config.get("num_hidden_layers")
     if not prefixes or (isinstance(layers, int) and len(prefixes) != layers):
         raise CMoEError(f"{folder}'s weights hold {len(prefixes)} MoE layers where config.json describes "
-                        f"{layers}; {_REDO}.")
+                        f"{layers}; {REDO}.")
     for prefix in prefixes:
         for name, shape in expected.items():
             found = shapes.get(prefix + name)
             if found != shape:
                 what = "is missing" if found is None else f"has shape {list(found)}"
                 raise CMoEError(f"{folder}'s weight {prefix + name} {what} where config.json's cmoe section needs "
-                                f"{list(shape)}; {_REDO}.")
+                                f"{list(shape)}; {REDO}.")
     return config
 
 
 def _layer_number(prefix: str) -> int:
     numbers = re.findall(r"\.(\d+)\.", "." + prefix)
     return int(numbers[-1]) if numbers else -1
+
+
+def check_seqlen(model, seqlen: int, flag: str) -> None:
+    """A window may not be longer than the positions the model was built for."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise CMoEError(f"{flag} {seqlen} is longer than the {limit} positions this model was built for; pass "
+                        f"{flag} {limit} or less.")

@@ -101,11 +101,11 @@ def _looks_like_a_path(name: str) -> bool:
 
 
 def _model_type(folder: Path) -> str | None:
-    try:
-        import json
+    from cmoe.hf.checks import read_config
 
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
+    try:
+        return read_config(folder).get("model_type")
+    except CMoEError:
         return None
 
 
@@ -153,6 +153,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     if path.suffix == ".gguf":
         try:
             model, tokenizer = load_gguf(path, dtype)
+            model.name_or_path = str(path)  # the file, not its folder: what a carve records as its source
         except Exception as error:  # noqa: BLE001 - gguf's and transformers' errors for a bad file vary
             raise CMoEError(f"{path} cannot be read as a GGUF model ({type(error).__name__}); it may be truncated or "
                             "of an architecture transformers cannot dequantise, so fetch it again.") from error
@@ -160,6 +161,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         from cmoe.hf.llama2c import load_llama2c, tokenizer_beside
 
         model = load_llama2c(path).to(dtype)
+        model.name_or_path = str(path)  # what a carve records as its source
         tokenizer = tokenizer_beside(path, model.config.vocab_size)
     else:
         if path.exists() and not (path / "config.json").is_file():

@@ -28,11 +28,11 @@ class CMoEMixin:
     """What a carved model adds to its dense family's class."""
 
     def __init__(self, config, *args, **kwargs):
-        MoESpec.from_dict(config.cmoe, config.hidden_size)  # fails in one sentence on an impossible section
+        spec = MoESpec.from_dict(config.cmoe, config.hidden_size)  # fails in one sentence on an impossible section
         super().__init__(config, *args, **kwargs)
         adapter = adapter_for(config)
         for layer in adapter.layers(self):
-            adapter.install(layer, MoEFFN.from_spec(config.cmoe))
+            adapter.install(layer, MoEFFN.from_spec(spec))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -4,36 +4,35 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import get_type_hints
 
 from transformers.activations import ACT2FN
 
 from cmoe.errors import CMoEError
 
-_REDO = "the folder was edited or damaged; carve the model again (or restore the folder)"
-SPEC_TYPES = dict(hidden_size=int, expert_width=int, shared=int, active=int, experts=int, act=str, gated=bool,
-                  bias=bool)
+REDO = "the folder was edited or damaged; carve the model again (or restore the folder)"
 
 
 def check_spec(spec, hidden_size: int | None = None) -> None:
     """Raise CMoEError unless `spec` (a carved config's `cmoe` section) describes an MoE FFN that can exist."""
     if not isinstance(spec, dict):
-        raise CMoEError(f"config.json's cmoe section is {type(spec).__name__}, not a table of the experts; {_REDO}.")
-    for key, kind in SPEC_TYPES.items():
+        raise CMoEError(f"config.json's cmoe section is {type(spec).__name__}, not a table of the experts; {REDO}.")
+    for key, kind in get_type_hints(MoESpec).items():
         value = spec.get(key)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CMoEError(f"config.json's cmoe.{key} is {value!r}, not {kind.__name__}; {_REDO}.")
+            raise CMoEError(f"config.json's cmoe.{key} is {value!r}, not {kind.__name__}; {REDO}.")
     experts, shared, active = spec["experts"], spec["shared"], spec["active"]
     routed = experts - shared
     if spec["hidden_size"] < 1 or spec["expert_width"] < 1 or experts < 1 or not 0 <= shared <= experts:
         raise CMoEError(f"config.json's cmoe section has impossible sizes (hidden_size {spec['hidden_size']}, expert_width "
-                        f"{spec['expert_width']}, {shared} shared of {experts} experts); {_REDO}.")
+                        f"{spec['expert_width']}, {shared} shared of {experts} experts); {REDO}.")
     if (routed and not 1 <= active <= routed) or (not routed and active != 0):
-        raise CMoEError(f"config.json's cmoe section asks for {active} active experts of {routed} routed; {_REDO}.")
+        raise CMoEError(f"config.json's cmoe section asks for {active} active experts of {routed} routed; {REDO}.")
     if spec["act"] not in ACT2FN:
-        raise CMoEError(f"config.json's cmoe.act {spec['act']!r} is no activation transformers knows; {_REDO}.")
+        raise CMoEError(f"config.json's cmoe.act {spec['act']!r} is no activation transformers knows; {REDO}.")
     if hidden_size is not None and spec["hidden_size"] != hidden_size:
         raise CMoEError(f"config.json's cmoe.hidden_size {spec['hidden_size']} differs from the model's {hidden_size}; "
-                        f"{_REDO}.")
+                        f"{REDO}.")
 
 
 @dataclass(frozen=True)

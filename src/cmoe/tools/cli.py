@@ -226,18 +226,11 @@ def _device(name: str | None) -> str | None:
 
 
 def _check_json_destination(path: str | None) -> None:
-    """--json FILE: fail before the work if FILE cannot be written (its folder is made when it is)."""
-    if path is None:
-        return
-    from cmoe.errors import CMoEError
-    from cmoe.run_folder import _existing_ancestor
+    """--json FILE: fail before the work if FILE cannot be written."""
+    if path is not None:
+        from cmoe.run_folder import check_writable_file
 
-    target = Path(path)
-    if target.is_dir():
-        raise CMoEError(f"--json {path} is a folder; give a file name, e.g. {target / 'results.json'}.")
-    ancestor = _existing_ancestor(target.parent)
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CMoEError(f"--json {path} cannot be written: {ancestor} is not a writable folder.")
+        check_writable_file(path, "--json")
 
 
 def _write_json(path: str | None, report: dict) -> None:
@@ -246,23 +239,12 @@ def _write_json(path: str | None, report: dict) -> None:
         Path(path).write_text(json.dumps(report, indent=2))
 
 
-def _check_seqlen(model, seqlen: int, flag: str) -> None:
-    """A window may not be longer than the positions the model was built for."""
-    from cmoe.errors import CMoEError
-
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if isinstance(limit, int) and seqlen > limit:
-        raise CMoEError(f"{flag} {seqlen} is longer than the {limit} positions this model was built for; pass "
-                        f"{flag} {limit} or less.")
-
-
 def cmd_carve(args) -> dict:
     import cmoe
     from cmoe.data import calibration_tokens
     from cmoe.errors import CMoEError
+    from cmoe.hf.checks import check_seqlen
     from cmoe.hf.loading import load_model
-
-    from cmoe.hf.loading import source_record
     from cmoe.run_folder import check_writable_destination
 
     overrides = dict(preset=args.preset, seed=args.seed, k_act=args.k_act)
@@ -283,13 +265,12 @@ def cmd_carve(args) -> dict:
     if tokenizer is None:
         raise CMoEError(f"{args.model} has no tokenizer that cmoe can load (for a llama2.c .bin, put its tok<vocab>.bin "
                         "beside it); carve it from Python with token ids.")
-    _check_seqlen(model, args.calib_seqlen, "--calib-seqlen")
+    check_seqlen(model, args.calib_seqlen, "--calib-seqlen")
     calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed, args.data_dir)
     started = time.perf_counter()
     moe = cmoe.carve_(model, config, calibration, device=device,
                      calibration_source=f"{args.calib} ({args.calib_samples}x{args.calib_seqlen}, seed {args.seed})")
     seconds = time.perf_counter() - started
-    moe.config.cmoe["record"].update(source_record(args.model))
     moe.save_pretrained(out, tokenizer=tokenizer)
     layers = moe.carve_record["layers"]
     summary = dict(config=config.name, preset=config.preset, seconds=round(seconds, 1), output=str(out))
@@ -305,10 +286,10 @@ def cmd_carve(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from cmoe.errors import CMoEError
-    from cmoe.tools.perplexity import evaluate_perplexity
+    from cmoe.hf.checks import check_seqlen
     from cmoe.hf.loading import load_model
+    from cmoe.tools.perplexity import evaluate_perplexity
     from cmoe.tools.report import table, task_table
-
     from cmoe.tools.zeroshot import parse_tasks
 
     tasks = parse_tasks(args.tasks)
@@ -325,7 +306,7 @@ def cmd_eval(args) -> dict:
     if tokenizer is None:
         raise CMoEError(f"{args.model} has no tokenizer that cmoe can load, so its text cannot be scored.")
     if args.ppl:
-        _check_seqlen(model, args.seqlen, "--seqlen")
+        check_seqlen(model, args.seqlen, "--seqlen")
     report = dict(model=args.model)
     if args.ppl:
         results = evaluate_perplexity(model, tokenizer, args.ppl, args.seqlen, args.max_windows, args.data_dir)
@@ -364,12 +345,11 @@ def cmd_sweep(args) -> dict:
 
 def cmd_finetune(args) -> dict:
     from cmoe.errors import CMoEError
-    from cmoe.tools.finetune import FinetuneConfig, finetune
+    from cmoe.hf.checks import check_seqlen
+    from cmoe.hf.loading import load_model, load_source
     from cmoe.hf.modeling import is_carved
-    from cmoe.hf.loading import load_model
-
-    from cmoe.hf.loading import load_source
     from cmoe.run_folder import check_writable_destination
+    from cmoe.tools.finetune import FinetuneConfig, finetune
 
     out = check_writable_destination(args.output, args.overwrite)
     config = FinetuneConfig(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
@@ -385,7 +365,7 @@ def cmd_finetune(args) -> dict:
         raise CMoEError(f"{args.model} is a dense model; carve it first (cmoe carve), then fine-tune the carved folder.")
     if tokenizer is None:
         raise CMoEError(f"{args.model} has no tokenizer that cmoe can load, so its training text cannot be read.")
-    _check_seqlen(model, args.seqlen, "--seqlen")
+    check_seqlen(model, args.seqlen, "--seqlen")
     teacher = None
     if args.loss == "distill":
         teacher, _ = (load_model(args.teacher, device=device) if args.teacher else
@@ -408,14 +388,13 @@ def cmd_bench(args) -> dict:
     import torch
 
     from cmoe.errors import CMoEError
+    from cmoe.hf.checks import check_seqlen
+    from cmoe.hf.loading import load_model, load_source
     from cmoe.hf.modeling import is_carved
-    from cmoe.hf.loading import load_model
     from cmoe.moe.module import GPU
+    from cmoe.tools.bench import keep_freed_memory, run_benchmark
     from cmoe.tools.provenance import machine
     from cmoe.tools.report import bench_table
-    from cmoe.tools.bench import keep_freed_memory, run_benchmark
-
-    from cmoe.hf.loading import load_source
 
     unknown = [mode for mode in args.mode if mode not in ("prefill", "decode")]
     if unknown or not args.mode:
@@ -429,11 +408,11 @@ def cmd_bench(args) -> dict:
     carved, _ = load_model(args.model, _dtype(args.dtype), device)
     if not is_carved(carved):
         raise CMoEError(f"{args.model} is a dense model; bench a carved folder (cmoe carve) and pass the dense one as --against.")
-    _check_seqlen(carved, args.seqlen, "--seqlen")
+    check_seqlen(carved, args.seqlen, "--seqlen")
     dense, _ = (load_model(args.against, _dtype(args.dtype), device) if args.against else
                 load_source(carved.carve_record, "--against DENSE", _dtype(args.dtype), device))
-    _check_same_shape(carved, dense, args.against or carved.carve_record.get("source"))
     source = args.against or carved.carve_record.get("source")
+    _check_same_shape(carved, dense, source)
     rows = run_benchmark(carved.eval(), dense.eval(), args.mode, args.batch, args.seqlen, args.repeats)
     print(bench_table(rows))
     report = dict(model=args.model, against=source, device=str(next(carved.parameters()).device), dtype=args.dtype,

@@ -28,7 +28,6 @@ from cmoe.moe.module import MoEFFN, Router
 from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder, write_atomically
 from cmoe.tools.losses import training_loss
 
-_loss = training_loss  # the step's loss (a name of this module, so a test can watch it)
 CHECKPOINT = "checkpoint.pt"
 EXPERT_PARAMETERS = ["shared.gate_up_proj", "shared.down_proj", "experts.gate_up_proj", "experts.down_proj"]
 
@@ -215,7 +214,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
             done = (state["epoch"] * len(windows) + state["step"]) / total
             _set_learning_rates(optimizer, config, share_done(done, state["seconds"], config.max_minutes))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-                loss = _loss(student, teacher, batch, config)
+                loss = training_loss(student, teacher, batch, config)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

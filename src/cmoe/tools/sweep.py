@@ -18,6 +18,7 @@ import torch
 
 from cmoe.core.config import CarveConfig
 from cmoe.errors import CMoEError
+from cmoe.hf.checks import check_seqlen
 from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder, publish, write_atomically
 from cmoe.tools.provenance import machine
 from cmoe.version import __version__
@@ -62,11 +63,8 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
     dense, tokenizer = load_model(plan.model, device=plan.device)
     if tokenizer is None:
         raise CMoEError(f"{plan.model} has no tokenizer that cmoe can load, so it cannot be evaluated.")
-    limit = getattr(dense.config, "max_position_embeddings", None)
-    for flag, seqlen in (("--seqlen", plan.seqlen), ("--calib-seqlen", plan.calib_seqlen)):
-        if isinstance(limit, int) and seqlen > limit:
-            raise CMoEError(f"{flag} {seqlen} is longer than the {limit} positions this model was built for; pass "
-                            f"{flag} {limit} or less.")
+    check_seqlen(dense, plan.seqlen, "--seqlen")
+    check_seqlen(dense, plan.calib_seqlen, "--calib-seqlen")
     work = _work_folder(output, plan)
     names = ["dense"] + plan.configs
     runs = work / "runs"
