@@ -14,10 +14,10 @@ from cmoe.moe.module import MoEFFN, _row_hidden
 
 
 def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32,
-               width=8, std=0.5):
+               width=8, std=0.5, router="representative", output_bias=False):
     torch.manual_seed(seed)
     moe = MoEFFN(hidden_size=hidden, expert_width=width, shared=shared, routed=routed, top_k=top_k, act=act, gated=gated,
-                 bias=bias)
+                 bias=bias, router=router, output_bias=output_bias)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(std=std)
@@ -42,7 +42,11 @@ CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh"), dict(act="gelu", gated
          # whole vector steps (16 or 32 lanes), and 40 = 32 + 8: a tail; smaller weights keep the sums near 1
          dict(act="silu", hidden=160, width=40, std=0.2),
          # AMX tiles (16 rows, 32 deep): gate/up rows in whole tiles, down rows 2 tiles and 8 more
-         dict(act="silu", hidden=64, width=24, std=0.2), dict(act="silu", hidden=40, width=32, std=0.2)]
+         dict(act="silu", hidden=64, width=24, std=0.2), dict(act="silu", hidden=40, width=32, std=0.2),
+         # the fitted preset's layouts: a linear router, many narrow experts, an output bias
+         dict(act="silu", router="linear"), dict(act="silu", router="linear", shared=0, output_bias=True),
+         dict(act="gelu", gated=False, bias=True, router="linear"),
+         dict(act="silu", router="linear", routed=48, top_k=2, width=2, std=0.2)]
 
 
 @pytest.fixture(params=[(True, True), (False, True), (False, False)],
@@ -171,7 +175,7 @@ def with_the_pytorch_path(moe, x, monkeypatch):
         monkeypatch.delenv("CMOE_CPU_KERNEL")
 
 
-PREFILL_CASES = CASES + [dict(act="silu", top_k=3, routed=4)]
+PREFILL_CASES = CASES + [dict(act="silu", top_k=3, routed=4), dict(act="silu", router="linear", routed=48, top_k=20, width=2)]
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))

@@ -34,6 +34,12 @@ def ffn_activations(x: torch.Tensor, ffn: FFNWeights, activation: str = "real") 
     return hidden, (act(gate_cos) * up_cos).abs_()
 
 
+def fluctuation(hidden: torch.Tensor, ffn: FFNWeights) -> torch.Tensor:
+    """FLAP's fluctuation of each neuron over the tokens [I]: the variance of its output, var(h) x |down column|^2.
+    A neuron with little of it is well replaced by its mean output."""
+    return hidden.var(dim=0) * ffn.down.float().pow(2).sum(dim=0)
+
+
 def activation_marks(scores: torch.Tensor, k_act: int) -> torch.Tensor:
     """For each token (row), mark the k_act neurons with the largest score: bool [T, I]."""
     top = scores.topk(k_act, dim=-1).indices

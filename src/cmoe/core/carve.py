@@ -6,15 +6,16 @@ import time
 
 import torch
 
-from cmoe.core.activations import activation_marks, activation_rate, ffn_activations
+from cmoe.core.activations import activation_marks, activation_rate, ffn_activations, fluctuation
 from cmoe.core.calibration import replace_ffns
 from cmoe.core.config import CarveConfig
-from cmoe.core.grouping import group_neurons
-from cmoe.core.router_fit import balance_selection_bias, expert_load, fill_router, imbalance
+from cmoe.core.grouping import group_neurons, static_groups
+from cmoe.core.router_fit import balance_selection_bias, expert_load, fill_router, fit_linear_router, imbalance
 from cmoe.errors import CMoEError
 from cmoe.hf.adapters import FFNWeights, adapter_for
 from cmoe.hf.modeling import carved_config, is_carved
 from cmoe.moe.module import MoEFFN
+from cmoe.moe.compute import layer_costs, share
 from cmoe.moe.spec import MoESpec
 from cmoe.version import __version__
 
@@ -33,6 +34,7 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
         raise CMoEError("This model is already carved; carve the dense model it came from.")
     calibration = _check_calibration(calibration)
     first = adapter.read(adapter.layers(model)[0], model.config)
+    config = config.for_ffn(first.width, 3 if first.gated else 2)
     expert_width = config.expert_width(first.width)  # fails early on a width the experts cannot split
     k_act = config.resolved_k_act(first.width)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -47,15 +49,17 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
     seconds = time.perf_counter() - started
 
     spec = MoESpec(hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared,
-                   active=config.active, experts=config.experts, act=first.act, gated=first.gated,
-                   bias=first.up_bias is not None)
+                   active=config.active, experts=config.experts - config.dropped, act=first.act, gated=first.gated,
+                   bias=first.up_bias is not None, router=config.router, output_bias=config.compensate)
     section = dict(
         spec.to_dict(),
         record=dict(
             cmoe_version=__version__, **_source(model), config=config.to_dict(),
             name=config.name, k_act=k_act,
             calibration=dict(source=calibration_source, samples=calibration.shape[0], seqlen=calibration.shape[1]),
-            carve_seconds=round(seconds, 2), layers=layer_records,
+            carve_seconds=round(seconds, 2), ffn_width=first.width,
+            ffn_compute=round(sum(layer["ffn_compute"] for layer in layer_records) / len(layer_records), 4),
+            layers=layer_records,
         ),
     )
     model.config, model.__class__ = carved_config(model.config, section)
@@ -84,19 +88,35 @@ def _check_calibration(calibration) -> torch.Tensor:
 def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int, expert_width: int):
     """Carve one FFN from its calibration inputs x [T, H]: the filled `MoEFFN`, what to record of it, and
     its output on x [T, H] (computed from the dense hidden activation, which it equals while gates are 1)."""
-    hidden, scores = ffn_activations(x, ffn, config.activation)
-    marks = activation_marks(scores, k_act)
+    if config.dropped:  # static: the neurons to keep, ranked over all tokens
+        hidden, scores = ffn_activations(x, ffn, "real" if config.activation == "fluctuation" else config.activation)
+        ranking = fluctuation(hidden, ffn) if config.activation == "fluctuation" else scores.mean(0)
+        groups = static_groups(ranking, config.shared * expert_width, expert_width)
+        rate = ranking / ranking.max().clamp_min(1e-30)
+    else:
+        hidden, scores = ffn_activations(x, ffn, config.activation)
+        marks = activation_marks(scores, k_act)
+        rate = activation_rate(marks)
+        groups = group_neurons(marks, rate, config)
     del scores
-    rate = activation_rate(marks)
-    groups = group_neurons(marks, rate, config)
-    moe = MoEFFN.from_dense(ffn, groups.shared, groups.routed, config.active)
+    moe = MoEFFN.from_dense(ffn, groups.shared, groups.routed, config.active, config.router, config.compensate)
     record = dict(shared_neurons=groups.shared.tolist(), routed_neurons=groups.routed.tolist(),
                   representatives=groups.representatives.tolist(), kmeans_iterations=groups.iterations,
                   activation_rate=[round(r, 5) for r in rate.tolist()])
     keep = torch.zeros(hidden.shape, dtype=torch.bool, device=hidden.device)  # the neurons each token uses
     keep[:, groups.shared] = True
-    if moe.router is not None:
+    compensation = None
+    if config.compensate:
+        left_out = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
+        left_out[groups.shared] = False
+        left_out[groups.routed.reshape(-1).to(hidden.device)] = False
+        compensation = hidden[:, left_out].mean(0) @ ffn.down[:, left_out].float().T
+        moe.down_bias.data += compensation.to(moe.down_bias.dtype)
+    if moe.router is not None and config.router == "linear":
+        record.update(router_fit=fit_linear_router(moe.router, x, hidden, ffn.down, groups.routed))
+    elif moe.router is not None:
         fill_router(moe.router, ffn, groups.representatives, config.normalise_router)
+    if moe.router is not None:
         probs = moe.router.probabilities(x.to(ffn.up.dtype))
         before = expert_load(probs, moe.router.selection_bias, config.active)
         if config.balance:
@@ -107,7 +127,11 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
                       selection_bias=moe.router.selection_bias.tolist())
         chosen = moe.router(x.to(ffn.up.dtype))[1]  # [T, k]
         keep.scatter_(1, groups.routed.to(x.device)[chosen].reshape(len(x), -1), True)
+    slots = 0 if moe.router is None else len(x) * moe.router.top_k
+    record["ffn_compute"] = round(share(*layer_costs(moe, ffn.width), len(x), slots), 4)
     out = (hidden * keep) @ ffn.down.float().T
     if ffn.down_bias is not None:
         out += ffn.down_bias.float()
+    if compensation is not None:
+        out += compensation
     return moe, record, out.to(x.dtype)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from cmoe.errors import CMoEError
 
@@ -21,6 +21,22 @@ PRESETS: dict[str, dict] = {
         normalise_router=False,
         balance=True,
     ),
+    # Issue 25's method: finer experts grouped by what neurons add to the output, and a linear router fitted
+    # in closed form to each expert's output norm (BENCHMARKS.md, "Carving to a budget"). Meant for --budget.
+    "fitted": dict(
+        activation="contribution",  # |h| x the norm of the neuron's down column
+        mark_share=0.25,  # a token marks the quarter of the neurons that add most to its output
+        distance="l2",
+        max_iters=10,
+        router="linear",
+        normalise_router=False,
+        balance=False,
+    ),
+    # FFN-only structured pruning, the baseline a user would otherwise pick: the neurons whose output varies
+    # most over the calibration tokens (FLAP's fluctuation) always on, the rest left out, their mean output
+    # folded into a bias. Nothing routed.
+    "static": dict(activation="fluctuation", compensate=True, k_act=10, distance="l2", max_iters=0, normalise_router=False,
+                   balance=False),
     # The path the official code takes, kept for honest comparison.
     "reference": dict(
         activation="cosine",  # |h| profiled with unit-length inputs and weight rows
@@ -32,7 +48,14 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-ACTIVATIONS = ("real", "cosine", "contribution")
+ACTIVATIONS = ("real", "cosine", "contribution", "fluctuation")
+ROUTERS = ("representative", "linear")
+# A budget splits the FFN into up to this many equal slices: fewer where the width has no such divisor, or
+# where the router (a row per routed slice) would cost more than ROUTER_SHARE of the dense FFN.
+# (never fewer than MIN_SLICES where the width allows: the router of a tiny FFN costs more).
+BUDGET_SLICES = 64
+ROUTER_SHARE = 0.02
+MIN_SLICES = 8
 
 _NAME = re.compile(r"^S(\d+)A(\d+)E(\d+)$", re.IGNORECASE)
 
@@ -42,15 +65,22 @@ class CarveConfig:
     """How to carve: `shared` always-on experts, `active` routed experts per token, `experts` in all.
 
     `S3A3E8` is `CarveConfig(shared=3, active=3, experts=8)`: 6 of 8 equal slices of the FFN run per token.
+    `CarveConfig(budget=0.5)` leaves the layout to the preset (`fitted` unless named): the most FFN slices
+    whose compute, router included, fits in half the dense FFN's (`for_ffn` fills it in once the FFN is known).
+    The `static` preset keeps `shared` of `experts` slices and leaves the rest out (`active` 0).
     Fields left as None take the preset's value.
     """
 
-    shared: int = 3
-    active: int = 3
-    experts: int = 8
-    preset: str = "paper"
-    activation: str | None = None  # what profiling ranks neurons by: "cosine", "real" or "contribution"
+    shared: int | None = None  # default 3 (with a budget: the preset's layout)
+    active: int | None = None  # default 3
+    experts: int | None = None  # default 8
+    preset: str | None = None  # default: "fitted" with a budget, else "paper"
+    budget: float | None = None  # share of the dense FFN's multiply-adds a token may use; sets the layout
+    activation: str | None = None  # what profiling ranks neurons by: one of ACTIVATIONS
     k_act: int | None = None  # neurons marked per token when profiling
+    mark_share: float | None = None  # or: that share of the FFN's neurons marked per token (overrides k_act)
+    router: str | None = None  # "representative" (the paper's) or "linear" (fitted)
+    compensate: bool | None = None  # fold the left-out neurons' mean output into an output bias
     distance: str | None = None  # "l2" or "l1" between activation patterns
     max_iters: int | None = None
     normalise_router: bool | None = None
@@ -59,11 +89,39 @@ class CarveConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.preset is None:
+            self.preset = "fitted" if self.budget is not None else "paper"
         if self.preset not in PRESETS:
             raise CMoEError(f"Unknown preset {self.preset!r}; use one of {', '.join(PRESETS)}.")
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        self.router = self.router or "representative"
+        self.compensate = bool(self.compensate)
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise CMoEError(f"budget must lie in (0, 1], the share of the dense FFN's compute, got {self.budget}; "
+                            "use e.g. --budget 0.5.")
+        if self.router not in ROUTERS:
+            raise CMoEError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}.")
+        if self.mark_share is not None and not 0 < self.mark_share <= 1:
+            raise CMoEError(f"mark_share must lie in (0, 1], got {self.mark_share}.")
+        if self.activation not in ACTIVATIONS:
+            raise CMoEError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}.")
+        if self.activation == "fluctuation" and self.preset != "static":
+            raise CMoEError("activation 'fluctuation' ranks neurons over all tokens, which only the static preset does; "
+                            "use real, cosine or contribution.")
+        if self.distance not in ("l1", "l2"):
+            raise CMoEError(f"distance must be 'l1' or 'l2', got {self.distance!r}.")
+        counts = (self.shared, self.active, self.experts)
+        if self.budget is None:
+            self.shared, self.active, self.experts = (default if v is None else v for v, default in zip(counts, (3, 3, 8)))
+        elif any(v is None for v in counts) and any(v is not None for v in counts):
+            raise CMoEError("Give a budget or the expert counts (shared, active, experts), not both; the budget "
+                            "lets the preset choose them.")
+        if self.laid_out:
+            self._check_layout()
+
+    def _check_layout(self):
         if self.experts < 1 or self.shared < 0 or self.active < 0:
             raise CMoEError(f"Expert counts must be positive, got {self.name}; use e.g. --shared 3 --active 3 --experts 8.")
         if self.shared + self.active > self.experts:
@@ -71,20 +129,58 @@ class CarveConfig:
                 f"{self.name} asks for {self.shared} shared + {self.active} active experts but only {self.experts} exist; "
                 "make shared + active at most experts."
             )
-        if self.active == 0 and self.shared < self.experts:
+        if self.preset == "static" and self.active:
+            raise CMoEError(f"The static preset routes nothing, but {self.name} asks for {self.active} active experts; "
+                            "give --budget, or --shared and --experts with --active 0.")
+        if self.active == 0 and self.shared < self.experts and self.preset != "static":
             raise CMoEError(f"{self.name} routes to no expert; set --active to at least 1.")
-        if self.activation not in ACTIVATIONS:
-            raise CMoEError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}.")
-        if self.distance not in ("l1", "l2"):
-            raise CMoEError(f"distance must be 'l1' or 'l2', got {self.distance!r}.")
+
+    @property
+    def laid_out(self) -> bool:
+        """Whether the expert counts are known (a budget's are filled in by `for_ffn`)."""
+        return self.experts is not None
 
     @property
     def name(self) -> str:
+        if not self.laid_out:
+            return f"budget {self.budget:g}"
         return f"S{self.shared}A{self.active}E{self.experts}"
 
     @property
+    def dropped(self) -> int:
+        """Slices left out altogether (the static preset)."""
+        return self.experts - self.shared if self.preset == "static" else 0
+
+    @property
     def routed(self) -> int:
-        return self.experts - self.shared
+        return self.experts - self.shared - self.dropped
+
+    def for_ffn(self, ffn_width: int, projections: int) -> "CarveConfig":
+        """This config with the layout its budget gives for an FFN of `ffn_width` neurons and `projections`
+        weight matrices (3 gated, 2 plain); itself when it has no budget."""
+        if self.budget is None:
+            return self
+        most = max(MIN_SLICES, min(BUDGET_SLICES, int(ROUTER_SHARE * projections * ffn_width)))
+        slices = max(d for d in range(1, most + 1) if ffn_width % d == 0)
+        if self.preset == "static":
+            kept = min(slices, max(1, round(self.budget * slices)))
+            return replace(self, shared=kept, active=0, experts=slices)
+        if self.budget >= 1:
+            total = slices
+        else:  # the most slices whose cost, router included, fits the budget
+            fits = [t for t in range(slices, 0, -1)
+                    if t / slices + self.router_cost(slices - t // 4, ffn_width, projections) <= self.budget + 1e-9]
+            if not fits:
+                cheapest = 1 / slices + self.router_cost(slices, ffn_width, projections)
+                raise CMoEError(f"A budget of {self.budget:g} is below the cheapest layout of this {ffn_width}-neuron FFN "
+                                f"({cheapest:.3f}: one of {slices} slices and the router); raise --budget.")
+            total = fits[0]
+        return replace(self, shared=total // 4, active=total - total // 4, experts=slices)
+
+    def router_cost(self, routed: int, ffn_width: int, projections: int) -> float:
+        """The router's multiply-adds per token over the dense FFN's."""
+        rows = routed * (2 if self.router == "representative" and projections == 3 else 1)
+        return rows / (projections * ffn_width)
 
     @property
     def active_fraction(self) -> float:
@@ -108,7 +204,8 @@ class CarveConfig:
         return ffn_width // self.experts
 
     def resolved_k_act(self, ffn_width: int) -> int:
-        k_act = min(self.k_act, ffn_width)  # tiny test models can be narrower than k_act
+        k_act = round(self.mark_share * ffn_width) if self.mark_share is not None else self.k_act
+        k_act = min(k_act, ffn_width)  # tiny test models can be narrower than k_act
         if k_act < 1:
             raise CMoEError(f"k_act={k_act} must lie between 1 and the FFN width {ffn_width}.")
         return k_act

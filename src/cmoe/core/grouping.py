@@ -110,6 +110,13 @@ def _centres(patterns: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tens
     return (patterns @ one_hot.T).T / one_hot.sum(1)[:, None]
 
 
+def static_groups(ranking: torch.Tensor, kept: int, expert_width: int) -> ExpertGroups:
+    """The static preset's: the `kept` highest-ranked neurons always on, nothing routed, the rest left out."""
+    shared = torch.sort(ranking, descending=True, stable=True).indices[:kept].cpu()
+    empty = torch.empty(0, expert_width, dtype=torch.long)
+    return ExpertGroups(shared, empty, torch.empty(0, dtype=torch.long), 0)
+
+
 def group_neurons(marks: torch.Tensor, rate: torch.Tensor, config: CarveConfig) -> ExpertGroups:
     """Shared experts take the top-rate neurons; the rest are clustered into equal routed experts."""
     width = marks.shape[1]

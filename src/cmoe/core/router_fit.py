@@ -54,6 +54,35 @@ def balance_selection_bias(probs: torch.Tensor, top_k: int, steps: int = 300, pa
     return best
 
 
+def expert_output_norms(hidden: torch.Tensor, down: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """The norm of each routed expert's output on each token, [T, E], from the hidden activation [T, I]: per
+    expert |h_e D_e^T|^2 = h_e (D_e^T D_e) h_e^T, through the W x W Gram matrix rather than the H-wide output."""
+    norms = []
+    for neurons in routed.to(hidden.device):
+        column = down[:, neurons].float()
+        h = hidden[:, neurons]
+        norms.append(((h @ (column.T @ column)) * h).sum(-1).clamp_min(0).sqrt())
+    return torch.stack(norms, dim=-1)
+
+
+def fit_linear_router(router: Router, x: torch.Tensor, hidden: torch.Tensor, down: torch.Tensor, routed: torch.Tensor,
+                      ridge: float = 1e-4) -> dict:
+    """Fit the linear router in closed form: ridge regression of each token's expert output norms, scaled to unit
+    length over the experts (only their order matters), on the FFN input [T, H] with an intercept. The ridge
+    is relative to the inputs' mean square. Returns the fit's R^2 on these tokens, for the record."""
+    norms = expert_output_norms(hidden, down, routed)
+    target = norms / norms.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    inputs = torch.cat([x.float(), torch.ones(len(x), 1, device=x.device)], dim=1)
+    gram = (inputs.T @ inputs).double()
+    gram += ridge * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    solution = torch.linalg.solve(gram, (inputs.T @ target).double()).float()  # [H + 1, E]
+    router.weight.data.copy_(solution[:-1].T)
+    router.bias.data.copy_(solution[-1])
+    residual = (target - inputs @ solution).detach()
+    r2 = 1 - float(residual.pow(2).sum() / (target - target.mean(0)).detach().pow(2).sum().clamp_min(1e-30))
+    return dict(r2=round(r2, 4))
+
+
 def fill_router(router: Router, ffn: FFNWeights, representatives: torch.Tensor, normalise: bool) -> None:
     rows, bias = router_rows(ffn, representatives, normalise)
     router.weight.data.copy_(rows)

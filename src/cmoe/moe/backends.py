@@ -132,7 +132,8 @@ def triton_pieces(moe, x: torch.Tensor) -> TritonPieces:
     router, experts, shared = fused_router(moe), moe.experts, moe.shared
     known = ACTIVATION_CODES
     return TritonPieces(
-        router=module if GPU.triton_router and router is not None and router.act in known else None,
+        router=(module if GPU.triton_router and router is not None and not router.linear and router.act in known
+                else None),
         experts=module if GPU.triton_experts and experts is not None and getattr(experts, "act", None) in known else None,
         shared=module if GPU.triton_shared and shared is not None and getattr(shared, "act", None) in known else None,
     )
@@ -189,7 +190,7 @@ def can_group(experts, x: torch.Tensor) -> bool:
 
 def cpu_kernel_call(function, x: torch.Tensor, *, shared_gate_up, shared_down, shared_bias, router_weight, router_bias,
                     selection_bias, gate_scale, gates_are_one: bool, gate_up, up_bias, down, down_bias, top_k: int,
-                    act: str, gated: bool) -> torch.Tensor:
+                    act: str, gated: bool, linear_router: bool = False) -> torch.Tensor:
     """One call of a compiled CPU kernel (`moe_decode` or `moe_prefill`), its arguments named."""
     return function(x, shared_gate_up, shared_down, shared_bias, router_weight, router_bias, selection_bias, gate_scale,
-                    gates_are_one, gate_up, up_bias, down, down_bias, top_k, ACTIVATION_CODES[act], gated)
+                    gates_are_one, gate_up, up_bias, down, down_bias, top_k, ACTIVATION_CODES[act], gated, linear_router)

@@ -20,7 +20,7 @@ from cmoe.moe.backends import (  # noqa: F401  (GPU and GPUPaths are part of thi
     cpu_kernel_call, triton_pieces,
 )
 from cmoe.moe.kernels import ACTIVATION_CODES
-from cmoe.moe.spec import MoESpec
+from cmoe.moe.spec import ROUTER_KINDS, MoESpec  # noqa: F401
 
 
 # Plain functions for the common activations: a module call costs microseconds, which decode notices.
@@ -73,28 +73,40 @@ def group_slots(flat: torch.Tensor, num_experts: int, counting: bool | None = No
 
 
 class Router(nn.Module):
-    """Scores each routed expert by its representative neuron: |act(g_r . x) * (u_r . x)|; softmax; top-k.
+    """Scores the routed experts; softmax; top-k. Two kinds of score:
+
+    representative (the paper's): each expert by one of its neurons, |act(g_r . x) * (u_r . x)|; `weight`
+    holds [gate rows; up rows] of the representatives (up rows alone for a plain FFN).
+    linear: w_e . x + b_e, a matrix fitted on calibration tokens to each expert's output norm
+    (`cmoe.core.router_fit.fit_linear_router`); `weight` [E, H], `bias` [E].
 
     `selection_bias` only shifts which experts are chosen (load balancing, DeepSeek-V3 style); the gate
     of a chosen expert is `1 + p * gate_scale`, exactly 1 until `gate_scale` (which starts at 0) is trained.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, act: str, gated: bool, bias: bool):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, act: str, gated: bool, bias: bool,
+                 kind: str = "representative"):
         super().__init__()
-        self.num_experts, self.top_k, self.gated, self.act = num_experts, top_k, gated, act
-        rows = num_experts * (2 if gated else 1)
-        self.weight = nn.Parameter(torch.zeros(rows, hidden_size))  # [gate rows; up rows] of the representatives
-        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        self.num_experts, self.top_k, self.gated, self.act, self.kind = num_experts, top_k, gated, act, kind
+        self.linear = kind == "linear"
+        rows = num_experts * (2 if gated and not self.linear else 1)
+        self.weight = nn.Parameter(torch.zeros(rows, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias or self.linear else None
         self.gate_scale = nn.Parameter(torch.zeros(num_experts))
         self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.count_load = False
         self.act_fn = activation(act)
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Each expert's score before the softmax, [T, E] in x's dtype."""
+        if self.linear:
+            return F.linear(x, self.weight, self.bias)
+        return _hidden(F.linear(x, self.weight), self.num_experts, self.gated, self.act_fn, self.bias).abs()
+
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax of the representative-neuron scores, float32 [T, E]."""
-        score = _hidden(F.linear(x, self.weight), self.num_experts, self.gated, self.act_fn, self.bias)
-        return score.abs().float().softmax(dim=-1)
+        """Softmax of the scores, float32 [T, E]."""
+        return self.scores(x).float().softmax(dim=-1)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router softmax [T, E] and the chosen experts [T, k] (counted when `count_load` is on)."""
@@ -126,8 +138,11 @@ class Router(nn.Module):
 
     def choose_row(self, row: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """Decode on CPU, one token [H]: its chosen experts as Python ints, and their gates (None while all are 1)."""
-        score = _row_hidden(torch.mv(self.weight, row), self.num_experts, self.gated, self.act_fn, self.bias)
-        probs = score.abs_().float().softmax(dim=-1)
+        if self.linear:
+            score = torch.addmv(self.bias, self.weight, row)
+        else:
+            score = _row_hidden(torch.mv(self.weight, row), self.num_experts, self.gated, self.act_fn, self.bias).abs_()
+        probs = score.float().softmax(dim=-1)
         chosen = (probs + self.selection_bias).topk(self.top_k).indices
         if self.gates_are_one():  # training-free: every gate is exactly 1, so skip the product
             return chosen.tolist(), None
@@ -241,13 +256,14 @@ class MoEFFN(nn.Module):
     """Drop-in replacement for a dense FFN: shared experts + routed experts + (plain FFNs) the output bias."""
 
     def __init__(self, hidden_size: int, expert_width: int, shared: int, routed: int, top_k: int, act: str,
-                 gated: bool, bias: bool):
+                 gated: bool, bias: bool, router: str = "representative", output_bias: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
         self.shared = SharedExperts(hidden_size, shared * expert_width, act, gated, bias) if shared else None
-        self.router = Router(hidden_size, routed, top_k, act, gated, bias) if routed else None
+        self.router = Router(hidden_size, routed, top_k, act, gated, bias, router) if routed else None
         self.experts = RoutedExperts(hidden_size, routed, expert_width, act, gated, bias) if routed else None
-        self.down_bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        # the FFN's own output bias, and/or what the carve folds in for the neurons it left out
+        self.down_bias = nn.Parameter(torch.zeros(hidden_size)) if bias or output_bias else None
 
     def align_weights(self, alignment: int = 64) -> None:
         """Copy every parameter whose data does not start on a cache line to one that does.
@@ -262,14 +278,16 @@ class MoEFFN(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_dense(cls, ffn, shared_neurons: torch.Tensor, routed_neurons: torch.Tensor, top_k: int) -> "MoEFFN":
+    def from_dense(cls, ffn, shared_neurons: torch.Tensor, routed_neurons: torch.Tensor, top_k: int,
+                   router: str = "representative", output_bias: bool = False) -> "MoEFFN":
         """The MoE FFN made of a dense FFN's neurons: `ffn` holds its weights (`cmoe.hf.adapters.FFNWeights`:
         up [I, H], down [H, I], gate [I, H] or None, up_bias, down_bias, act), `shared_neurons` [S * W] the
         always-on neurons, `routed_neurons` [E, W] each routed expert's; `top_k` experts a token. Router rows
-        are left at zero (cmoe.core.router_fit fills them); on the weights' device, in their dtype."""
+        are left at zero (cmoe.core.router_fit fills them), as is the `output_bias` where asked for; on the
+        weights' device, in their dtype."""
         width = routed_neurons.shape[1]  # [0, W] where every expert is shared
         moe = cls(ffn.up.shape[1], width, len(shared_neurons) // width, routed_neurons.shape[0], top_k, ffn.act,
-                  ffn.gated, ffn.up_bias is not None).to(device=ffn.up.device, dtype=ffn.up.dtype)
+                  ffn.gated, ffn.up_bias is not None, router, output_bias).to(device=ffn.up.device, dtype=ffn.up.dtype)
 
         def input_rows(neurons):  # [gate; up] rows of these neurons (up rows alone for a plain FFN)
             rows = ffn.up[neurons]
@@ -294,7 +312,7 @@ class MoEFFN(nn.Module):
         """An empty module of this spec (a `MoESpec`, or a config's `cmoe` section, checked first)."""
         spec = spec if isinstance(spec, MoESpec) else MoESpec.from_dict(spec)
         return cls(spec.hidden_size, spec.expert_width, spec.shared, spec.routed, spec.active, spec.act, spec.gated,
-                   spec.bias)
+                   spec.bias, spec.router, spec.output_bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -345,7 +363,7 @@ class MoEFFN(nn.Module):
             router_weight=r["weight"], router_bias=r.get("bias"), selection_bias=router._buffers["selection_bias"],
             gate_scale=r["gate_scale"], gates_are_one=router.gates_are_one(), gate_up=e["gate_up_proj"],
             up_bias=e.get("up_bias"), down=e["down_proj"], down_bias=self._parameters.get("down_bias"),
-            top_k=router.top_k, act=router.act, gated=experts.gated)
+            top_k=router.top_k, act=router.act, gated=experts.gated, linear_router=router.linear)
 
     def _decode_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The decode step in PyTorch operations: the fallback of the compiled kernel, and its reference."""

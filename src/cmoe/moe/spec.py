@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import get_type_hints
 
 from transformers.activations import ACT2FN
 
 from cmoe.errors import CMoEError
 
+ROUTER_KINDS = ("representative", "linear")  # see cmoe.moe.module.Router
 REDO = "the folder was edited or damaged; carve the model again (or restore the folder)"
 
 
@@ -17,8 +18,9 @@ def check_spec(spec, hidden_size: int | None = None) -> None:
     """Raise CMoEError unless `spec` (a carved config's `cmoe` section) describes an MoE FFN that can exist."""
     if not isinstance(spec, dict):
         raise CMoEError(f"config.json's cmoe section is {type(spec).__name__}, not a table of the experts; {REDO}.")
+    defaults = {field.name: field.default for field in fields(MoESpec) if field.default is not MISSING}
     for key, kind in get_type_hints(MoESpec).items():
-        value = spec.get(key)
+        value = spec.get(key, defaults.get(key))
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise CMoEError(f"config.json's cmoe.{key} is {value!r}, not {kind.__name__}; {REDO}.")
     experts, shared, active = spec["experts"], spec["shared"], spec["active"]
@@ -28,6 +30,8 @@ def check_spec(spec, hidden_size: int | None = None) -> None:
                         f"{spec['expert_width']}, {shared} shared of {experts} experts); {REDO}.")
     if (routed and not 1 <= active <= routed) or (not routed and active != 0):
         raise CMoEError(f"config.json's cmoe section asks for {active} active experts of {routed} routed; {REDO}.")
+    if spec.get("router", "representative") not in ROUTER_KINDS:
+        raise CMoEError(f"config.json's cmoe.router {spec['router']!r} is none of {', '.join(ROUTER_KINDS)}; {REDO}.")
     if spec["act"] not in ACT2FN:
         raise CMoEError(f"config.json's cmoe.act {spec['act']!r} is no activation transformers knows; {REDO}.")
     if hidden_size is not None and spec["hidden_size"] != hidden_size:
@@ -47,6 +51,8 @@ class MoESpec:
     act: str  # the activation's name in transformers' ACT2FN
     gated: bool  # down(act(gate(x)) * up(x)) rather than down(act(up(x) + b))
     bias: bool  # the FFN's projections have biases
+    router: str = "representative"  # how experts are scored: one of ROUTER_KINDS (folders before 0.x lack it)
+    output_bias: bool = False  # a bias on the output, folded in for neurons the carve left out
 
     @property
     def routed(self) -> int:
@@ -56,7 +62,7 @@ class MoESpec:
     def from_dict(cls, section, hidden_size: int | None = None) -> "MoESpec":
         """The spec in a config's `cmoe` section (other keys, such as the record, are left), checked first."""
         check_spec(section, hidden_size)
-        return cls(**{field.name: section[field.name] for field in fields(cls)})
+        return cls(**{field.name: section[field.name] for field in fields(cls) if field.name in section})
 
     def to_dict(self) -> dict:
         return asdict(self)

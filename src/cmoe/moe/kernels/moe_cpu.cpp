@@ -15,7 +15,7 @@
 // FFN: 9.1-9.7 ms against 10.6-11.0 for the same operations driven from Python).
 //
 // Semantics are those of MoEFFN.forward in moe.py (the reference the tests compare against):
-//   score_e = |act(g_e . x) * (u_e . x)|  (gated)   or   |act(u_e . x + b_e)|  (plain)
+//   score_e = |act(g_e . x) * (u_e . x)|  (gated)   or   |act(u_e . x + b_e)|  (plain)   or   w_e . x + b_e  (linear)
 //   p = softmax(score); chosen = top-k of p + selection_bias; gate = 1 + p * gate_scale
 //   out = shared(x) + sum over chosen of gate * expert(x) (+ down bias), the experts added in expert order
 // Sums are float32. With float32 weights so is everything else. With bfloat16 weights both route in
@@ -493,17 +493,23 @@ std::vector<W> narrowed(const float* from, int64_t n) {
 // The router's arithmetic for one token, from its router projection [E] or [2E] (gate rows, then up rows).
 struct RouterMath {
   int64_t experts, top_k, act;
-  bool gated;
+  bool gated, linear;
   Vector bias, selection, scale;
   bool gates_are_one;
 
   // Writes the token's top-k experts to chosen[0..k) and their gates to gates[0..k); `scores` is overwritten.
   // `prob`, `key` and `order` are scratch of E entries.
   void route(float* scores, int64_t* chosen, float* gates, float* prob, float* key, int64_t* order) const {
-    hidden_inplace(scores, experts, gated, act, bias);
+    if (linear) {
+      if (bias)
+        for (int64_t e = 0; e < experts; ++e) scores[e] += bias[e];
+    } else {
+      hidden_inplace(scores, experts, gated, act, bias);
+      for (int64_t e = 0; e < experts; ++e) scores[e] = std::fabs(scores[e]);
+    }
     float top = -INFINITY, total = 0.0f;
-    for (int64_t e = 0; e < experts; ++e) top = std::max(top, std::fabs(scores[e]));
-    for (int64_t e = 0; e < experts; ++e) total += (prob[e] = std::exp(std::fabs(scores[e]) - top));
+    for (int64_t e = 0; e < experts; ++e) top = std::max(top, scores[e]);
+    for (int64_t e = 0; e < experts; ++e) total += (prob[e] = std::exp(scores[e] - top));
     for (int64_t e = 0; e < experts; ++e) key[e] = (prob[e] /= total) + selection[e];
     std::iota(order, order + experts, 0);
     std::partial_sort(order, order + top_k, order + experts,
@@ -852,16 +858,17 @@ void check_shapes(const at::Tensor& x, const c10::optional<at::Tensor>& shared_g
                   const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
                   const at::Tensor& selection_bias, const at::Tensor& gate_scale, const at::Tensor& gate_up,
                   const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
-                  const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated) {
+                  const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated,
+                  bool linear_router) {
   const char* what = "cmoe CPU kernel: the MoE weights' shapes do not agree with one another";
-  const int64_t rows_per_neuron = gated ? 2 : 1;
+  const int64_t rows_per_neuron = gated ? 2 : 1, router_rows = gated && !linear_router ? 2 : 1;
   TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && router_weight.dim() == 2, what);
   const int64_t hidden = x.size(1), experts = gate_up.size(0), width = down.size(2);
   TORCH_CHECK(act >= 0 && act <= 3, "cmoe CPU kernel: unknown activation code");
   // no routed experts at all (a dense FFN run as the shared part) takes top_k 0
   TORCH_CHECK(experts == 0 ? top_k == 0 : top_k >= 1 && top_k <= experts,
               "cmoe CPU kernel: top_k must lie between 1 and the experts");
-  TORCH_CHECK(down.size(0) == experts && router_weight.size(0) == rows_per_neuron * experts, what);
+  TORCH_CHECK(down.size(0) == experts && router_weight.size(0) == router_rows * experts, what);
   if (experts > 0) {
     TORCH_CHECK(gate_up.size(1) == rows_per_neuron * width && gate_up.size(2) == hidden, what);
     TORCH_CHECK(down.size(1) == hidden && router_weight.size(1) == hidden, what);
@@ -882,9 +889,9 @@ void check_shapes(const at::Tensor& x, const c10::optional<at::Tensor>& shared_g
 
 RouterMath router_math(const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
                        const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one, int64_t top_k,
-                       int64_t act, bool gated) {
-  const int64_t experts = gated ? router_weight.size(0) / 2 : router_weight.size(0);
-  return RouterMath{experts, top_k, act, gated, vector_or_empty(router_bias), vector_of(selection_bias),
+                       int64_t act, bool gated, bool linear_router) {
+  const int64_t experts = gated && !linear_router ? router_weight.size(0) / 2 : router_weight.size(0);
+  return RouterMath{experts, top_k, act, gated, linear_router, vector_or_empty(router_bias), vector_of(selection_bias),
                     vector_of(gate_scale), gates_are_one};
 }
 
@@ -896,15 +903,16 @@ at::Tensor moe_prefill(const at::Tensor& x, const c10::optional<at::Tensor>& sha
                        const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
                        const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one,
                        const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
-                       const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated) {
+                       const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated,
+                       bool linear_router) {
   check_shapes(x, shared_gate_up, shared_down, shared_bias, router_weight, router_bias, selection_bias, gate_scale,
-               gate_up, up_bias, down, down_bias, top_k, act, gated);
+               gate_up, up_bias, down, down_bias, top_k, act, gated, linear_router);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const bool bfloat16 = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK((bfloat16 || x.scalar_type() == at::kFloat) && down.scalar_type() == x.scalar_type(),
               "cmoe prefill kernel: expected float32 or bfloat16 input and weights of the same dtype");
   const RouterMath router = router_math(router_weight, router_bias, selection_bias, gate_scale, gates_are_one, top_k,
-                                        act, gated);
+                                        act, gated, linear_router);
   const at::Tensor rows = x.contiguous();
   at::Tensor out = present(shared_gate_up)
       ? shared_part(rows, *shared_gate_up, *shared_down, present(shared_bias) ? *shared_bias : at::Tensor(), act, gated)
@@ -922,14 +930,15 @@ at::Tensor moe_decode(const at::Tensor& x, const c10::optional<at::Tensor>& shar
                       const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
                       const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one,
                       const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
-                      const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated) {
+                      const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated,
+                      bool linear_router) {
   check_shapes(x, shared_gate_up, shared_down, shared_bias, router_weight, router_bias, selection_bias, gate_scale,
-               gate_up, up_bias, down, down_bias, top_k, act, gated);
+               gate_up, up_bias, down, down_bias, top_k, act, gated, linear_router);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: skip the autograd layer of each op
   const at::Tensor rows = x.to(at::kFloat).contiguous();
   at::Tensor out = present(shared_gate_up) ? at::empty_like(rows) : at::zeros_like(rows);
   const RouterMath router = router_math(router_weight, router_bias, selection_bias, gate_scale, gates_are_one, top_k,
-                                        act, gated);
+                                        act, gated, linear_router);
   const auto step = down.scalar_type() == at::kBFloat16 ? &decode_step<uint16_t> : &decode_step<float>;
   step(rows, shared_gate_up, shared_down, vector_or_empty(shared_bias), router_weight, router, gate_up,
        vector_or_empty(up_bias), down, out.data_ptr<float>());
