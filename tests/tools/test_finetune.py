@@ -303,3 +303,14 @@ def test_wrapping_with_lora_prints_no_deprecation_warning_from_peft(carved):
         warnings.simplefilter("always")
         add_lora(copy.deepcopy(carved), FinetuneConfig())
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+@pytest.mark.parametrize("preset", ["fitted", "static"])
+def test_budget_models_fine_tune(preset, tmp_path):
+    model = cmoe.carve_(tiny_text_model(), cmoe.CarveConfig(budget=0.5, preset=preset), PATTERN[:, :256].view(4, 64),
+                        progress=False)
+    summary = finetune(model, byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN, progress=False)
+    assert summary["last_loss"] < summary["first_loss"] - 0.5
+    tuned, _ = load_model(str(tmp_path / "ft"))
+    assert tuned.config.cmoe["router"] == ("linear" if preset == "fitted" else "representative")
+    assert tuned.carve_record["finetune"]["steps"] == 12

@@ -186,6 +186,7 @@ class RoutedExperts(nn.Module):
         else:
             expert_out = self._looped(routed_x, counts, slot_gates)
         in_place = not torch.is_grad_enabled()
+        expert_out = expert_out.to(out.dtype)  # under autocast without a shared part, `out` is x's zeros
         if x.device.type == "cpu":  # one scatter-add pass; serial on CPU, so the sums are reproducible
             return out.index_add_(0, token_of_slot, expert_out) if in_place else out.index_add(0, token_of_slot, expert_out)
         # CUDA: index_add would use atomics; put the slots back in token order with one row scatter instead

@@ -97,6 +97,11 @@ class TrainingWindows:
         return torch.stack([self.ids[s : s + self.seqlen] for s in starts.tolist()])
 
 
+def _gate_scales(layer_routers) -> torch.Tensor:
+    """Every router's gate scales in one vector (empty for a model with no routers: the static preset's)."""
+    return torch.cat([r.gate_scale.detach().clone() for r in layer_routers] or [torch.zeros(0)])
+
+
 def routers(model) -> list[Router]:
     return [m for m in model.modules() if isinstance(m, Router)]
 
@@ -191,7 +196,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     router_parameters = [p for r in routers(student) for p in r.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([dict(params=lora_parameters, lr=config.lr),
                                    dict(params=router_parameters, lr=config.router_lr, weight_decay=0.0)])
-    gate_scales_before = torch.cat([r.gate_scale.detach().clone() for r in routers(student)])
+    gate_scales_before = _gate_scales(routers(student))
     state = dict(epoch=0, step=0, tokens=0, losses=[], seconds=0.0)
     if resume:
         saved = _load_checkpoint(work)
@@ -239,7 +244,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     for router in layer_routers:
         router.count_load = False
 
-    gate_scales_after = torch.cat([r.gate_scale.detach().clone() for r in layer_routers])
+    gate_scales_after = _gate_scales(layer_routers)
     merged = student.merge_and_unload()
     merged.eval()
     if checkpointing:
@@ -255,7 +260,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
                    last_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                    imbalance_before=round(imbalance_before, 4), imbalance_trained=round(imbalance_trained, 4),
                    imbalance_after=round(imbalance_after, 4),
-                   gate_scale_change=float((gate_scales_after - gate_scales_before).abs().max()))
+                   gate_scale_change=float(torch.cat([(gate_scales_after - gate_scales_before).abs(), torch.zeros(1)]).max()))
     merged.config.cmoe = dict(merged.config.cmoe, record=dict(merged.carve_record, finetune=summary))
     merged.save_pretrained(output, tokenizer=tokenizer)
     _remove(work)
