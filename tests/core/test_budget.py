@@ -67,7 +67,7 @@ def test_a_budget_and_a_layout_cannot_both_be_given():
 
 
 def test_realised_compute_is_counted_with_the_router_not_assumed():
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5), tokens(), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, dynamic_k=False), tokens(), progress=False)
     config = cmoe.CarveConfig(**moe.carve_record["config"])
     ffn = moe.model.layers[0].mlp
     hidden, width = 32, 64
@@ -84,6 +84,23 @@ def test_realised_compute_is_counted_with_the_router_not_assumed():
     more = measure_compute(moe, ids, seqlen=40, max_windows=2)
     assert more["overall"] == pytest.approx(expected + 1 / config.experts, abs=1e-4)
     assert not any(layer.mlp.router.count_load for layer in moe.model.layers)  # counting is switched off again
+
+
+def test_a_per_token_number_of_experts_keeps_to_the_budget_on_held_out_text():
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5), tokens(16, 64), progress=False)
+    config = cmoe.CarveConfig(**moe.carve_record["config"])
+    assert config.dynamic_k and moe.model.layers[0].mlp.router.top_k == 2 * config.active
+    held_out = measure_compute(moe, tokens(8, 64, seed=11).reshape(-1), seqlen=64, max_windows=8)
+    assert held_out["overall"] <= 0.5
+    router = 8 / (3 * 64)
+    per_expert = 1 / 8
+    counts = [(share - router) / per_expert for share in held_out["layers"]]
+    assert all(1 < c < 2 * config.active for c in counts)  # tokens take different numbers of experts
+    assert all(abs(c - config.active) < 0.5 for c in counts)  # about `active` on average, as calibrated
+    for layer in moe.model.layers:  # nothing clears the threshold: each token takes its best expert only
+        layer.mlp.router.threshold.fill_(float("inf"))
+    fewest = measure_compute(moe, tokens(8, 64, seed=11).reshape(-1), seqlen=64, max_windows=8)
+    assert fewest["overall"] == pytest.approx(config.shared / 8 + per_expert + router, abs=1e-4)
 
 
 def test_static_compensation_is_exact_for_a_constant_input():

@@ -164,10 +164,10 @@ def test_the_kernels_refuse_shapes_that_disagree(monkeypatch):
         for function in (kernels.moe_decode, kernels.moe_prefill):
             with pytest.raises(RuntimeError, match="top_k"):
                 function(x, s.gate_up_proj, s.down_proj, None, r.weight, None, r.selection_bias, r.gate_scale, True,
-                         e.gate_up_proj, None, e.down_proj, None, top_k, 0, True, False)
+                         e.gate_up_proj, None, e.down_proj, None, top_k, 0, True, False, float("-inf"))
     with pytest.raises(RuntimeError, match="do not agree"):
         kernels.moe_decode(x, s.gate_up_proj, s.down_proj, None, r.weight[:2], None, r.selection_bias, r.gate_scale,
-                           True, e.gate_up_proj, None, e.down_proj, None, 2, 0, True, False)
+                           True, e.gate_up_proj, None, e.down_proj, None, 2, 0, True, False, float("-inf"))
 
 
 def test_the_spec_is_typed_and_round_trips_through_config_json(carved_folder):

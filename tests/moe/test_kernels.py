@@ -14,7 +14,7 @@ from cmoe.moe.module import MoEFFN, _row_hidden
 
 
 def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32,
-               width=8, std=0.5, router="representative", output_bias=False):
+               width=8, std=0.5, router="representative", output_bias=False, threshold=None):
     torch.manual_seed(seed)
     moe = MoEFFN(hidden_size=hidden, expert_width=width, shared=shared, routed=routed, top_k=top_k, act=act, gated=gated,
                  bias=bias, router=router, output_bias=output_bias)
@@ -24,6 +24,8 @@ def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, 
         moe.router.selection_bias.normal_(std=0.1)
         if not trained_gates:
             moe.router.gate_scale.zero_()
+        if threshold is not None:
+            moe.router.threshold.fill_(threshold)
     return moe.eval()
 
 
@@ -46,7 +48,10 @@ CASES = [dict(act="silu"), dict(act="gelu_pytorch_tanh"), dict(act="gelu", gated
          # the fitted preset's layouts: a linear router, many narrow experts, an output bias
          dict(act="silu", router="linear"), dict(act="silu", router="linear", shared=0, output_bias=True),
          dict(act="gelu", gated=False, bias=True, router="linear"),
-         dict(act="silu", router="linear", routed=48, top_k=2, width=2, std=0.2)]
+         dict(act="silu", router="linear", routed=48, top_k=2, width=2, std=0.2),
+         # a per-token number of experts: slots left empty, and tokens that take one expert only
+         dict(act="silu", router="linear", routed=8, top_k=2, threshold=0.0),
+         dict(act="silu", router="linear", routed=8, top_k=2, threshold=100.0, shared=0)]
 
 
 @pytest.fixture(params=[(True, True), (False, True), (False, False)],
@@ -175,7 +180,8 @@ def with_the_pytorch_path(moe, x, monkeypatch):
         monkeypatch.delenv("CMOE_CPU_KERNEL")
 
 
-PREFILL_CASES = CASES + [dict(act="silu", top_k=3, routed=4), dict(act="silu", router="linear", routed=48, top_k=20, width=2)]
+PREFILL_CASES = CASES + [dict(act="silu", top_k=3, routed=4), dict(act="silu", router="linear", routed=48, top_k=20, width=2),
+                         dict(act="silu", router="linear", routed=48, top_k=20, width=2, threshold=0.0, shared=0)]
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -207,7 +213,8 @@ def routed_in_float32(moe, x):
     router = copy.deepcopy(moe.router).float()
     probs, chosen = router.select(x.float())
     gates = None if router.gates_are_one() else router.gates(probs, chosen).to(x.dtype)
-    out = moe.experts(x, chosen, gates, torch.zeros_like(x) if moe.shared is None else moe.shared(x))
+    out = moe.experts(x, chosen, gates, torch.zeros_like(x) if moe.shared is None else moe.shared(x),
+                      empty_slots=router.dynamic)
     return out if moe.down_bias is None else out + moe.down_bias
 
 

@@ -44,7 +44,9 @@ def through_triton(kernels, moe, x, out, chosen, gates, blocks, grouping=None):
 
 
 @pytest.mark.parametrize("blocks", [SMALL_BLOCKS, None], ids=["16-blocks", "default-blocks"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+# a dynamic router's empty slots never reach the Triton experts: the grouped path runs them (MoEFFN.torch_forward)
+@pytest.mark.parametrize("case", [c for c in CASES if "threshold" not in c],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_triton_kernels_match_the_grouped_path(triton_kernels, case, blocks):
     moe = random_moe(**{"std": 0.2, **case})
     for tokens in (1, 70):  # 70 tokens: experts of several 16-row tiles and of a part of one

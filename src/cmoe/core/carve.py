@@ -10,7 +10,8 @@ from cmoe.core.activations import activation_marks, activation_rate, ffn_activat
 from cmoe.core.calibration import replace_ffns
 from cmoe.core.config import CarveConfig
 from cmoe.core.grouping import group_neurons, static_groups
-from cmoe.core.router_fit import balance_selection_bias, expert_load, fill_router, fit_linear_router, imbalance
+from cmoe.core.router_fit import (balance_selection_bias, expert_load, fill_router, fit_linear_router, imbalance,
+                                  set_threshold)
 from cmoe.errors import CMoEError
 from cmoe.hf.adapters import FFNWeights, adapter_for
 from cmoe.hf.modeling import carved_config, is_carved
@@ -49,7 +50,7 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
     seconds = time.perf_counter() - started
 
     spec = MoESpec(hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared,
-                   active=config.active, experts=config.experts - config.dropped, act=first.act, gated=first.gated,
+                   active=config.top_k, experts=config.experts - config.dropped, act=first.act, gated=first.gated,
                    bias=first.up_bias is not None, router=config.router, output_bias=config.compensate)
     section = dict(
         spec.to_dict(),
@@ -99,7 +100,7 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
         rate = activation_rate(marks)
         groups = group_neurons(marks, rate, config)
     del scores
-    moe = MoEFFN.from_dense(ffn, groups.shared, groups.routed, config.active, config.router, config.compensate)
+    moe = MoEFFN.from_dense(ffn, groups.shared, groups.routed, config.top_k, config.router, config.compensate)
     record = dict(shared_neurons=groups.shared.tolist(), routed_neurons=groups.routed.tolist(),
                   representatives=groups.representatives.tolist(), kmeans_iterations=groups.iterations,
                   activation_rate=[round(r, 5) for r in rate.tolist()])
@@ -114,6 +115,8 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
         moe.down_bias.data += compensation.to(moe.down_bias.dtype)
     if moe.router is not None and config.router == "linear":
         record.update(router_fit=fit_linear_router(moe.router, x, hidden, ffn.down, groups.routed))
+        if config.dynamic_k:
+            record["router_fit"]["threshold"] = set_threshold(moe.router, x.to(ffn.up.dtype), config.active)
     elif moe.router is not None:
         fill_router(moe.router, ffn, groups.representatives, config.normalise_router)
     if moe.router is not None:
@@ -125,9 +128,16 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
         record.update(load_before=before.tolist(), load_after=after.tolist(),
                       imbalance_before=imbalance(before), imbalance_after=imbalance(after),
                       selection_bias=moe.router.selection_bias.tolist())
-        chosen = moe.router(x.to(ffn.up.dtype))[1]  # [T, k]
-        keep.scatter_(1, groups.routed.to(x.device)[chosen].reshape(len(x), -1), True)
-    slots = 0 if moe.router is None else len(x) * moe.router.top_k
+        chosen = moe.router(x.to(ffn.up.dtype))[1]  # [T, k]; E marks an empty slot
+        taken = chosen < config.routed
+        neurons = groups.routed.to(x.device)[chosen.clamp_max(config.routed - 1)]  # [T, k, W]
+        neurons = torch.where(taken[..., None], neurons, groups.shared[:1].to(x.device) if len(groups.shared) else neurons)
+        if len(groups.shared) or bool(taken.all()):
+            keep.scatter_(1, neurons.reshape(len(x), -1), True)
+        else:  # no shared neuron to point empty slots at: mark token by token
+            for t in range(len(x)):
+                keep[t, neurons[t][taken[t]].reshape(-1)] = True
+    slots = 0 if moe.router is None else int((chosen < config.routed).sum())
     record["ffn_compute"] = round(share(*layer_costs(moe, ffn.width), len(x), slots), 4)
     out = (hidden * keep) @ ffn.down.float().T
     if ffn.down_bias is not None:

@@ -29,6 +29,7 @@ PRESETS: dict[str, dict] = {
         distance="l2",
         max_iters=10,
         router="linear",
+        dynamic_k=True,  # `active` experts per token on average, as many as each token's scores call for
         normalise_router=False,
         balance=False,
     ),
@@ -81,6 +82,7 @@ class CarveConfig:
     mark_share: float | None = None  # or: that share of the FFN's neurons marked per token (overrides k_act)
     router: str | None = None  # "representative" (the paper's) or "linear" (fitted)
     compensate: bool | None = None  # fold the left-out neurons' mean output into an output bias
+    dynamic_k: bool | None = None  # `active` is a mean: each token takes the experts its router scores clear
     distance: str | None = None  # "l2" or "l1" between activation patterns
     max_iters: int | None = None
     normalise_router: bool | None = None
@@ -98,6 +100,9 @@ class CarveConfig:
                 setattr(self, key, value)
         self.router = self.router or "representative"
         self.compensate = bool(self.compensate)
+        self.dynamic_k = bool(self.dynamic_k)
+        if self.dynamic_k and self.router != "linear":
+            raise CMoEError("A per-token number of experts (dynamic_k) needs the linear router; set router='linear'.")
         if self.budget is not None and not 0 < self.budget <= 1:
             raise CMoEError(f"budget must lie in (0, 1], the share of the dense FFN's compute, got {self.budget}; "
                             "use e.g. --budget 0.5.")
@@ -154,6 +159,11 @@ class CarveConfig:
     @property
     def routed(self) -> int:
         return self.experts - self.shared - self.dropped
+
+    @property
+    def top_k(self) -> int:
+        """The most routed experts a token may take: `active`, or with dynamic_k up to twice that."""
+        return min(self.routed, 2 * self.active) if self.dynamic_k else self.active
 
     def for_ffn(self, ffn_width: int, projections: int) -> "CarveConfig":
         """This config with the layout its budget gives for an FFN of `ffn_width` neurons and `projections`

@@ -83,6 +83,25 @@ def fit_linear_router(router: Router, x: torch.Tensor, hidden: torch.Tensor, dow
     return dict(r2=round(r2, 4))
 
 
+@torch.no_grad()
+def set_threshold(router: Router, x: torch.Tensor, mean_experts: float) -> float:
+    """Set a linear router's threshold so that tokens take `mean_experts` routed experts on average on x
+    [T, H] (each at least one, at most top_k): bisection on the threshold, the mean count being monotone.
+    Returns the threshold."""
+    top = router.scores(x).float().topk(router.top_k, dim=-1).values  # [T, top_k], descending
+
+    def mean_count(threshold: float) -> float:
+        count = (top >= threshold).sum(-1).clamp_min(1)
+        return float(count.float().mean())
+
+    low, high = float(top.min()) - 1.0, float(top.max()) + 1.0  # mean_count(low) = top_k, mean_count(high) = 1
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_count(middle) > mean_experts else (low, middle)
+    router.threshold.fill_(high)
+    return high
+
+
 def fill_router(router: Router, ffn: FFNWeights, representatives: torch.Tensor, normalise: bool) -> None:
     rows, bias = router_rows(ffn, representatives, normalise)
     router.weight.data.copy_(rows)

@@ -190,7 +190,8 @@ def can_group(experts, x: torch.Tensor) -> bool:
 
 def cpu_kernel_call(function, x: torch.Tensor, *, shared_gate_up, shared_down, shared_bias, router_weight, router_bias,
                     selection_bias, gate_scale, gates_are_one: bool, gate_up, up_bias, down, down_bias, top_k: int,
-                    act: str, gated: bool, linear_router: bool = False) -> torch.Tensor:
+                    act: str, gated: bool, linear_router: bool = False, threshold: float = float("-inf")) -> torch.Tensor:
     """One call of a compiled CPU kernel (`moe_decode` or `moe_prefill`), its arguments named."""
     return function(x, shared_gate_up, shared_down, shared_bias, router_weight, router_bias, selection_bias, gate_scale,
-                    gates_are_one, gate_up, up_bias, down, down_bias, top_k, ACTIVATION_CODES[act], gated, linear_router)
+                    gates_are_one, gate_up, up_bias, down, down_bias, top_k, ACTIVATION_CODES[act], gated, linear_router,
+                    threshold)

@@ -78,7 +78,9 @@ class Router(nn.Module):
     representative (the paper's): each expert by one of its neurons, |act(g_r . x) * (u_r . x)|; `weight`
     holds [gate rows; up rows] of the representatives (up rows alone for a plain FFN).
     linear: w_e . x + b_e, a matrix fitted on calibration tokens to each expert's output norm
-    (`cmoe.core.router_fit.fit_linear_router`); `weight` [E, H], `bias` [E].
+    (`cmoe.core.router_fit.fit_linear_router`); `weight` [E, H], `bias` [E]. Where its `threshold` is set
+    (not -inf), a token takes its best expert and, of the next top_k - 1, those scoring at least the
+    threshold: a number of experts per token that follows the token; empty slots of `chosen` hold E.
 
     `selection_bias` only shifts which experts are chosen (load balancing, DeepSeek-V3 style); the gate
     of a chosen expert is `1 + p * gate_scale`, exactly 1 until `gate_scale` (which starts at 0) is trained.
@@ -89,6 +91,8 @@ class Router(nn.Module):
         super().__init__()
         self.num_experts, self.top_k, self.gated, self.act, self.kind = num_experts, top_k, gated, act, kind
         self.linear = kind == "linear"
+        if self.linear:
+            self.register_buffer("threshold", torch.tensor(float("-inf")))
         rows = num_experts * (2 if gated and not self.linear else 1)
         self.weight = nn.Parameter(torch.zeros(rows, hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias or self.linear else None
@@ -108,17 +112,32 @@ class Router(nn.Module):
         """Softmax of the scores, float32 [T, E]."""
         return self.scores(x).float().softmax(dim=-1)
 
+    @property
+    def dynamic(self) -> bool:
+        """Whether the number of experts follows the token (a linear router with its threshold set)."""
+        return self.linear and bool(self._buffers["threshold"] > float("-inf"))
+
+    def threshold_value(self) -> float:
+        return float(self._buffers["threshold"]) if self.linear else float("-inf")
+
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router softmax [T, E] and the chosen experts [T, k] (counted when `count_load` is on)."""
-        probs = self.probabilities(x)
+        scores = self.scores(x)
+        probs = scores.float().softmax(dim=-1)
         chosen = (probs + self.selection_bias).topk(self.top_k, dim=-1).indices
+        if self.dynamic:
+            keep = scores.gather(-1, chosen) >= self._buffers["threshold"]
+            keep[:, 0] = True
+            chosen = torch.where(keep, chosen, self.num_experts)
         if self.count_load:  # fine-tuning reads how many token slots each expert got, to balance them
             flat = chosen.reshape(-1).detach()
+            flat = flat[flat < self.num_experts]
             self.load_counts.scatter_add_(0, flat, torch.ones_like(flat))
         return probs, chosen
 
     def gates(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Each chosen expert's gate, 1 + p * gate_scale: [T, k]."""
+        """Each chosen expert's gate, 1 + p * gate_scale: [T, k] (an empty slot's is meaningless)."""
+        chosen = chosen.clamp_max(self.num_experts - 1)
         return 1 + probs.gather(-1, chosen) * self.gate_scale[chosen]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +163,10 @@ class Router(nn.Module):
             score = _row_hidden(torch.mv(self.weight, row), self.num_experts, self.gated, self.act_fn, self.bias).abs_()
         probs = score.float().softmax(dim=-1)
         chosen = (probs + self.selection_bias).topk(self.top_k).indices
+        if self.dynamic:
+            keep = score[chosen] >= self._buffers["threshold"]
+            keep[0] = True
+            chosen = chosen[keep]
         if self.gates_are_one():  # training-free: every gate is exactly 1, so skip the product
             return chosen.tolist(), None
         return chosen.tolist(), (1 + probs[chosen] * self.gate_scale[chosen]).to(row.dtype)
@@ -162,17 +185,23 @@ class RoutedExperts(nn.Module):
         self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor | None, out: torch.Tensor,
-                grouping: tuple[torch.Tensor, torch.Tensor] | None = None, triton=None) -> torch.Tensor:
+                grouping: tuple[torch.Tensor, torch.Tensor] | None = None, triton=None,
+                empty_slots: bool = False) -> torch.Tensor:
         """`out` [T, H] plus each token's chosen experts times their gates.
 
         x [T, H]; chosen [T, k]; gates [T, k], or None when every gate is 1; grouping: the slots grouped by
         expert, (order, counts) as `group_slots` gives them, where the caller has them already; triton: the
-        Triton kernels' module where they run the experts (`backends.triton_pieces`). Without autograd `out`
-        may be updated in place: use the returned tensor.
+        Triton kernels' module where they run the experts (`backends.triton_pieces`); empty_slots: `chosen`
+        may hold E for a slot left empty (a dynamic router's). Without autograd `out` may be updated in place:
+        use the returned tensor.
         """
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
-        order, counts = grouping or group_slots(flat, self.num_experts)  # token slots grouped by expert
+        if empty_slots:  # the empty slots sort last, into an extra group that is then cut off
+            order, counts = group_slots(flat, self.num_experts + 1)
+            order, counts = order[: flat.numel() - int(counts[-1])], counts[:-1]
+        else:
+            order, counts = grouping or group_slots(flat, self.num_experts)  # token slots grouped by expert
         if triton is not None:
             return triton.routed_experts(x, order, counts, top_k, gates, self.gate_up_proj, self.up_bias,
                                          self.down_proj, ACTIVATION_CODES[self.act], self.gated, out)
@@ -341,7 +370,8 @@ class MoEFFN(nn.Module):
             skip_gates = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                           and self.router.gates_are_one())
             gates = None if skip_gates else self.router.gates(probs, chosen).to(x.dtype)
-            out = self.experts(x, chosen, gates, out, triton=triton.experts)
+            dynamic = self.router.dynamic
+            out = self.experts(x, chosen, gates, out, triton=None if dynamic else triton.experts, empty_slots=dynamic)
         if self.down_bias is not None:
             out = out + self.down_bias
         return out
@@ -364,7 +394,8 @@ class MoEFFN(nn.Module):
             router_weight=r["weight"], router_bias=r.get("bias"), selection_bias=router._buffers["selection_bias"],
             gate_scale=r["gate_scale"], gates_are_one=router.gates_are_one(), gate_up=e["gate_up_proj"],
             up_bias=e.get("up_bias"), down=e["down_proj"], down_bias=self._parameters.get("down_bias"),
-            top_k=router.top_k, act=router.act, gated=experts.gated, linear_router=router.linear)
+            top_k=router.top_k, act=router.act, gated=experts.gated, linear_router=router.linear,
+            threshold=router.threshold_value())
 
     def _decode_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The decode step in PyTorch operations: the fallback of the compiled kernel, and its reference."""

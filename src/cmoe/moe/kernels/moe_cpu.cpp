@@ -17,6 +17,7 @@
 // Semantics are those of MoEFFN.forward in moe.py (the reference the tests compare against):
 //   score_e = |act(g_e . x) * (u_e . x)|  (gated)   or   |act(u_e . x + b_e)|  (plain)   or   w_e . x + b_e  (linear)
 //   p = softmax(score); chosen = top-k of p + selection_bias; gate = 1 + p * gate_scale
+//   (linear with a threshold: of the chosen after the first, only those whose score reaches it)
 //   out = shared(x) + sum over chosen of gate * expert(x) (+ down bias), the experts added in expert order
 // Sums are float32. With float32 weights so is everything else. With bfloat16 weights both route in
 // float32. The decode step's products take bfloat16 inputs, as a bfloat16 model holds them (the layer
@@ -494,6 +495,7 @@ std::vector<W> narrowed(const float* from, int64_t n) {
 struct RouterMath {
   int64_t experts, top_k, act;
   bool gated, linear;
+  float threshold;  // a linear router's: after the first, only experts scoring at least this (-inf: top_k always)
   Vector bias, selection, scale;
   bool gates_are_one;
 
@@ -515,6 +517,11 @@ struct RouterMath {
     std::partial_sort(order, order + top_k, order + experts,
                       [&](int64_t a, int64_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
     for (int64_t k = 0; k < top_k; ++k) {
+      if (k > 0 && scores[order[k]] < threshold) {  // left out: `experts` marks an empty slot
+        chosen[k] = experts;
+        gates[k] = 0.0f;
+        continue;
+      }
       chosen[k] = order[k];
       gates[k] = gates_are_one ? 1.0f : 1.0f + prob[order[k]] * scale[order[k]];
     }
@@ -534,10 +541,14 @@ Routing group_by_expert(const std::vector<int64_t>& chosen, const std::vector<fl
                         int64_t experts) {
   const int64_t slots = static_cast<int64_t>(chosen.size());
   Routing routing{std::vector<int64_t>(experts + 1, 0), std::vector<int64_t>(slots), std::vector<float>(slots)};
-  for (int64_t e : chosen) ++routing.start[e + 1];
+  for (int64_t e : chosen)
+    if (e < experts) ++routing.start[e + 1];  // e == experts: a slot left empty
   for (int64_t e = 0; e < experts; ++e) routing.start[e + 1] += routing.start[e];
+  routing.token.resize(routing.start[experts]);
+  routing.gate.resize(routing.start[experts]);
   std::vector<int64_t> next(routing.start.begin(), routing.start.end() - 1);
   for (int64_t slot = 0; slot < slots; ++slot) {
+    if (chosen[slot] >= experts) continue;
     const int64_t place = next[chosen[slot]]++;
     routing.token[place] = slot / top_k;
     routing.gate[place] = gate[slot];
@@ -859,9 +870,10 @@ void check_shapes(const at::Tensor& x, const c10::optional<at::Tensor>& shared_g
                   const at::Tensor& selection_bias, const at::Tensor& gate_scale, const at::Tensor& gate_up,
                   const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
                   const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated,
-                  bool linear_router) {
+                  bool linear_router, double threshold) {
   const char* what = "cmoe CPU kernel: the MoE weights' shapes do not agree with one another";
   const int64_t rows_per_neuron = gated ? 2 : 1, router_rows = gated && !linear_router ? 2 : 1;
+  TORCH_CHECK(linear_router || std::isinf(threshold), "cmoe CPU kernel: only a linear router takes a threshold");
   TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && router_weight.dim() == 2, what);
   const int64_t hidden = x.size(1), experts = gate_up.size(0), width = down.size(2);
   TORCH_CHECK(act >= 0 && act <= 3, "cmoe CPU kernel: unknown activation code");
@@ -889,9 +901,10 @@ void check_shapes(const at::Tensor& x, const c10::optional<at::Tensor>& shared_g
 
 RouterMath router_math(const at::Tensor& router_weight, const c10::optional<at::Tensor>& router_bias,
                        const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one, int64_t top_k,
-                       int64_t act, bool gated, bool linear_router) {
+                       int64_t act, bool gated, bool linear_router, double threshold) {
   const int64_t experts = gated && !linear_router ? router_weight.size(0) / 2 : router_weight.size(0);
-  return RouterMath{experts, top_k, act, gated, linear_router, vector_or_empty(router_bias), vector_of(selection_bias),
+  return RouterMath{experts, top_k, act, gated, linear_router, static_cast<float>(threshold), vector_or_empty(router_bias),
+                    vector_of(selection_bias),
                     vector_of(gate_scale), gates_are_one};
 }
 
@@ -904,15 +917,15 @@ at::Tensor moe_prefill(const at::Tensor& x, const c10::optional<at::Tensor>& sha
                        const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one,
                        const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
                        const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated,
-                       bool linear_router) {
+                       bool linear_router, double threshold) {
   check_shapes(x, shared_gate_up, shared_down, shared_bias, router_weight, router_bias, selection_bias, gate_scale,
-               gate_up, up_bias, down, down_bias, top_k, act, gated, linear_router);
+               gate_up, up_bias, down, down_bias, top_k, act, gated, linear_router, threshold);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const bool bfloat16 = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK((bfloat16 || x.scalar_type() == at::kFloat) && down.scalar_type() == x.scalar_type(),
               "cmoe prefill kernel: expected float32 or bfloat16 input and weights of the same dtype");
   const RouterMath router = router_math(router_weight, router_bias, selection_bias, gate_scale, gates_are_one, top_k,
-                                        act, gated, linear_router);
+                                        act, gated, linear_router, threshold);
   const at::Tensor rows = x.contiguous();
   at::Tensor out = present(shared_gate_up)
       ? shared_part(rows, *shared_gate_up, *shared_down, present(shared_bias) ? *shared_bias : at::Tensor(), act, gated)
@@ -931,14 +944,14 @@ at::Tensor moe_decode(const at::Tensor& x, const c10::optional<at::Tensor>& shar
                       const at::Tensor& selection_bias, const at::Tensor& gate_scale, bool gates_are_one,
                       const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias, const at::Tensor& down,
                       const c10::optional<at::Tensor>& down_bias, int64_t top_k, int64_t act, bool gated,
-                      bool linear_router) {
+                      bool linear_router, double threshold) {
   check_shapes(x, shared_gate_up, shared_down, shared_bias, router_weight, router_bias, selection_bias, gate_scale,
-               gate_up, up_bias, down, down_bias, top_k, act, gated, linear_router);
+               gate_up, up_bias, down, down_bias, top_k, act, gated, linear_router, threshold);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: skip the autograd layer of each op
   const at::Tensor rows = x.to(at::kFloat).contiguous();
   at::Tensor out = present(shared_gate_up) ? at::empty_like(rows) : at::zeros_like(rows);
   const RouterMath router = router_math(router_weight, router_bias, selection_bias, gate_scale, gates_are_one, top_k,
-                                        act, gated, linear_router);
+                                        act, gated, linear_router, threshold);
   const auto step = down.scalar_type() == at::kBFloat16 ? &decode_step<uint16_t> : &decode_step<float>;
   step(rows, shared_gate_up, shared_down, vector_or_empty(shared_bias), router_weight, router, gate_up,
        vector_or_empty(up_bias), down, out.data_ptr<float>());

@@ -1,0 +1,71 @@
+"""Speed at a budget (issue 25): the fitted preset's FFN against the paper's at the same compute, and dense.
+
+    PYTHONPATH=src:bench .venv/bin/python bench/budget_speed.py [--budgets 0.75,0.5,0.25] [--dtypes float32,bfloat16]
+
+SmolLM2's FFN shape (hidden 576, intermediate 1536) with random weights (speed does not depend on them; a
+random router spreads tokens about evenly, as the balanced ones do): prefill of 2,048 tokens, one layer,
+and decode at batch 1 through 30 layers in turn (each its own copy, so weights come from memory). Dense,
+`paper` (S3A3E8, S2A2E8, S1A1E8) and `fitted` (--budget) are timed interleaved in one run, medians of
+repeated runs. Writes bench/results/budget_speed_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import cmoe
+from cmoe.tools.bench import interleaved_medians, keep_freed_memory, random_ffn_pair
+from provenance import device_name, git_commit
+
+PAPER_LAYOUTS = {0.75: "S3A3E8", 0.5: "S2A2E8", 0.25: "S1A1E8"}
+HIDDEN, INTERMEDIATE, LAYERS = 576, 1536, 30
+
+
+@torch.no_grad()
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="0.75,0.5,0.25")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "budget_speed_cpu.json")
+    args = parser.parse_args()
+    keep_freed_memory()
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for budget in map(float, args.budgets.split(",")):
+            configs = dict(paper=cmoe.CarveConfig.from_name(PAPER_LAYOUTS[budget]),
+                           fitted=cmoe.CarveConfig(budget=budget).for_ffn(INTERMEDIATE, 3))
+            ffns = {name: [random_ffn_pair(HIDDEN, INTERMEDIATE, config, dtype, seed=layer) for layer in range(LAYERS)]
+                    for name, config in configs.items()}
+            dense = [pair[0] for pair in ffns["paper"]]
+            models = dict(dense=dense, **{name: [pair[1] for pair in pairs] for name, pairs in ffns.items()})
+            prompt = torch.randn(1, 2048, HIDDEN, dtype=dtype)
+            prefill = interleaved_medians({name: (lambda m=m: m[0](prompt)) for name, m in models.items()},
+                                          args.repeats // 3, 2, torch.device("cpu"))
+            steps = [torch.randn(1, 1, HIDDEN, dtype=dtype) for _ in range(LAYERS)]
+            decode = interleaved_medians(
+                {name: (lambda m=m: [ffn(x) for ffn, x in zip(m, steps)]) for name, m in models.items()},
+                args.repeats, 3, torch.device("cpu"))
+            row = dict(dtype=dtype_name, budget=budget, paper=configs["paper"].name, fitted=configs["fitted"].name,
+                       prefill_ms={k: round(1e3 * v, 3) for k, v in prefill.items()},
+                       decode_ms_per_layer={k: round(1e3 * v / LAYERS, 4) for k, v in decode.items()})
+            row["fitted_over_paper_speed"] = dict(prefill=round(prefill["paper"] / prefill["fitted"], 3),
+                                                  decode=round(decode["paper"] / decode["fitted"], 3))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(dict(
+        benchmark="budget speed", command=" ".join([Path(sys.executable).name] + sys.argv),
+        date=time.strftime("%Y-%m-%d"), machine=f"{device_name(None)}, {torch.get_num_threads()} threads, no GPU",
+        torch=torch.__version__, cmoe=cmoe.__version__, git=git_commit(), rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
