@@ -115,8 +115,8 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
         moe.down_bias.data += compensation.to(moe.down_bias.dtype)
     if moe.router is not None and config.router == "linear":
         record.update(router_fit=fit_linear_router(moe.router, x, hidden, ffn.down, groups.routed))
-        if config.dynamic_k:
-            record["router_fit"]["threshold"] = set_threshold(moe.router, x.to(ffn.up.dtype), config.active)
+        if config.dynamic_k and config.active < config.routed:  # every expert active: nothing to choose
+            record["router_fit"]["threshold"] = set_threshold(moe.router, x.to(ffn.up.dtype), config.calibrated_k)
     elif moe.router is not None:
         fill_router(moe.router, ffn, groups.representatives, config.normalise_router)
     if moe.router is not None:

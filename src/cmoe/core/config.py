@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 
@@ -30,6 +31,9 @@ PRESETS: dict[str, dict] = {
         max_iters=10,
         router="linear",
         dynamic_k=True,  # `active` experts per token on average, as many as each token's scores call for
+        # the thresholds are set for this share fewer routed experts than the budget pays for: other text
+        # takes more than the calibration text (SmolLM2: 6-7% more on WikiText-2 test; BENCHMARKS.md)
+        k_margin=0.08,
         normalise_router=False,
         balance=False,
     ),
@@ -77,12 +81,15 @@ class CarveConfig:
     experts: int | None = None  # default 8
     preset: str | None = None  # default: "fitted" with a budget, else "paper"
     budget: float | None = None  # share of the dense FFN's multiply-adds a token may use; sets the layout
+    slices: int | None = None  # with a budget: split the FFN into up to this many slices (default BUDGET_SLICES)
     activation: str | None = None  # what profiling ranks neurons by: one of ACTIVATIONS
     k_act: int | None = None  # neurons marked per token when profiling
     mark_share: float | None = None  # or: that share of the FFN's neurons marked per token (overrides k_act)
     router: str | None = None  # "representative" (the paper's) or "linear" (fitted)
     compensate: bool | None = None  # fold the left-out neurons' mean output into an output bias
     dynamic_k: bool | None = None  # `active` is a mean: each token takes the experts its router scores clear
+    mean_active: float | None = None  # dynamic_k with a budget: the mean the budget pays for (set by for_ffn)
+    k_margin: float | None = None  # dynamic_k: calibrate for this share fewer experts than mean_active
     distance: str | None = None  # "l2" or "l1" between activation patterns
     max_iters: int | None = None
     normalise_router: bool | None = None
@@ -101,6 +108,9 @@ class CarveConfig:
         self.router = self.router or "representative"
         self.compensate = bool(self.compensate)
         self.dynamic_k = bool(self.dynamic_k)
+        self.k_margin = self.k_margin or 0.0
+        if not 0 <= self.k_margin < 1:
+            raise CMoEError(f"k_margin must lie in [0, 1), got {self.k_margin}.")
         if self.dynamic_k and self.router != "linear":
             raise CMoEError("A per-token number of experts (dynamic_k) needs the linear router; set router='linear'.")
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -149,6 +159,8 @@ class CarveConfig:
     def name(self) -> str:
         if not self.laid_out:
             return f"budget {self.budget:g}"
+        if self.mean_active is not None:  # experts per token on average
+            return f"S{self.shared}A{self.mean_active:.1f}E{self.experts}"
         return f"S{self.shared}A{self.active}E{self.experts}"
 
     @property
@@ -161,16 +173,21 @@ class CarveConfig:
         return self.experts - self.shared - self.dropped
 
     @property
+    def calibrated_k(self) -> float:
+        """The mean number of routed experts a dynamic router's threshold is set for on the calibration tokens."""
+        return max(1.0, (self.mean_active or self.active) * (1 - self.k_margin))
+
+    @property
     def top_k(self) -> int:
         """The most routed experts a token may take: `active`, or with dynamic_k up to twice that."""
-        return min(self.routed, 2 * self.active) if self.dynamic_k else self.active
+        return min(self.routed, 2 * math.ceil(self.mean_active or self.active)) if self.dynamic_k else self.active
 
     def for_ffn(self, ffn_width: int, projections: int) -> "CarveConfig":
         """This config with the layout its budget gives for an FFN of `ffn_width` neurons and `projections`
         weight matrices (3 gated, 2 plain); itself when it has no budget."""
         if self.budget is None:
             return self
-        most = max(MIN_SLICES, min(BUDGET_SLICES, int(ROUTER_SHARE * projections * ffn_width)))
+        most = min(self.slices or BUDGET_SLICES, max(MIN_SLICES, int(ROUTER_SHARE * projections * ffn_width)))
         slices = max(d for d in range(1, most + 1) if ffn_width % d == 0)
         if self.preset == "static":
             kept = min(slices, max(1, round(self.budget * slices)))
@@ -185,7 +202,12 @@ class CarveConfig:
                 raise CMoEError(f"A budget of {self.budget:g} is below the cheapest layout of this {ffn_width}-neuron FFN "
                                 f"({cheapest:.3f}: one of {slices} slices and the router); raise --budget.")
             total = fits[0]
-        return replace(self, shared=total // 4, active=total - total // 4, experts=slices)
+        shared = total // 4
+        laid_out = replace(self, shared=shared, active=total - shared, experts=slices)
+        if self.dynamic_k and total < slices:  # a mean need not be whole: spend the budget the rounding left
+            mean = (self.budget - self.router_cost(slices - shared, ffn_width, projections)) * slices - shared
+            laid_out.mean_active = round(min(max(mean, laid_out.active), slices - shared), 3)
+        return laid_out
 
     def router_cost(self, routed: int, ffn_width: int, projections: int) -> float:
         """The router's multiply-adds per token over the dense FFN's."""

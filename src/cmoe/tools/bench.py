@@ -153,10 +153,14 @@ def random_ffn_pair(hidden: int, intermediate: int, config: CarveConfig, dtype=t
     width = config.expert_width(intermediate)
     order = torch.randperm(intermediate)
     routed = order[config.shared * width:].view(config.routed, width).sort(dim=-1).values
-    moe = MoEFFN.from_dense(ffn, order[: config.shared * width], routed, config.active, config.router)
+    moe = MoEFFN.from_dense(ffn, order[: config.shared * width], routed, config.top_k, config.router)
     with torch.no_grad():
         if moe.router is not None and moe.router.linear:
             nn.init.normal_(moe.router.weight, std=hidden ** -0.5)
+            if config.dynamic_k:  # tokens take `mean_active` experts on average, as a carve calibrates
+                from cmoe.core.router_fit import set_threshold
+
+                set_threshold(moe.router, torch.randn(4096, hidden, dtype=dtype), config.calibrated_k)
         elif moe.router is not None:
             fill_router(moe.router, ffn, routed[:, 0], normalise=False)
     return dense.to(device).eval(), moe.to(device).eval()
