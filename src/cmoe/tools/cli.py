@@ -27,6 +27,8 @@ examples:
 """
 
 
+DEFAULT_BUDGET = 0.75
+
 TEXT_SOURCES = ("wikitext2 (validation split), c4 (documents 500 on), a text file, "
                 "or several joined by + (wikitext2+c4)")
 
@@ -67,9 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     carve.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write the carved model to")
     carve.add_argument("--budget", type=float, metavar="SHARE",
                        help="share of the dense FFN's compute each token may use, router included, e.g. 0.5; the preset "
-                            "picks the layout (default preset: fitted)")
+                            "picks the layout (default preset: fitted; default budget 0.75 where no layout is given)")
+    carve.add_argument("--slices", type=int, metavar="N",
+                       help="with --budget: split the FFN into at most N equal slices (default 64; fewer, wider experts "
+                            "run faster on a CPU and lose more)")
     carve.add_argument("--config", metavar="SxAyEz", help="expert layout in one word, e.g. S3A3E8 (or the three below, not both)")
-    carve.add_argument("--shared", type=int, help="always-on shared experts (default 3)")
+    carve.add_argument("--shared", type=int, help="always-on shared experts (with --active and --experts; default 3)")
     carve.add_argument("--active", type=int, help="routed experts each token uses (default 3)")
     carve.add_argument("--experts", type=int, help="experts in all, shared included (default 8)")
     carve.add_argument("--preset", choices=("fitted", "static", "paper", "reference"),
@@ -179,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("checkpoint", help="the .bin file, e.g. ../shared/models/stories260K/stories260K.bin")
     convert.add_argument("-o", "--output", required=True, help="folder to write")
 
-    demo = commands.add_parser("demo", parents=[shared["data"]], help="fetch SmolLM2, carve S3A3E8, compare perplexity with dense, print a table")
+    demo = commands.add_parser("demo", parents=[shared["data"]], help="fetch SmolLM2, carve it to 75%% of the FFN compute (paper and fitted), compare with dense, print a table")
     demo.add_argument("-o", "--output", default="demo_results", help="where to write results.md and results.json")
     demo.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1,024 tokens to evaluate (default 8)")
     return parser
@@ -264,10 +269,15 @@ def cmd_carve(args) -> dict:
     if args.budget is not None and (args.config or given):
         raise CMoEError(f"--budget and {args.config and '--config ' + args.config or ', '.join(given)} both set the "
                         "experts; give the budget (the preset picks the layout) or the layout.")
+    if args.slices is not None and args.budget is None:
+        raise CMoEError("--slices goes with --budget; give the layout itself with --config otherwise.")
     if args.budget is not None:
-        config = cmoe.CarveConfig(budget=args.budget, **overrides)
+        _at_least("--slices", args.slices, 1)
+        config = cmoe.CarveConfig(budget=args.budget, slices=args.slices, **overrides)
     elif args.config:
         config = cmoe.CarveConfig.from_name(args.config, **overrides)
+    elif not given and args.preset in (None, "fitted", "static"):  # nothing said: the default budget
+        config = cmoe.CarveConfig(budget=DEFAULT_BUDGET, **overrides)
     else:
         config = cmoe.CarveConfig(**counts, **overrides)
     _at_least("--calib-samples", args.calib_samples, 1)
