@@ -302,7 +302,7 @@ def cmd_carve(args) -> dict:
         summary["imbalance_before"] = round(sum(l["imbalance_before"] for l in layers) / len(layers), 3)
         summary["imbalance_after"] = round(sum(l["imbalance_after"] for l in layers) / len(layers), 3)
     print(f"carved {config.name} ({config.preset} preset) in {seconds:.1f} s -> {out}")
-    if "imbalance_before" in summary:
+    if "imbalance_before" in summary and config.balance:
         print(f"routed load, max/mean averaged over layers: {summary['imbalance_before']:.3f} before balancing, "
               f"{summary['imbalance_after']:.3f} after")
     return summary

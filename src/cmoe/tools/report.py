@@ -192,7 +192,15 @@ def describe(folder) -> dict:
                 shared=spec_fields.shared, active=spec_fields.active, experts=spec_fields.experts,
                 active_fraction=round((spec_fields.shared + spec_fields.active) / spec_fields.experts, 4),
                 budget=record.get("config", {}).get("budget"), router=spec_fields.router,
+                dynamic_k=bool(record.get("config", {}).get("dynamic_k")),
+                mean_active=record.get("config", {}).get("mean_active") or record.get("config", {}).get("active"),
                 ffn_width=record.get("ffn_width"), ffn_compute=record.get("ffn_compute"), layers=layers)
+
+
+def _routed_per_token(info: dict) -> str:
+    if info.get("dynamic_k"):
+        return f"{info['mean_active']:g} on average (up to {info['active']})"
+    return str(info["active"])
 
 
 def _compute_line(info: dict) -> str:
@@ -208,8 +216,8 @@ def describe_text(info: dict) -> str:
     calibration = info.get("calibration") or {}
     head = [
         f"{info['folder']}: {info['model_type']}, {info['name']} ({info['preset']} preset, cmoe {info['cmoe_version']})",
-        f"  experts: {info['shared']} shared + {info['active']} of {info['experts'] - info['shared']} routed per token, "
-        f"{info['expert_width']} neurons each, {info['router']} router",
+        f"  experts: {info['shared']} shared + {_routed_per_token(info)} of {info['experts'] - info['shared']} routed per "
+        f"token, {info['expert_width']} neurons each, {info['router']} router",
         _compute_line(info),
         f"  calibration: {calibration.get('source', '?')}, {calibration.get('samples', '?')} x {calibration.get('seqlen', '?')} "
         f"tokens; k_act {info['k_act']}; carved in {info['carve_seconds']} s",
@@ -226,7 +234,8 @@ def describe_text(info: dict) -> str:
             bias=None if layer["bias_min"] is None else f"{layer['bias_min']:+.3f} .. {layer['bias_max']:+.3f}",
             load=" ".join(f"{100 * v:.0f}" for v in layer["load_after"]) or None,
         ))
-    columns = [("layer", "layer"), ("shared", "shared width"), ("routed", "routed experts x width"), ("k", "k"),
+    columns = [("layer", "layer"), ("shared", "shared width"), ("routed", "routed experts x width"),
+               ("k", "k, most" if info.get("dynamic_k") else "k"),
                ("compute", "FFN compute %"),
                ("iters", "k-means iters"), ("imbalance", "load max/mean before -> after"),
                ("bias", "selection bias min .. max"), ("load", "load per routed expert, % (calibration)")]
