@@ -26,6 +26,7 @@ def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, 
             moe.router.gate_scale.zero_()
         if threshold is not None:
             moe.router.threshold.fill_(threshold)
+            moe.router.mean_k.fill_(max(1, top_k // 2))  # about what a threshold near the median gives
     return moe.eval()
 
 
@@ -188,7 +189,8 @@ PREFILL_CASES = CASES + [dict(act="silu", top_k=3, routed=4), dict(act="silu", r
 def test_prefill_kernel_matches_the_pytorch_path(kernel, products, case, monkeypatch):
     # products: SiLU * up in one AVX-512 pass where the processor has it, or ATen's operations
     moe = random_moe(**case)
-    for tokens in (DECODE_KERNEL_SLOTS[torch.float32] // moe.router.top_k + 1, 300):
+    fewest = next(t for t in range(1, 300) if moe.router.expected_slots(t) > DECODE_KERNEL_SLOTS[torch.float32])
+    for tokens in (fewest, 300):
         x = torch.randn(tokens, moe.hidden_size)
         with torch.no_grad():
             assert backend_for(moe, x) == CPU_PREFILL

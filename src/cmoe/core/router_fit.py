@@ -99,6 +99,7 @@ def set_threshold(router: Router, x: torch.Tensor, mean_experts: float) -> float
         middle = (low + high) / 2
         low, high = (middle, high) if mean_count(middle) > mean_experts else (low, middle)
     router.threshold.fill_(high)
+    router.mean_k.fill_(mean_experts)
     return high
 
 

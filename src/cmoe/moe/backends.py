@@ -111,7 +111,7 @@ def backend_for(moe, x: torch.Tensor) -> str:
     router = fused_router(moe)
     if router is None or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return TORCH
-    slots = x.shape[0] * router.top_k
+    slots = router.expected_slots(x.shape[0])
     weights = moe._modules["experts"]._parameters["down_proj"].dtype
     kernels_here = cpu_kernels(x.dtype, weights, router.act)
     if kernels_here is None:

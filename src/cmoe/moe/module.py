@@ -7,6 +7,7 @@ scales at zero, the output equals the dense FFN's up to float rounding.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -93,6 +94,8 @@ class Router(nn.Module):
         self.linear = kind == "linear"
         if self.linear:
             self.register_buffer("threshold", torch.tensor(float("-inf")))
+            # the mean number of experts the threshold was calibrated for: what a step is expected to run
+            self.register_buffer("mean_k", torch.tensor(float(top_k)))
         rows = num_experts * (2 if gated and not self.linear else 1)
         self.weight = nn.Parameter(torch.zeros(rows, hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias or self.linear else None
@@ -116,6 +119,12 @@ class Router(nn.Module):
     def dynamic(self) -> bool:
         """Whether the number of experts follows the token (a linear router with its threshold set)."""
         return self.linear and bool(self._buffers["threshold"] > float("-inf"))
+
+    def expected_slots(self, tokens: int) -> int:
+        """(token, expert) pairs `tokens` tokens are expected to take: for choosing a backend."""
+        if self.dynamic:
+            return tokens * math.ceil(float(self._buffers["mean_k"]))
+        return tokens * self.top_k
 
     def threshold_value(self) -> float:
         return float(self._buffers["threshold"]) if self.linear else float("-inf")
