@@ -129,14 +129,10 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
                       imbalance_before=imbalance(before), imbalance_after=imbalance(after),
                       selection_bias=moe.router.selection_bias.tolist())
         chosen = moe.router(x.to(ffn.up.dtype))[1]  # [T, k]; E marks an empty slot
-        taken = chosen < config.routed
-        neurons = groups.routed.to(x.device)[chosen.clamp_max(config.routed - 1)]  # [T, k, W]
-        neurons = torch.where(taken[..., None], neurons, groups.shared[:1].to(x.device) if len(groups.shared) else neurons)
-        if len(groups.shared) or bool(taken.all()):
-            keep.scatter_(1, neurons.reshape(len(x), -1), True)
-        else:  # no shared neuron to point empty slots at: mark token by token
-            for t in range(len(x)):
-                keep[t, neurons[t][taken[t]].reshape(-1)] = True
+        # an empty slot's neurons are a column past the FFN's, dropped after the scatter
+        table = torch.cat([groups.routed, groups.routed.new_full((1, expert_width), hidden.shape[1])]).to(x.device)
+        keep = torch.cat([keep, keep.new_zeros(len(x), 1)], dim=1)
+        keep = keep.scatter_(1, table[chosen].reshape(len(x), -1), True)[:, :-1]
     slots = 0 if moe.router is None else int((chosen < config.routed).sum())
     record["ffn_compute"] = round(share(*layer_costs(moe, ffn.width), len(x), slots), 4)
     out = (hidden * keep) @ ffn.down.float().T

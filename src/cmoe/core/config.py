@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 from cmoe.errors import CMoEError
+from cmoe.moe.spec import ROUTER_KINDS
 
 # What each preset fills in when the user leaves a field as None.
 PRESETS: dict[str, dict] = {
@@ -54,7 +55,6 @@ PRESETS: dict[str, dict] = {
 }
 
 ACTIVATIONS = ("real", "cosine", "contribution", "fluctuation")
-ROUTERS = ("representative", "linear")
 # A budget splits the FFN into up to this many equal slices: fewer where the width has no such divisor, or
 # where the router (a row per routed slice) would cost more than ROUTER_SHARE of the dense FFN.
 # (never fewer than MIN_SLICES where the width allows: the router of a tiny FFN costs more).
@@ -116,8 +116,8 @@ class CarveConfig:
         if self.budget is not None and not 0 < self.budget <= 1:
             raise CMoEError(f"budget must lie in (0, 1], the share of the dense FFN's compute, got {self.budget}; "
                             "use e.g. --budget 0.5.")
-        if self.router not in ROUTERS:
-            raise CMoEError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}.")
+        if self.router not in ROUTER_KINDS:
+            raise CMoEError(f"router must be one of {', '.join(ROUTER_KINDS)}, got {self.router!r}.")
         if self.mark_share is not None and not 0 < self.mark_share <= 1:
             raise CMoEError(f"mark_share must lie in (0, 1], got {self.mark_share}.")
         if self.activation not in ACTIVATIONS:

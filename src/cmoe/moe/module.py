@@ -21,7 +21,7 @@ from cmoe.moe.backends import (  # noqa: F401  (GPU and GPUPaths are part of thi
     cpu_kernel_call, triton_pieces,
 )
 from cmoe.moe.kernels import ACTIVATION_CODES
-from cmoe.moe.spec import ROUTER_KINDS, MoESpec  # noqa: F401
+from cmoe.moe.spec import MoESpec
 
 
 # Plain functions for the common activations: a module call costs microseconds, which decode notices.
@@ -90,7 +90,7 @@ class Router(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, act: str, gated: bool, bias: bool,
                  kind: str = "representative"):
         super().__init__()
-        self.num_experts, self.top_k, self.gated, self.act, self.kind = num_experts, top_k, gated, act, kind
+        self.num_experts, self.top_k, self.gated, self.act = num_experts, top_k, gated, act
         self.linear = kind == "linear"
         if self.linear:
             self.register_buffer("threshold", torch.tensor(float("-inf")))
@@ -115,19 +115,32 @@ class Router(nn.Module):
         """Softmax of the scores, float32 [T, E]."""
         return self.scores(x).float().softmax(dim=-1)
 
+    def _threshold_state(self) -> tuple[float, float]:
+        """A linear router's (threshold, mean_k) as Python floats, read from the buffers once per change."""
+        # cached per (storage, in-place version) of the buffers, as gates_are_one is: decode reads them every step
+        threshold, mean_k = self._buffers["threshold"], self._buffers["mean_k"]
+        key = (threshold.data_ptr(), threshold._version, mean_k.data_ptr(), mean_k._version)
+        if self.__dict__.get("_threshold_key") != key:
+            self._threshold_key, self._threshold_floats = key, (float(threshold), float(mean_k))
+        return self._threshold_floats
+
     @property
     def dynamic(self) -> bool:
         """Whether the number of experts follows the token (a linear router with its threshold set)."""
-        return self.linear and bool(self._buffers["threshold"] > float("-inf"))
+        if not self.linear:
+            return False
+        if torch.compiler.is_compiling():  # traced: compare on the device rather than read a cache
+            return bool(self._buffers["threshold"] > float("-inf"))
+        return self._threshold_state()[0] > float("-inf")
 
     def expected_slots(self, tokens: int) -> int:
         """(token, expert) pairs `tokens` tokens are expected to take: for choosing a backend."""
         if self.dynamic:
-            return tokens * math.ceil(float(self._buffers["mean_k"]))
+            return tokens * math.ceil(self._threshold_state()[1])
         return tokens * self.top_k
 
     def threshold_value(self) -> float:
-        return float(self._buffers["threshold"]) if self.linear else float("-inf")
+        return self._threshold_state()[0] if self.linear else float("-inf")
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router softmax [T, E] and the chosen experts [T, k] (counted when `count_load` is on)."""
