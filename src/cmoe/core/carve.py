@@ -51,7 +51,8 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
 
     spec = MoESpec(hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared,
                    active=config.top_k, experts=config.experts - config.dropped, act=first.act, gated=first.gated,
-                   bias=first.up_bias is not None, router=config.router, output_bias=config.compensate)
+                   bias=first.up_bias is not None, router=config.router, output_bias=config.compensate,
+                   sparse=config.preset == "sparse")
     section = dict(
         spec.to_dict(),
         record=dict(
@@ -89,6 +90,8 @@ def _check_calibration(calibration) -> torch.Tensor:
 def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int, expert_width: int):
     """Carve one FFN from its calibration inputs x [T, H]: the filled `MoEFFN`, what to record of it, and
     its output on x [T, H] (computed from the dense hidden activation, which it equals while gates are 1)."""
+    if config.preset == "sparse":
+        return build_sparse(x, ffn, config.budget)
     if config.dropped:  # static: the neurons to keep, ranked over all tokens
         hidden, scores = ffn_activations(x, ffn, "real" if config.activation == "fluctuation" else config.activation)
         ranking = fluctuation(hidden, ffn) if config.activation == "fluctuation" else scores.mean(0)
@@ -141,3 +144,61 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
     if compensation is not None:
         out += compensation
     return moe, record, out.to(x.dtype)
+
+
+# The sparse preset tries these shares of the budget for down (the rest goes to gate and up) in each layer.
+HIDDEN_SHARES = (0.45, 0.6, 0.75, 0.9)
+SPLIT_TOKENS = 2048  # calibration tokens, evenly spaced, the split and the thresholds are set on
+
+
+@torch.no_grad()
+def build_sparse(x: torch.Tensor, ffn: FFNWeights, budget: float):
+    """The `sparse` preset's FFN for calibration inputs x [T, H]: per layer, the split of the budget between the
+    input side (gate and up) and down whose output on calibration tokens is nearest the dense FFN's, with
+    thresholds set so that the calibration tokens read that share of rows on average."""
+    width = ffn.width
+    moe = MoEFFN.from_dense(ffn, torch.arange(width), torch.empty(0, width, dtype=torch.long), 0, sparse=True)
+    part, projections = moe.shared, 3 if ffn.gated else 2
+    sample = x[:: max(1, len(x) // SPLIT_TOKENS)].to(ffn.up.dtype)
+    dense = _thresholded_output(part, sample, 1.0, 1.0)
+    best = None
+    for hidden_share in HIDDEN_SHARES if budget < 1 else (1.0,):
+        down = min(1.0, hidden_share * budget)
+        inputs = (projections * budget - down) / (projections - 1)
+        if 0 < inputs <= 1:
+            error = ((_thresholded_output(part, sample, inputs, down) - dense).norm() / dense.norm().clamp_min(1e-30))
+            if best is None or error.item() < best[0]:
+                best = (error.item(), inputs, down)
+    if best is None:  # a budget below every split: the largest input channel alone, the rest for down
+        inputs = 1 / x.shape[1]
+        best = (float("nan"), inputs, max(1 / width, projections * budget - inputs * (projections - 1)))
+    error, inputs, down = best
+    _thresholded_output(part, sample, inputs, down)
+    part.counting = True
+    out = moe(x.to(ffn.up.dtype))
+    part.counting = False
+    read_inputs, read_neurons = (part.read_rows.float() / len(x)).tolist()
+    part.read_rows.zero_()
+    record = dict(input_share=round(inputs, 4), hidden_share=round(down, 4), split_error=round(error, 4),
+                  input_threshold=part.input_threshold.item(), hidden_threshold=part.hidden_threshold.item(),
+                  ffn_compute=round(((projections - 1) * read_inputs / x.shape[1] + read_neurons / width) / projections, 4))
+    return moe, record, out.to(x.dtype)
+
+
+def _thresholded_output(part, x: torch.Tensor, inputs: float, down: float) -> torch.Tensor:
+    """Set `part`'s thresholds so that x's tokens read `inputs` of their input channels and `down` of their
+    neurons on average; its output on x (without the FFN's output bias), in float32."""
+    from cmoe.moe.module import _hidden
+
+    part.input_threshold.fill_(_value_keeping((x.abs() * part.input_scale).float(), inputs))
+    hidden = _hidden((x * part.input_mask(x)) @ part.gate_up_proj, part.width, part.gated, part.act_fn, part.up_bias)
+    part.hidden_threshold.fill_(_value_keeping((hidden.abs() * part.hidden_scale).float(), down))
+    return ((hidden * part.hidden_mask(hidden)) @ part.down_proj).float()
+
+
+def _value_keeping(scores: torch.Tensor, keep: float) -> float:
+    """The value at or above which `keep` of the scores lie (0 keeps them all)."""
+    if keep >= 1:
+        return 0.0
+    flat = scores.flatten()
+    return flat.kthvalue(min(flat.numel(), max(1, round((1 - keep) * flat.numel())))).values.item()

@@ -43,6 +43,10 @@ PRESETS: dict[str, dict] = {
     # folded into a bias. Nothing routed.
     "static": dict(activation="fluctuation", compensate=True, k_act=10, distance="l2", max_iters=0, normalise_router=False,
                    balance=False),
+    # Per-token activation sparsity, not experts: every neuron stays, and each token's gate and up read only its
+    # largest input channels and down only its largest hidden activations (weighted by the weights' norms),
+    # above per-layer thresholds calibrated to the budget. Meant for --budget.
+    "sparse": dict(activation="real", k_act=10, distance="l2", max_iters=0, normalise_router=False, balance=False),
     # The path the official code takes, kept for honest comparison.
     "reference": dict(
         activation="cosine",  # |h| profiled with unit-length inputs and weight rows
@@ -133,6 +137,10 @@ class CarveConfig:
         elif any(v is None for v in counts) and any(v is not None for v in counts):
             raise CMoEError("Give a budget or the expert counts (shared, active, experts), not both; the budget "
                             "lets the preset choose them.")
+        if self.preset == "sparse" and (self.budget is None or (self.shared, self.active, self.experts) not in (
+                (None, None, None), (1, 0, 1))):
+            raise CMoEError("The sparse preset keeps every neuron and needs a budget, not expert counts; "
+                            "give --budget, e.g. --budget 0.5.")
         if self.laid_out:
             self._check_layout()
 
@@ -147,7 +155,7 @@ class CarveConfig:
         if self.preset == "static" and self.active:
             raise CMoEError(f"The static preset routes nothing, but {self.name} asks for {self.active} active experts; "
                             "give --budget, or --shared and --experts with --active 0.")
-        if self.active == 0 and self.shared < self.experts and self.preset != "static":
+        if self.active == 0 and self.shared < self.experts and self.preset not in ("static", "sparse"):
             raise CMoEError(f"{self.name} routes to no expert; set --active to at least 1.")
 
     @property
@@ -157,6 +165,8 @@ class CarveConfig:
 
     @property
     def name(self) -> str:
+        if self.preset == "sparse":
+            return f"sparse{self.budget:g}"
         if not self.laid_out:
             return f"budget {self.budget:g}"
         if self.mean_active is not None:  # experts per token on average
@@ -187,6 +197,8 @@ class CarveConfig:
         weight matrices (3 gated, 2 plain); itself when it has no budget."""
         if self.budget is None:
             return self
+        if self.preset == "sparse":  # one always-on part, the whole FFN
+            return replace(self, shared=1, active=0, experts=1)
         most = min(self.slices or BUDGET_SLICES, max(MIN_SLICES, int(ROUTER_SHARE * projections * ffn_width)))
         slices = max(d for d in range(1, most + 1) if ffn_width % d == 0)
         if self.preset == "static":

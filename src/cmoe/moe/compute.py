@@ -2,7 +2,8 @@
 
 Per layer and token: the shared part, the router's rows and, per chosen expert, its rows, each an H-long
 dot product (gate, up and down: three per neuron in a gated FFN, two in a plain one), over the dense FFN's.
-The chosen experts are counted by the routers themselves (`Router.count_load`), not assumed from top_k.
+The chosen experts are counted by the routers themselves (`Router.count_load`), not assumed from top_k; a
+`sparse` FFN counts the input channels and neurons each token reads (`SparseNeurons.read_rows`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ def layer_costs(moe: MoEFFN, width: int) -> tuple[float, float, float]:
     return shared + router, per_expert, width * projections * hidden
 
 
+def sparse_share(part, width: int, tokens: int) -> float:
+    """A `SparseNeurons` part's multiply-adds over the dense FFN's, from the rows it read for `tokens` tokens:
+    each input channel read costs a row of gate and up (2I, or I plain), each neuron read a row of down (H)."""
+    if not tokens:
+        return float("nan")
+    projections = 3 if part.gated else 2
+    inputs, neurons = part.read_rows.tolist()
+    hidden = part.input_scale.shape[0]
+    return ((projections - 1) * part.width * inputs + hidden * neurons) / (projections * hidden * width * tokens)
+
+
+def is_sparse(moe: MoEFFN) -> bool:
+    return moe.shared is not None and hasattr(moe.shared, "read_rows")
+
+
 def share(fixed: float, per_expert: float, dense: float, tokens: int, slots: int) -> float:
     return (fixed * tokens + per_expert * slots) / (dense * tokens) if tokens else float("nan")
 
@@ -53,10 +69,16 @@ def counting_compute(model):
         if m.router is not None:
             m.router.load_counts.zero_()
             m.router.count_load = True
+        if is_sparse(m):
+            m.shared.read_rows.zero_()
+            m.shared.counting = True
 
     def result() -> dict:
         layers = []
         for m, n in zip(moes, tokens):
+            if is_sparse(m):
+                layers.append(sparse_share(m.shared, width, n))
+                continue
             slots = 0 if m.router is None else int(m.router.load_counts.sum())
             layers.append(share(*layer_costs(m, width), n, slots))
         overall = sum(layers) / len(layers) if layers else float("nan")
@@ -70,6 +92,8 @@ def counting_compute(model):
         for m in moes:
             if m.router is not None:
                 m.router.count_load = False
+            if is_sparse(m):
+                m.shared.counting = False
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 
 from cmoe.moe import backends
 from cmoe.moe.backends import (  # noqa: F401  (GPU and GPUPaths are part of this module's face)
-    CPU_DECODE, CPU_PREFILL, EAGER_DECODE, GPU, NO_TRITON, GPUPaths, TritonPieces, backend_for, can_group,
+    CPU_DECODE, CPU_PREFILL, EAGER_DECODE, FEW_SLOTS, GPU, NO_TRITON, GPUPaths, TritonPieces, backend_for, can_group,
     cpu_kernel_call, triton_pieces,
 )
 from cmoe.moe.kernels import ACTIVATION_CODES
@@ -308,10 +308,14 @@ class MoEFFN(nn.Module):
     """Drop-in replacement for a dense FFN: shared experts + routed experts + (plain FFNs) the output bias."""
 
     def __init__(self, hidden_size: int, expert_width: int, shared: int, routed: int, top_k: int, act: str,
-                 gated: bool, bias: bool, router: str = "representative", output_bias: bool = False):
+                 gated: bool, bias: bool, router: str = "representative", output_bias: bool = False,
+                 sparse: bool = False):
         super().__init__()
+        from cmoe.moe.sparse import SparseNeurons
+
         self.hidden_size = hidden_size
-        self.shared = SharedExperts(hidden_size, shared * expert_width, act, gated, bias) if shared else None
+        shared_kind = SparseNeurons if sparse else SharedExperts  # sparse: the `sparse` preset's whole FFN
+        self.shared = shared_kind(hidden_size, shared * expert_width, act, gated, bias) if shared else None
         self.router = Router(hidden_size, routed, top_k, act, gated, bias, router) if routed else None
         self.experts = RoutedExperts(hidden_size, routed, expert_width, act, gated, bias) if routed else None
         # the FFN's own output bias, and/or what the carve folds in for the neurons it left out
@@ -331,15 +335,24 @@ class MoEFFN(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_dense(cls, ffn, shared_neurons: torch.Tensor, routed_neurons: torch.Tensor, top_k: int,
-                   router: str = "representative", output_bias: bool = False) -> "MoEFFN":
+                   router: str = "representative", output_bias: bool = False, sparse: bool = False) -> "MoEFFN":
         """The MoE FFN made of a dense FFN's neurons: `ffn` holds its weights (`cmoe.hf.adapters.FFNWeights`:
         up [I, H], down [H, I], gate [I, H] or None, up_bias, down_bias, act), `shared_neurons` [S * W] the
         always-on neurons, `routed_neurons` [E, W] each routed expert's; `top_k` experts a token. Router rows
         are left at zero (cmoe.core.router_fit fills them), as is the `output_bias` where asked for; on the
-        weights' device, in their dtype."""
+        weights' device, in their dtype. `sparse`: the whole FFN as `SparseNeurons` (dense until its thresholds
+        are set), nothing routed."""
         width = routed_neurons.shape[1]  # [0, W] where every expert is shared
         moe = cls(ffn.up.shape[1], width, len(shared_neurons) // width, routed_neurons.shape[0], top_k, ffn.act,
-                  ffn.gated, ffn.up_bias is not None, router, output_bias).to(device=ffn.up.device, dtype=ffn.up.dtype)
+                  ffn.gated, ffn.up_bias is not None, router, output_bias, sparse)
+        moe = moe.to(device=ffn.up.device, dtype=ffn.up.dtype)
+        if sparse:
+            from cmoe.moe.sparse import SparseNeurons
+
+            moe.shared = SparseNeurons.from_dense(ffn)
+            if ffn.down_bias is not None:
+                moe.down_bias.copy_(ffn.down_bias)
+            return moe
 
         def input_rows(neurons):  # [gate; up] rows of these neurons (up rows alone for a plain FFN)
             rows = ffn.up[neurons]
@@ -364,11 +377,14 @@ class MoEFFN(nn.Module):
         """An empty module of this spec (a `MoESpec`, or a config's `cmoe` section, checked first)."""
         spec = spec if isinstance(spec, MoESpec) else MoESpec.from_dict(spec)
         return cls(spec.hidden_size, spec.expert_width, spec.shared, spec.routed, spec.active, spec.act, spec.gated,
-                   spec.bias, spec.router, spec.output_bias)
+                   spec.bias, spec.router, spec.output_bias, spec.sparse)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
+        if (self.router is None and x.shape[0] <= FEW_SLOTS and getattr(self.shared, "counting", True) is False
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            return self._decode_sparse(x).view(shape)  # a sparse FFN's decode step reads only the rows it uses
         backend = backend_for(self, x)
         if backend is CPU_DECODE or backend is CPU_PREFILL:
             return self.cpu_kernel(backend, x).view(shape)
@@ -418,6 +434,12 @@ class MoEFFN(nn.Module):
             up_bias=e.get("up_bias"), down=e["down_proj"], down_bias=self._parameters.get("down_bias"),
             top_k=router.top_k, act=router.act, gated=experts.gated, linear_router=router.linear,
             threshold=router.threshold_value())
+
+    def _decode_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        for token in range(x.shape[0]):
+            self.shared.row_into(out[token], x[token])
+        return out if self.down_bias is None else out + self.down_bias
 
     def _decode_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The decode step in PyTorch operations: the fallback of the compiled kernel, and its reference."""

@@ -53,6 +53,7 @@ class MoESpec:
     bias: bool  # the FFN's projections have biases
     router: str = "representative"  # how experts are scored: one of ROUTER_KINDS (folders before 0.x lack it)
     output_bias: bool = False  # a bias on the output, folded in for neurons the carve left out
+    sparse: bool = False  # the `sparse` preset: one always-on part, the whole FFN, with per-token activation sparsity
 
     @property
     def routed(self) -> int:
