@@ -25,7 +25,7 @@ def logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("preset", ["fitted", "static"])
+@pytest.mark.parametrize("preset", ["fitted", "static", "sparse"])
 def test_the_full_budget_equals_dense(family, preset):
     model = tiny_model(family)
     ids = tokens()
@@ -37,7 +37,7 @@ def test_the_full_budget_equals_dense(family, preset):
 @pytest.mark.parametrize("width,projections", [(64, 3), (1536, 3), (11008, 3), (172, 3), (3072, 2), (8192, 3)])
 @pytest.mark.parametrize("budget", [0.25, 0.5, 0.75, 0.9])
 def test_a_budget_gives_the_most_slices_that_fit_it(width, projections, budget):
-    config = cmoe.CarveConfig(budget=budget)
+    config = cmoe.CarveConfig(budget=budget, preset="fitted")
     if width == 172 and budget == 0.25:  # 172 = 4 x 43: 4 slices, and one of them and the router cost more
         with pytest.raises(cmoe.CMoEError, match="raise --budget"):
             config.for_ffn(width, projections)
@@ -68,7 +68,7 @@ def test_a_budget_and_a_layout_cannot_both_be_given():
 
 
 def test_realised_compute_is_counted_with_the_router_not_assumed():
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, dynamic_k=False), tokens(), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="fitted", dynamic_k=False), tokens(), progress=False)
     config = cmoe.CarveConfig(**moe.carve_record["config"])
     ffn = moe.model.layers[0].mlp
     hidden, width = 32, 64
@@ -88,7 +88,7 @@ def test_realised_compute_is_counted_with_the_router_not_assumed():
 
 
 def test_a_per_token_number_of_experts_keeps_to_the_budget_on_held_out_text():
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5), tokens(16, 64), progress=False)
+    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="fitted"), tokens(16, 64), progress=False)
     config = cmoe.CarveConfig(**moe.carve_record["config"])
     mean = config.mean_active
     assert config.dynamic_k and config.active < mean < config.active + 1  # the budget, not a whole number of experts
@@ -143,7 +143,7 @@ def test_the_fitted_router_picks_the_oracles_experts_more_often_than_the_represe
     hook.remove()
     x = torch.cat(inputs)
     ffn = adapter.read(layer, model.config)
-    config = cmoe.CarveConfig(budget=0.5).for_ffn(ffn.width, 3)
+    config = cmoe.CarveConfig(budget=0.5, preset="fitted").for_ffn(ffn.width, 3)
     hidden, scores = ffn_activations(x, ffn, "contribution")
     marks = activation_marks(scores, config.resolved_k_act(ffn.width))
     groups = group_neurons(marks, activation_rate(marks), config)
@@ -160,7 +160,7 @@ def test_the_fitted_router_picks_the_oracles_experts_more_often_than_the_represe
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("preset", ["fitted", "static"])
+@pytest.mark.parametrize("preset", ["fitted", "static", "sparse"])
 def test_budget_models_save_load_and_generate(family, preset, tmp_path):
     moe = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(budget=0.5, preset=preset), tokens(), progress=False)
     moe.save_pretrained(tmp_path / "out")
@@ -174,4 +174,5 @@ def test_budget_models_save_load_and_generate(family, preset, tmp_path):
     assert spec["router"] == ("linear" if preset == "fitted" else "representative")
     assert spec["output_bias"] == (preset == "static")
     modules = [m for m in loaded.modules() if isinstance(m, MoEFFN)]
-    assert (modules[0].router is None) == (preset == "static")
+    assert (modules[0].router is None) == (preset != "fitted")
+    assert spec["sparse"] == (preset == "sparse")

@@ -305,7 +305,7 @@ def test_wrapping_with_lora_prints_no_deprecation_warning_from_peft(carved):
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
-@pytest.mark.parametrize("preset", ["fitted", "static"])
+@pytest.mark.parametrize("preset", ["fitted", "static", "sparse"])
 def test_budget_models_fine_tune(preset, tmp_path):
     model = cmoe.carve_(tiny_text_model(), cmoe.CarveConfig(budget=0.5, preset=preset), PATTERN[:, :256].view(4, 64),
                         progress=False)

@@ -62,6 +62,9 @@ ACTIVATIONS = ("real", "cosine", "contribution", "fluctuation")
 # A budget splits the FFN into up to this many equal slices: fewer where the width has no such divisor, or
 # where the router (a row per routed slice) would cost more than ROUTER_SHARE of the dense FFN.
 # (never fewer than MIN_SLICES where the width allows: the router of a tiny FFN costs more).
+# With a budget and no preset named: `sparse` from this budget up, `fitted` below it. Under about half the
+# FFN, a sparse FFN's gate and up must skip most input channels, and SmolLM2 collapses (BENCHMARKS.md).
+SPARSE_FROM = 0.5
 BUDGET_SLICES = 64
 ROUTER_SHARE = 0.02
 MIN_SLICES = 8
@@ -74,16 +77,17 @@ class CarveConfig:
     """How to carve: `shared` always-on experts, `active` routed experts per token, `experts` in all.
 
     `S3A3E8` is `CarveConfig(shared=3, active=3, experts=8)`: 6 of 8 equal slices of the FFN run per token.
-    `CarveConfig(budget=0.5)` leaves the layout to the preset (`fitted` unless named): the most FFN slices
-    whose compute, router included, fits in half the dense FFN's (`for_ffn` fills it in once the FFN is known).
-    The `static` preset keeps `shared` of `experts` slices and leaves the rest out (`active` 0).
+    `CarveConfig(budget=0.5)` leaves the layout to the preset (`sparse` from SPARSE_FROM up, else `fitted`):
+    `fitted` takes the most FFN slices whose compute, router included, fits in half the dense FFN's (`for_ffn`
+    fills it in once the FFN is known); `static` keeps `shared` of `experts` slices and leaves the rest out
+    (`active` 0); `sparse` keeps one part, the whole FFN (S1A0E1), and sets per-token thresholds.
     Fields left as None take the preset's value.
     """
 
     shared: int | None = None  # default 3 (with a budget: the preset's layout)
     active: int | None = None  # default 3
     experts: int | None = None  # default 8
-    preset: str | None = None  # default: "fitted" with a budget, else "paper"
+    preset: str | None = None  # default: with a budget "sparse" (from SPARSE_FROM up) or "fitted", else "paper"
     budget: float | None = None  # share of the dense FFN's multiply-adds a token may use; sets the layout
     slices: int | None = None  # with a budget: split the FFN into up to this many slices (default BUDGET_SLICES)
     activation: str | None = None  # what profiling ranks neurons by: one of ACTIVATIONS
@@ -103,7 +107,7 @@ class CarveConfig:
 
     def __post_init__(self):
         if self.preset is None:
-            self.preset = "fitted" if self.budget is not None else "paper"
+            self.preset = "paper" if self.budget is None else "sparse" if self.budget >= SPARSE_FROM else "fitted"
         if self.preset not in PRESETS:
             raise CMoEError(f"Unknown preset {self.preset!r}; use one of {', '.join(PRESETS)}.")
         for key, value in PRESETS[self.preset].items():

@@ -436,9 +436,7 @@ class MoEFFN(nn.Module):
             threshold=router.threshold_value())
 
     def _decode_sparse(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(x)
-        for token in range(x.shape[0]):
-            self.shared.row_into(out[token], x[token])
+        out = self.shared.decode(x)
         return out if self.down_bias is None else out + self.down_bias
 
     def _decode_eager(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cmoe.moe import kernels
+from cmoe.moe.kernels import ACTIVATION_CODES
 from cmoe.moe.module import _hidden, _row_hidden, activation
 
 
@@ -62,10 +64,34 @@ class SparseNeurons(nn.Module):
             self.read_rows += torch.stack([keep_in.sum(), keep_hidden.sum()])
         return (hidden * keep_hidden) @ self.down_proj
 
+    def thresholds(self) -> tuple[float, float]:
+        """The two thresholds as floats, read from the buffers once per change (a read costs a host sync)."""
+        version = (self.input_threshold._version, self.hidden_threshold._version,
+                   self.input_threshold.data_ptr(), self.hidden_threshold.data_ptr())
+        if getattr(self, "_thresholds", (None,))[0] != version:
+            self._thresholds = (version, (self.input_threshold.item(), self.hidden_threshold.item()))
+        return self._thresholds[1]
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """A few tokens x [T, H] (no autograd), reading only the rows each keeps: the compiled CPU step where it
+        applies, else PyTorch row by row."""
+        compiled = kernels.moe_cpu() if x.device.type == "cpu" else None
+        weights = self.down_proj.dtype
+        if (compiled is not None and self.act in ACTIVATION_CODES and weights in (torch.float32, torch.bfloat16)
+                and x.dtype in (torch.float32, torch.bfloat16)):
+            input_threshold, hidden_threshold = self.thresholds()
+            return compiled.sparse_decode(x, self.gate_up_proj, self.up_bias, self.down_proj, self.input_scale,
+                                          input_threshold, self.hidden_scale, hidden_threshold,
+                                          ACTIVATION_CODES[self.act], self.gated)
+        out = torch.empty_like(x)
+        for token in range(x.shape[0]):
+            self.row_into(out[token], x[token])
+        return out
+
     def row_into(self, out_row: torch.Tensor, row: torch.Tensor) -> None:
         """One token [H]: read only the rows its masks keep; write the output into `out_row`."""
         inputs = self.input_mask(row).nonzero().squeeze(1)
         projected = row[inputs].to(self.gate_up_proj.dtype) @ self.gate_up_proj.index_select(0, inputs)
         hidden = _row_hidden(projected, self.width, self.gated, self.act_fn, self.up_bias)
         neurons = self.hidden_mask(hidden).nonzero().squeeze(1)
-        torch.matmul(hidden[neurons], self.down_proj.index_select(0, neurons), out=out_row)
+        torch.mv(self.down_proj.index_select(0, neurons).T, hidden[neurons], out=out_row)

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     carve.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write the carved model to")
     carve.add_argument("--budget", type=float, metavar="SHARE",
                        help="share of the dense FFN's compute each token may use, router included, e.g. 0.5; the preset "
-                            "picks the layout (default preset: fitted; default budget 0.75 where no layout is given)")
+                            "picks the layout (default preset: sparse from 0.5 up, fitted below; default budget 0.75 "
+                            "where no layout is given)")
     carve.add_argument("--slices", type=int, metavar="N",
                        help="with --budget: split the FFN into at most N equal slices (default 64; fewer, wider experts "
                             "run faster on a CPU and lose more)")
@@ -77,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     carve.add_argument("--shared", type=int, help="always-on shared experts (with --active and --experts; default 3)")
     carve.add_argument("--active", type=int, help="routed experts each token uses (default 3)")
     carve.add_argument("--experts", type=int, help="experts in all, shared included (default 8)")
-    carve.add_argument("--preset", choices=("fitted", "static", "paper", "reference"),
-                       help="fitted: finer experts and a fitted router (default with --budget); static: prune to the "
-                            "budget, nothing routed; paper: the method as published (default with a layout); "
-                            "reference: the official code's path")
+    carve.add_argument("--preset", choices=("sparse", "fitted", "static", "paper", "reference"),
+                       help="sparse: every neuron kept, each token reads only its largest inputs and activations (default "
+                            "with --budget from 0.5 up); fitted: finer experts and a fitted router (default below 0.5); "
+                            "static: prune to the budget, nothing routed; paper: the method as published (default with "
+                            "a layout); reference: the official code's path")
     carve.add_argument("--k-act", type=int, help="neurons marked per token when profiling (default: the preset's)")
     carve.add_argument("--no-balance", action="store_true", help="leave the routers' selection bias at zero")
     carve.add_argument("--calib", default="wikitext2", metavar="SOURCE",
@@ -276,7 +278,7 @@ def cmd_carve(args) -> dict:
         config = cmoe.CarveConfig(budget=args.budget, slices=args.slices, **overrides)
     elif args.config:
         config = cmoe.CarveConfig.from_name(args.config, **overrides)
-    elif not given and args.preset in (None, "fitted", "static"):  # nothing said: the default budget
+    elif not given and args.preset in (None, "sparse", "fitted", "static"):  # nothing said: the default budget
         config = cmoe.CarveConfig(budget=DEFAULT_BUDGET, **overrides)
     else:
         config = cmoe.CarveConfig(**counts, **overrides)

@@ -182,6 +182,7 @@ def describe(folder) -> dict:
             gate_scale_max=max((abs(s) for s in scale), default=None),
             load_after=[round(v, 4) for v in layer.get("load_after", [])],
             ffn_compute=layer.get("ffn_compute"),
+            input_share=layer.get("input_share"), hidden_share=layer.get("hidden_share"),
             mean_activation_rate=round(sum(layer["activation_rate"]) / len(layer["activation_rate"]), 4)
             if layer.get("activation_rate") else None,
         ))
@@ -191,6 +192,7 @@ def describe(folder) -> dict:
                 cmoe_version=record.get("cmoe_version"), hidden_size=spec_fields.hidden_size, expert_width=width,
                 shared=spec_fields.shared, active=spec_fields.active, experts=spec_fields.experts,
                 active_fraction=round((spec_fields.shared + spec_fields.active) / spec_fields.experts, 4),
+                sparse=spec_fields.sparse,
                 budget=record.get("config", {}).get("budget"), router=spec_fields.router,
                 dynamic_k=bool(record.get("config", {}).get("dynamic_k")),
                 mean_active=record.get("config", {}).get("mean_active") or record.get("config", {}).get("active"),
@@ -213,6 +215,8 @@ def _compute_line(info: dict) -> str:
 
 def describe_text(info: dict) -> str:
     """`cmoe inspect`'s printout of `describe`."""
+    if info.get("sparse"):
+        return _describe_sparse(info)
     calibration = info.get("calibration") or {}
     head = [
         f"{info['folder']}: {info['model_type']}, {info['name']} ({info['preset']} preset, cmoe {info['cmoe_version']})",
@@ -240,6 +244,28 @@ def describe_text(info: dict) -> str:
                ("iters", "k-means iters"), ("imbalance", "load max/mean before -> after"),
                ("bias", "selection bias min .. max"), ("load", "load per routed expert, % (calibration)")]
     return "\n".join(head) + table(rows, columns)
+
+
+def _describe_sparse(info: dict) -> str:
+    calibration = info.get("calibration") or {}
+    head = [
+        f"{info['folder']}: {info['model_type']}, {info['name']} ({info['preset']} preset, cmoe {info['cmoe_version']})",
+        f"  every one of the {info['expert_width']} neurons kept; per token, gate and up read the input channels above "
+        "a threshold and down the neurons above another (activation sparsity, no experts)",
+        _compute_line(info),
+        f"  calibration: {calibration.get('source', '?')}, {calibration.get('samples', '?')} x {calibration.get('seqlen', '?')} "
+        f"tokens; carved in {info['carve_seconds']} s",
+        "",
+    ]
+    rows = [dict(layer=layer["layer"], inputs=_percent(layer.get("input_share")), neurons=_percent(layer.get("hidden_share")),
+                 compute=_percent(layer.get("ffn_compute"))) for layer in info["layers"]]
+    columns = [("layer", "layer"), ("inputs", "input channels read %"), ("neurons", "neurons read by down %"),
+               ("compute", "FFN compute % (calibration)")]
+    return "\n".join(head) + table(rows, columns)
+
+
+def _percent(share):
+    return None if share is None else f"{100 * share:.1f}"
 
 
 def task_table(scores: dict) -> str:

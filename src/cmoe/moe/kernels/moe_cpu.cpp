@@ -135,6 +135,46 @@ CMOE_CLONES float dot(const uint16_t* w, const float* x, int64_t n) {  // the ro
   return out;
 }
 
+// Row sums for the sparse preset's decode: acc[0..n) += sum over r of v[r] * w[idx[r] * stride + 0..n), four
+// rows a pass (one load and store of acc per four rows). The order of the sums is fixed, so results do not
+// depend on the thread count, which splits the columns.
+template <typename W>
+inline void add_rows(const W* __restrict w, int64_t stride, const int64_t* idx, const float* v, int64_t rows, int64_t n,
+                     float* __restrict acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const W *w0 = w + idx[r] * stride, *w1 = w + idx[r + 1] * stride, *w2 = w + idx[r + 2] * stride,
+            *w3 = w + idx[r + 3] * stride;
+    const float a0 = v[r], a1 = v[r + 1], a2 = v[r + 2], a3 = v[r + 3];
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+      f32x8 sum = load8(acc + c);
+      sum += (a0 * load8(w0 + c) + a1 * load8(w1 + c)) + (a2 * load8(w2 + c) + a3 * load8(w3 + c));
+      std::memcpy(acc + c, &sum, sizeof sum);
+    }
+    for (; c < n; ++c) acc[c] += (a0 * widen(w0[c]) + a1 * widen(w1[c])) + (a2 * widen(w2[c]) + a3 * widen(w3[c]));
+  }
+  for (; r < rows; ++r) {
+    const W* w0 = w + idx[r] * stride;
+    const float a0 = v[r];
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+      f32x8 sum = load8(acc + c) + a0 * load8(w0 + c);
+      std::memcpy(acc + c, &sum, sizeof sum);
+    }
+    for (; c < n; ++c) acc[c] += a0 * widen(w0[c]);
+  }
+}
+
+CMOE_CLONES void rows_into(const float* w, int64_t stride, const int64_t* idx, const float* v, int64_t rows, int64_t n,
+                           float* acc) {
+  add_rows(w, stride, idx, v, rows, n, acc);
+}
+CMOE_CLONES void rows_into(const uint16_t* w, int64_t stride, const int64_t* idx, const float* v, int64_t rows,
+                           int64_t n, float* acc) {
+  add_rows(w, stride, idx, v, rows, n, acc);
+}
+
 // A block of products: sums[t * R + r] = W[r] . x[t] for R weight rows (`stride` apart) and T tokens
 // (`ldx` apart), each row `n` long.
 template <typename W>
@@ -959,6 +999,75 @@ at::Tensor moe_decode(const at::Tensor& x, const c10::optional<at::Tensor>& shar
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
+namespace {
+
+// acc [n] = sum over the kept rows of value * row, the columns split over the threads (64 at least each).
+template <typename W>
+void sum_rows(const W* w, int64_t n, const std::vector<int64_t>& idx, const std::vector<float>& val, float* acc) {
+  std::fill_n(acc, n, 0.0f);
+  at::parallel_for(0, (n + 63) / 64, 4, [&](int64_t begin, int64_t end) {
+    const int64_t from = begin * 64, to = std::min(n, end * 64);
+    rows_into(w + from, n, idx.data(), val.data(), static_cast<int64_t>(idx.size()), to - from, acc + from);
+  });
+}
+
+template <typename W>
+void sparse_step(const at::Tensor& rows, const at::Tensor& gate_up, const Vector& up_bias, const at::Tensor& down,
+                 const Vector& input_scale, float input_threshold, const Vector& hidden_scale, float hidden_threshold,
+                 int64_t act, bool gated, float* out) {
+  const int64_t tokens = rows.size(0), hidden = rows.size(1), projected_width = gate_up.size(1), width = down.size(0);
+  const W* gate_up_rows = matrix_data<W>(gate_up);
+  const W* down_rows = matrix_data<W>(down);
+  std::vector<float> projected(projected_width), values;
+  std::vector<int64_t> kept;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* x = rows.data_ptr<float>() + t * hidden;
+    kept.clear();
+    values.clear();
+    for (int64_t i = 0; i < hidden; ++i) {
+      if (std::fabs(x[i]) * input_scale[i] >= input_threshold) {
+        kept.push_back(i);
+        values.push_back(x[i]);
+      }
+    }
+    sum_rows(gate_up_rows, projected_width, kept, values, projected.data());
+    hidden_inplace(projected.data(), width, gated, act, up_bias);
+    kept.clear();
+    values.clear();
+    for (int64_t j = 0; j < width; ++j) {
+      if (std::fabs(projected[j]) * hidden_scale[j] >= hidden_threshold) {
+        kept.push_back(j);
+        values.push_back(projected[j]);
+      }
+    }
+    sum_rows(down_rows, hidden, kept, values, out + t * hidden);
+  }
+}
+
+}  // namespace
+
+// The sparse preset's FFN (cmoe.moe.sparse.SparseNeurons, without the output bias) for a few tokens x [T, H]:
+// gate_up [H, 2I] or [H, I] and down [I, H] hold one row per input channel and per neuron, float32 or bfloat16;
+// a token reads the gate/up rows of the channels with |x_i| * input_scale_i >= input_threshold and the down rows
+// of the neurons with |h_j| * hidden_scale_j >= hidden_threshold. Sums and activations in float32; the output
+// in x's dtype.
+at::Tensor sparse_decode(const at::Tensor& x, const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias,
+                         const at::Tensor& down, const at::Tensor& input_scale, double input_threshold,
+                         const at::Tensor& hidden_scale, double hidden_threshold, int64_t act, bool gated) {
+  TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 2 && down.dim() == 2 && gate_up.size(0) == x.size(1) &&
+                  down.size(1) == x.size(1) && gate_up.size(1) == down.size(0) * (gated ? 2 : 1) &&
+                  input_scale.numel() == x.size(1) && hidden_scale.numel() == down.size(0) &&
+                  gate_up.scalar_type() == down.scalar_type(),
+              "cmoe sparse decode: the shapes of x, gate_up, down and the scales do not fit together");
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const at::Tensor rows = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(rows);
+  const auto step = down.scalar_type() == at::kBFloat16 ? &sparse_step<uint16_t> : &sparse_step<float>;
+  step(rows, gate_up, vector_or_empty(up_bias), down, vector_of(input_scale), static_cast<float>(input_threshold),
+       vector_of(hidden_scale), static_cast<float>(hidden_threshold), act, gated, out.data_ptr<float>());
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
 // Allows or forbids the AVX-512 products; returns whether bfloat16 steps now use them (AVX512-BF16).
 bool use_avx512(bool allowed) {
   avx512_allowed = allowed;
@@ -976,6 +1085,7 @@ bool use_amx(bool allowed) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_decode", &moe_decode, "MoE FFN forward for a few tokens on the CPU (float32 or bfloat16 weights)");
   m.def("moe_prefill", &moe_prefill, "MoE FFN forward for many tokens on the CPU (float32)");
+  m.def("sparse_decode", &sparse_decode, "the sparse preset's FFN for a few tokens on the CPU, reading only the rows kept");
   m.def("use_amx", &use_amx, "allow or forbid the AMX tiles; true if bfloat16 steps now use them");
   m.def("uses_amx", &has_amx, "whether bfloat16 steps use AMX tiles (the processor has them, and they are allowed)");
   m.def("use_avx512", &use_avx512, "allow or forbid the AVX-512 products; true if bfloat16 steps now use them");

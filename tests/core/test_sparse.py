@@ -1,0 +1,113 @@
+"""The sparse preset: per-token activation sparsity calibrated to a budget, and the compute it really does."""
+
+import pytest
+import torch
+
+import cmoe
+from cmoe.moe.compute import measure_compute
+from cmoe.moe.module import MoEFFN
+from conftest import tiny_model, tokens
+
+
+def sparse_model(family="llama", budget=0.5):
+    return cmoe.carve_(tiny_model(family), cmoe.CarveConfig(budget=budget, preset="sparse"), tokens(16, 64),
+                       progress=False)
+
+
+def ffns(model):
+    return [m for m in model.modules() if isinstance(m, MoEFFN)]
+
+
+def test_a_budget_without_a_preset_takes_sparse_from_half_up():
+    assert cmoe.CarveConfig(budget=0.75).preset == "sparse"
+    assert cmoe.CarveConfig(budget=0.5).preset == "sparse"
+    assert cmoe.CarveConfig(budget=0.25).preset == "fitted"
+    assert cmoe.CarveConfig(budget=0.5).for_ffn(1536, 3).name == "sparse0.5"
+
+
+@pytest.mark.parametrize("counts", [dict(), dict(shared=3, active=3, experts=8)])
+def test_sparse_needs_a_budget_and_no_layout(counts):
+    with pytest.raises(cmoe.CMoEError, match="needs a budget"):
+        cmoe.CarveConfig(preset="sparse", **counts)
+
+
+@pytest.mark.parametrize("family,projections", [("llama", 3), ("gpt2", 2)])
+def test_each_layer_splits_the_budget_and_its_thresholds_meet_it(family, projections):
+    model = sparse_model(family)
+    record = model.carve_record
+    for layer in record["layers"]:
+        spent = ((projections - 1) * layer["input_share"] + layer["hidden_share"]) / projections
+        assert spent == pytest.approx(0.5, abs=1e-3)
+        assert layer["ffn_compute"] == pytest.approx(0.5, abs=0.03)  # counted on the calibration tokens
+    held_out = measure_compute(model, tokens(8, 64, seed=11).reshape(-1), seqlen=64, max_windows=8)
+    assert held_out["overall"] == pytest.approx(0.5, abs=0.06)
+    assert held_out["tokens"] == 512
+
+
+def test_the_compute_count_follows_the_rows_read():
+    model = sparse_model()
+    ids = tokens(2, 40, seed=3).reshape(-1)
+    for ffn in ffns(model):  # thresholds at 0 read every row: the dense FFN
+        ffn.shared.input_threshold.zero_()
+        ffn.shared.hidden_threshold.zero_()
+    assert measure_compute(model, ids, seqlen=40, max_windows=2)["overall"] == pytest.approx(1.0)
+    for ffn in ffns(model):  # no input read: gate and up are zero, so no neuron is read either
+        ffn.shared.input_threshold.fill_(float("inf"))
+        ffn.shared.hidden_threshold.fill_(1e-30)
+    assert measure_compute(model, ids, seqlen=40, max_windows=2)["overall"] == 0.0
+    assert not any(ffn.shared.counting for ffn in ffns(model))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_the_decode_step_reads_only_the_rows_the_masks_keep_and_agrees_with_the_forward(dtype, tolerance):
+    model = sparse_model(budget=0.5).to(dtype)
+    ffn = ffns(model)[1]
+    x = torch.randn(3, 32).to(dtype)
+    with torch.no_grad():
+        full = ffn.torch_forward(x)
+        for token in range(3):
+            step = ffn(x[token:token + 1])
+            assert torch.allclose(step.float(), full[token:token + 1].float(), atol=tolerance * full.abs().max().item())
+        masked_out = ffn.shared.input_mask(x[:1])
+        assert 0 < masked_out.float().mean() < 1  # the step really skips input channels
+
+
+def test_a_sparse_model_is_not_the_dense_one_below_the_full_budget():
+    dense = tiny_model("llama")
+    model = sparse_model(budget=0.5)
+    ids = tokens(2, 16, seed=4)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, dense(ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "opt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_decode_step_matches_the_pytorch_rows(family, dtype):
+    from cmoe.moe import kernels
+
+    if kernels.moe_cpu() is None:
+        pytest.skip("the CPU kernels did not build here (no compiler); the PyTorch rows run instead")
+    model = sparse_model(family).to(dtype)
+    part = ffns(model)[1].shared
+    x = torch.randn(16, 32).to(dtype)
+    with torch.no_grad():
+        compiled = part.decode(x).float()
+        rows = torch.empty(16, 32, dtype=dtype)
+        for token in range(16):
+            part.row_into(rows[token], x[token])
+    rows = rows.float()
+    error = (compiled - rows).norm(dim=1) / rows.norm(dim=1)
+    if dtype == torch.float32:
+        assert error.max() < 1e-5
+    else:  # bfloat16 rounds differently in each path, which can move a value across a threshold now and then
+        assert error.median() < 2e-2 and error.max() < 0.2, error
+    assert rows.norm() > 0
+
+
+def test_a_sparse_folder_is_described_by_inspect(tmp_path):
+    from cmoe.tools.report import describe, describe_text
+
+    sparse_model("gpt2").save_pretrained(tmp_path / "out")
+    text = describe_text(describe(tmp_path / "out"))
+    assert "input channels read %" in text and "sparse0.5 (sparse preset" in text
+    assert text.count("\n") >= 5 + 2  # a row per layer
