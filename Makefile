@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-speed bench-zeroshot bench-finetune clean
+.PHONY: install demo test bench bench-speed bench-budget bench-zeroshot bench-finetune clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: bench-speed
 
 bench-speed: $(STAMP)
 	$(BIN)/python bench/speed.py
+
+# Issue 25's table: every preset at 75%, 50% and 25% of the FFN's compute (hours on two cores; resumable),
+# then their speed against the paper's layouts at the same budgets.
+bench-budget: $(STAMP)
+	PYTHONPATH=src:bench $(BIN)/python bench/budget.py
+	PYTHONPATH=src:bench $(BIN)/python bench/budget_speed.py
 
 bench-zeroshot: $(STAMP)
 	$(BIN)/python bench/zeroshot.py

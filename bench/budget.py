@@ -1,10 +1,10 @@
-"""Carving to a budget (issue 25): `paper`, `static` and `fitted` at the same FFN compute, SmolLM2-135M.
+"""Carving to a budget (issue 25): `paper`, `static`, `fitted` and `sparse` at the same FFN compute, SmolLM2-135M.
 
-    PYTHONPATH=src:bench .venv/bin/python bench/budget.py [--budgets 0.75,0.5,0.25] [--presets fitted,static,paper]
+    PYTHONPATH=src:bench .venv/bin/python bench/budget.py [--budgets 0.75,0.5,0.25] [--presets sparse,fitted,static,paper]
         [--seeds 0] [--windows 32] [--sets wikitext2,c4] [--output bench/results/budget_smollm2.json]
 
 Protocol: seqlen 2048, the first N windows of each evaluation text; calibration 8 x 2,048 WikiText-2
-validation tokens sampled with the seed. `fitted` and `static` take `--budget`; `paper` takes the paper's
+validation tokens sampled with the seed. `sparse`, `fitted` and `static` take `--budget`; `paper` takes the paper's
 layout nearest the budget (S3A3E8, S2A2E8, S1A1E8). Each row has the FFN compute counted on the WikiText-2
 windows (router included) and the carve time (model loading excluded). Rows already in the output with the
 same protocol are kept, so a stopped run resumes.
@@ -39,7 +39,7 @@ def carve_config(preset: str, budget: float) -> cmoe.CarveConfig:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="0.75,0.5,0.25")
-    parser.add_argument("--presets", default="fitted,static,paper")
+    parser.add_argument("--presets", default="sparse,fitted,static,paper")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--sets", default="wikitext2,c4")

@@ -1,11 +1,12 @@
-"""Speed at a budget (issue 25): the fitted preset's FFN against the paper's at the same compute, and dense.
+"""Speed at a budget (issue 25): the sparse and fitted presets' FFNs against the paper's at the same compute, and dense.
 
     PYTHONPATH=src:bench .venv/bin/python bench/budget_speed.py [--budgets 0.75,0.5,0.25] [--dtypes float32,bfloat16]
+        [--presets sparse,fitted]
 
 SmolLM2's FFN shape (hidden 576, intermediate 1536) with random weights (speed does not depend on them; a
 random router spreads tokens about evenly, as the balanced ones do): prefill of 2,048 tokens, one layer,
 and decode at batch 1 through 30 layers in turn (each its own copy, so weights come from memory). Dense,
-`paper` (S3A3E8, S2A2E8, S1A1E8) and `fitted` (--budget) are timed interleaved in one run, medians of
+`paper` (S3A3E8, S2A2E8, S1A1E8) and each preset of --presets (at --budget) are timed interleaved in one run, medians of
 repeated runs. Writes bench/results/budget_speed_cpu.json.
 """
 
@@ -32,6 +33,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="0.75,0.5,0.25")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--presets", default="sparse,fitted")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "budget_speed_cpu.json")
     args = parser.parse_args()
@@ -40,8 +42,9 @@ def main():
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         for budget in map(float, args.budgets.split(",")):
+            presets = args.presets.split(",")
             configs = dict(paper=cmoe.CarveConfig.from_name(PAPER_LAYOUTS[budget]),
-                           fitted=cmoe.CarveConfig(budget=budget).for_ffn(INTERMEDIATE, 3))
+                           **{p: cmoe.CarveConfig(budget=budget, preset=p).for_ffn(INTERMEDIATE, 3) for p in presets})
             ffns = {name: [random_ffn_pair(HIDDEN, INTERMEDIATE, config, dtype, seed=layer) for layer in range(LAYERS)]
                     for name, config in configs.items()}
             dense = [pair[0] for pair in ffns["paper"]]
@@ -53,11 +56,14 @@ def main():
             decode = interleaved_medians(
                 {name: (lambda m=m: [ffn(x) for ffn, x in zip(m, steps)]) for name, m in models.items()},
                 args.repeats, 3, torch.device("cpu"))
-            row = dict(dtype=dtype_name, budget=budget, paper=configs["paper"].name, fitted=configs["fitted"].name,
+            row = dict(dtype=dtype_name, budget=budget, **{name: config.name for name, config in configs.items()},
                        prefill_ms={k: round(1e3 * v, 3) for k, v in prefill.items()},
                        decode_ms_per_layer={k: round(1e3 * v / LAYERS, 4) for k, v in decode.items()})
-            row["fitted_over_paper_speed"] = dict(prefill=round(prefill["paper"] / prefill["fitted"], 3),
-                                                  decode=round(decode["paper"] / decode["fitted"], 3))
+            for preset in presets:
+                row[f"{preset}_over_paper_speed"] = dict(prefill=round(prefill["paper"] / prefill[preset], 3),
+                                                         decode=round(decode["paper"] / decode[preset], 3))
+                row[f"{preset}_over_dense_speed"] = dict(prefill=round(prefill["dense"] / prefill[preset], 3),
+                                                         decode=round(decode["dense"] / decode[preset], 3))
             print(json.dumps(row), flush=True)
             rows.append(row)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,11 @@ def random_ffn_pair(hidden: int, intermediate: int, config: CarveConfig, dtype=t
     nn.init.normal_(dense.down_proj.weight, std=intermediate ** -0.5)
     ffn = FFNWeights(up=dense.up_proj.weight.data, down=dense.down_proj.weight.data, act="silu",
                      gate=dense.gate_proj.weight.data)
+    if config.preset == "sparse":  # thresholds calibrated on random inputs to the budget, as a carve does
+        from cmoe.core.carve import build_sparse
+
+        moe = build_sparse(torch.randn(4096, hidden), ffn, config.budget)[0]
+        return dense.to(device).eval(), moe.to(device).eval()
     width = config.expert_width(intermediate)
     order = torch.randperm(intermediate)
     routed = order[config.shared * width:].view(config.routed, width).sort(dim=-1).values

@@ -1,5 +1,6 @@
-"""`make demo`: fetch SmolLM2-135M, carve it to 3/4 of the FFN compute two ways (the paper's S3A3E8 and the
-fitted preset's --budget 0.75), compare WikiText-2 perplexity and the FFN compute counted with dense."""
+"""`make demo`: fetch SmolLM2-135M, carve it to 3/4 of the FFN compute two ways (the paper's S3A3E8 and
+--budget 0.75, which takes the sparse preset), compare WikiText-2 perplexity and the FFN compute counted with
+dense."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ def run_demo(output: str = "demo_results", windows: int = 8, data_dir=None) -> d
     from cmoe.tools.report import table
 
     configs = {"S3A3E8 (paper preset)": cmoe.CarveConfig.from_name("S3A3E8"),
-               f"budget {DEMO_BUDGET} (fitted preset)": cmoe.CarveConfig(budget=DEMO_BUDGET)}
+               f"--budget {DEMO_BUDGET} (sparse preset)": cmoe.CarveConfig(budget=DEMO_BUDGET)}
     print(f"cmoe demo: SmolLM2-135M-Instruct carved to {100 * DEMO_BUDGET:.0f}% of the FFN compute, the paper's way "
-          f"and the fitted way; WikiText-2 perplexity on {windows} x {SEQLEN} tokens\n")
+          f"and the default way (--budget); WikiText-2 perplexity on {windows} x {SEQLEN} tokens\n")
     dense, tokenizer = load_model("smollm2")
     ids = tokenize(tokenizer, eval_text("wikitext2", data_dir))
     calibration = calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0, root=data_dir)
