@@ -111,3 +111,26 @@ def test_a_sparse_folder_is_described_by_inspect(tmp_path):
     text = describe_text(describe(tmp_path / "out"))
     assert "input channels read %" in text and "sparse0.5 (sparse preset" in text
     assert text.count("\n") >= 5 + 2  # a row per layer
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_the_avx512_decode_step_matches_the_portable_one(dtype, tolerance):
+    from cmoe.moe import kernels
+
+    compiled = kernels.moe_cpu()
+    if compiled is None:
+        pytest.skip("the CPU kernels did not build here (no compiler)")
+    if not compiled.use_avx512(True) and dtype == torch.bfloat16:
+        pytest.skip("this processor has no AVX512-BF16: only the portable step runs")
+    torch.manual_seed(0)
+    model = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="sparse"), tokens(16, 64),
+                        progress=False)
+    part = ffns(model.to(dtype))[0].shared
+    x = torch.randn(4, 32).to(dtype)
+    try:
+        wide = part.decode(x).float()
+        compiled.use_avx512(False)
+        portable = part.decode(x).float()
+    finally:
+        compiled.use_avx512(True)
+    assert torch.allclose(wide, portable, atol=tolerance * portable.abs().max().item())

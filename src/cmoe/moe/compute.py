@@ -42,10 +42,6 @@ def sparse_share(part, width: int, tokens: int) -> float:
     return ((projections - 1) * part.width * inputs + hidden * neurons) / (projections * hidden * width * tokens)
 
 
-def is_sparse(moe: MoEFFN) -> bool:
-    return moe.shared is not None and hasattr(moe.shared, "read_rows")
-
-
 def share(fixed: float, per_expert: float, dense: float, tokens: int, slots: int) -> float:
     return (fixed * tokens + per_expert * slots) / (dense * tokens) if tokens else float("nan")
 
@@ -69,14 +65,14 @@ def counting_compute(model):
         if m.router is not None:
             m.router.load_counts.zero_()
             m.router.count_load = True
-        if is_sparse(m):
+        if m.sparse:
             m.shared.read_rows.zero_()
             m.shared.counting = True
 
     def result() -> dict:
         layers = []
         for m, n in zip(moes, tokens):
-            if is_sparse(m):
+            if m.sparse:
                 layers.append(sparse_share(m.shared, width, n))
                 continue
             slots = 0 if m.router is None else int(m.router.load_counts.sum())
@@ -92,7 +88,7 @@ def counting_compute(model):
         for m in moes:
             if m.router is not None:
                 m.router.count_load = False
-            if is_sparse(m):
+            if m.sparse:
                 m.shared.counting = False
 
 

@@ -313,7 +313,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         from cmoe.moe.sparse import SparseNeurons
 
-        self.hidden_size = hidden_size
+        self.hidden_size, self.sparse = hidden_size, sparse
         shared_kind = SparseNeurons if sparse else SharedExperts  # sparse: the `sparse` preset's whole FFN
         self.shared = shared_kind(hidden_size, shared * expert_width, act, gated, bias) if shared else None
         self.router = Router(hidden_size, routed, top_k, act, gated, bias, router) if routed else None
@@ -347,9 +347,7 @@ class MoEFFN(nn.Module):
                   ffn.gated, ffn.up_bias is not None, router, output_bias, sparse)
         moe = moe.to(device=ffn.up.device, dtype=ffn.up.dtype)
         if sparse:
-            from cmoe.moe.sparse import SparseNeurons
-
-            moe.shared = SparseNeurons.from_dense(ffn)
+            moe.shared.fill_from(ffn)
             if ffn.down_bias is not None:
                 moe.down_bias.copy_(ffn.down_bias)
             return moe
@@ -382,8 +380,8 @@ class MoEFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        if (self.router is None and x.shape[0] <= FEW_SLOTS and getattr(self.shared, "counting", True) is False
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        if (self.sparse and x.shape[0] <= FEW_SLOTS and not self.shared.counting and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             return self._decode_sparse(x).view(shape)  # a sparse FFN's decode step reads only the rows it uses
         backend = backend_for(self, x)
         if backend is CPU_DECODE or backend is CPU_PREFILL:

@@ -34,20 +34,20 @@ class SparseNeurons(nn.Module):
         self.counting = False  # while True, forward adds the rows it reads to `read_rows` (cmoe.moe.compute)
         self.read_rows = nn.Buffer(torch.zeros(2, dtype=torch.long), persistent=False)  # inputs, neurons
 
-    @classmethod
     @torch.no_grad()
-    def from_dense(cls, ffn) -> "SparseNeurons":
-        """Every neuron of `ffn` (`cmoe.hf.adapters.FFNWeights`), thresholds at 0 (dense), scales from the weights."""
-        module = cls(ffn.up.shape[1], ffn.width, ffn.act, ffn.gated, ffn.up_bias is not None)
-        module = module.to(device=ffn.up.device, dtype=ffn.up.dtype)
+    def fill_from(self, ffn) -> "SparseNeurons":
+        """Copy every neuron of `ffn` (`cmoe.hf.adapters.FFNWeights`) in; scales from its weights, thresholds at 0
+        (every row read: the dense FFN)."""
         rows = ffn.up if ffn.gate is None else torch.cat([ffn.gate, ffn.up])
-        module.gate_up_proj.copy_(rows.T)
-        module.down_proj.copy_(ffn.down.T)
+        self.gate_up_proj.copy_(rows.T)
+        self.down_proj.copy_(ffn.down.T)
         if ffn.up_bias is not None:
-            module.up_bias.copy_(ffn.up_bias)
-        module.input_scale.copy_(rows.float().norm(dim=0))
-        module.hidden_scale.copy_(ffn.down.float().norm(dim=0))
-        return module
+            self.up_bias.copy_(ffn.up_bias)
+        self.input_scale.copy_(rows.float().norm(dim=0))
+        self.hidden_scale.copy_(ffn.down.float().norm(dim=0))
+        self.input_threshold.zero_()
+        self.hidden_threshold.zero_()
+        return self
 
     def input_mask(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs() * self.input_scale >= self.input_threshold
