@@ -134,3 +134,14 @@ def test_the_avx512_decode_step_matches_the_portable_one(dtype, tolerance):
     finally:
         compiled.use_avx512(True)
     assert torch.allclose(wide, portable, atol=tolerance * portable.abs().max().item())
+
+
+def test_the_bench_ideal_ratio_of_a_sparse_ffn_is_its_compute_share():
+    from cmoe.tools.bench import shape_of
+
+    model = sparse_model()
+    shape = shape_of(ffns(model)[0], 64, model.carve_record["ffn_compute"])
+    assert shape.ideal_prefill_ratio(128) == pytest.approx(1 / model.carve_record["ffn_compute"])
+    assert shape.ideal_decode_ratio(1) == pytest.approx(1 / model.carve_record["ffn_compute"])
+    paper = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig.from_name("S2A2E8"), tokens(), progress=False)
+    assert shape_of(ffns(paper)[0], 64, 0.3).compute_share is None  # only sparse FFNs take it

@@ -90,6 +90,7 @@ class Shape:
     active: int
     experts: int
     gated: bool = True
+    compute_share: float | None = None  # a sparse FFN's: the share of the dense FFN's products (and rows) it uses
 
     @property
     def width(self) -> int:
@@ -114,22 +115,28 @@ class Shape:
         return self.routed * (1 - (1 - self.active / self.routed) ** tokens)
 
     def ideal_prefill_ratio(self, tokens: int) -> float:
+        if self.compute_share is not None:
+            return 1 / self.compute_share
         return self.dense_flops(tokens) / self.carved_flops(tokens)
 
     def ideal_decode_ratio(self, batch: int) -> float:
+        if self.compute_share is not None:  # at batch 1; a batch reads the union of its tokens' rows
+            return 1 / self.compute_share if batch == 1 else 1.0
         per_expert = (3 if self.gated else 2) * self.hidden * self.width
         dense = self.experts * per_expert
         carved = (self.shared + self.expected_experts_read(batch)) * per_expert + (2 if self.gated else 1) * self.routed * self.hidden
         return dense / carved
 
 
-def shape_of(moe, dense_intermediate: int) -> Shape:
+def shape_of(moe, dense_intermediate: int, compute_share: float | None = None) -> Shape:
+    """The shape `moe` has for the ideal ratios; `compute_share`: a sparse FFN's (from its carve record)."""
     spec_experts = (0 if moe.experts is None else moe.experts.num_experts)
     width = moe.experts.width if moe.experts is not None else moe.shared.width
     shared = 0 if moe.shared is None else moe.shared.width // width
     active = 0 if moe.router is None else moe.router.top_k
     return Shape(moe.hidden_size, dense_intermediate, shared, active, shared + spec_experts,
-                 gated=moe.experts.gated if moe.experts is not None else moe.shared.gated)
+                 gated=moe.experts.gated if moe.experts is not None else moe.shared.gated,
+                 compute_share=compute_share if getattr(moe, "sparse", False) else None)
 
 
 # -- a carved FFN of any shape, for speed only ---------------------------------------------------------------
@@ -292,7 +299,8 @@ def run_benchmark(carved_model, dense_model, modes=("prefill", "decode"), batche
     middle = len(adapter.layers(dense_model)) // 2
     dense_ffn = adapter.ffn_module(adapter.layers(dense_model)[middle])
     moe = adapter.ffn_module(adapter.layers(carved_model)[middle])
-    shape = shape_of(moe, adapter.read(adapter.layers(dense_model)[middle], dense_model.config).width)
+    shape = shape_of(moe, adapter.read(adapter.layers(dense_model)[middle], dense_model.config).width,
+                     carved_model.carve_record.get("ffn_compute"))
     jobs = []
     if "prefill" in modes:
         jobs += [lambda: bench_ffn(dense_ffn, moe, shape, seqlen, decode=False, repeats=repeats or 10),
