@@ -145,3 +145,12 @@ def test_the_bench_ideal_ratio_of_a_sparse_ffn_is_its_compute_share():
     assert shape.ideal_decode_ratio(1) == pytest.approx(1 / model.carve_record["ffn_compute"])
     paper = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig.from_name("S2A2E8"), tokens(), progress=False)
     assert shape_of(ffns(paper)[0], 64, 0.3).compute_share is None  # only sparse FFNs take it
+
+
+@pytest.mark.parametrize("budget", [0.97, 0.3])
+def test_budgets_near_the_ends_still_split_to_the_budget(budget):
+    model = sparse_model(budget=budget)
+    for layer in model.carve_record["layers"]:
+        assert 0 < layer["input_share"] <= 1 and 0 < layer["hidden_share"] <= 1
+        assert (2 * layer["input_share"] + layer["hidden_share"]) / 3 == pytest.approx(budget, abs=1e-3)
+        assert layer["ffn_compute"] == pytest.approx(budget, abs=0.03)

@@ -162,16 +162,10 @@ def build_sparse(x: torch.Tensor, ffn: FFNWeights, budget: float):
     sample = x[:: max(1, len(x) // SPLIT_TOKENS)].to(ffn.up.dtype)
     dense = _thresholded_output(part, sample, 1.0, 1.0)
     best = None
-    for hidden_share in HIDDEN_SHARES if budget < 1 else (1.0,):
-        down = min(1.0, hidden_share * budget)
-        inputs = (projections * budget - down) / (projections - 1)
-        if 0 < inputs <= 1:
-            error = ((_thresholded_output(part, sample, inputs, down) - dense).norm() / dense.norm().clamp_min(1e-30))
-            if best is None or error.item() < best[0]:
-                best = (error.item(), inputs, down)
-    if best is None:  # a budget below every split: the largest input channel alone, the rest for down
-        inputs = 1 / x.shape[1]
-        best = (float("nan"), inputs, max(1 / width, projections * budget - inputs * (projections - 1)))
+    for inputs, down in _splits(budget, projections):
+        error = ((_thresholded_output(part, sample, inputs, down) - dense).norm() / dense.norm().clamp_min(1e-30))
+        if best is None or error.item() < best[0]:
+            best = (error.item(), inputs, down)
     error, inputs, down = best
     _thresholded_output(part, sample, inputs, down)
     part.counting = True
@@ -183,6 +177,20 @@ def build_sparse(x: torch.Tensor, ffn: FFNWeights, budget: float):
                   input_threshold=part.input_threshold.item(), hidden_threshold=part.hidden_threshold.item(),
                   ffn_compute=round(((projections - 1) * read_inputs / x.shape[1] + read_neurons / width) / projections, 4))
     return moe, record, out.to(x.dtype)
+
+
+def _splits(budget: float, projections: int) -> list[tuple[float, float]]:
+    """(share of input channels, share of neurons) pairs that spend `budget`, down taking HIDDEN_SHARES of it;
+    near the full budget, where those would ask gate and up for more than every input, all inputs and the rest
+    for down."""
+    if budget >= 1:
+        return [(1.0, 1.0)]
+    splits = []
+    for down in (min(1.0, share * budget) for share in HIDDEN_SHARES):
+        inputs = (projections * budget - down) / (projections - 1)
+        if 0 < inputs <= 1:
+            splits.append((inputs, down))
+    return splits or [(1.0, projections * budget - (projections - 1))]
 
 
 def _thresholded_output(part, x: torch.Tensor, inputs: float, down: float) -> torch.Tensor:
