@@ -380,9 +380,11 @@ class MoEFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        if (self.sparse and x.shape[0] <= FEW_SLOTS and not self.shared.counting and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            return self._decode_sparse(x).view(shape)  # a sparse FFN's decode step reads only the rows it uses
+        if (self.sparse and x.shape[0] <= FEW_SLOTS and x.device.type == "cpu" and not self.shared.counting
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            # a sparse FFN's CPU decode step reads only the rows it uses (on a GPU the masked forward runs,
+            # which needs no host synchronisation)
+            return self._decode_sparse(x).view(shape)
         backend = backend_for(self, x)
         if backend is CPU_DECODE or backend is CPU_PREFILL:
             return self.cpu_kernel(backend, x).view(shape)
