@@ -34,7 +34,7 @@ def carved_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("edit", [dict(active=5), dict(active=0), dict(active=-1), dict(shared=9), dict(experts=0),
                                   dict(expert_width=0), dict(active=True), dict(act="nosuch"), dict(gated="yes"),
-                                  dict(hidden_size=65)])
+                                  dict(hidden_size=65), dict(sparse=True)])
 def test_impossible_specs_are_refused_in_one_sentence(edit):
     with pytest.raises(CMoEError) as error:
         check_spec({**SPEC, **edit}, hidden_size=64)
@@ -45,6 +45,7 @@ def test_possible_specs_pass():
     check_spec(SPEC, 64)
     check_spec({**SPEC, "active": 3}, 64)  # more experts per token than carved for: slower, not broken
     check_spec({**SPEC, "shared": 4, "active": 0}, 64)  # every expert shared: a narrower dense FFN
+    check_spec({**SPEC, "shared": 1, "active": 0, "experts": 1, "expert_width": 128, "sparse": True}, 64)
 
 
 def test_a_sound_folder_passes_and_loads(carved_folder):

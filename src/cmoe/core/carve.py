@@ -16,7 +16,7 @@ from cmoe.errors import CMoEError
 from cmoe.hf.adapters import FFNWeights, adapter_for
 from cmoe.hf.modeling import carved_config, is_carved
 from cmoe.moe.module import MoEFFN
-from cmoe.moe.compute import layer_costs, share
+from cmoe.moe.compute import layer_costs, share, sparse_share
 from cmoe.moe.spec import MoESpec
 from cmoe.version import __version__
 
@@ -165,17 +165,17 @@ def build_sparse(x: torch.Tensor, ffn: FFNWeights, budget: float):
     for inputs, down in _splits(budget, projections):
         error = ((_thresholded_output(part, sample, inputs, down) - dense).norm() / dense.norm().clamp_min(1e-30))
         if best is None or error.item() < best[0]:
-            best = (error.item(), inputs, down)
-    error, inputs, down = best
-    _thresholded_output(part, sample, inputs, down)
+            best = (error.item(), inputs, down, part.input_threshold.clone(), part.hidden_threshold.clone())
+    error, inputs, down, input_threshold, hidden_threshold = best
+    part.input_threshold.copy_(input_threshold)
+    part.hidden_threshold.copy_(hidden_threshold)
     part.counting = True
     out = moe(x.to(ffn.up.dtype))
     part.counting = False
-    read_inputs, read_neurons = (part.read_rows.float() / len(x)).tolist()
-    part.read_rows.zero_()
     record = dict(input_share=round(inputs, 4), hidden_share=round(down, 4), split_error=round(error, 4),
                   input_threshold=part.input_threshold.item(), hidden_threshold=part.hidden_threshold.item(),
-                  ffn_compute=round(((projections - 1) * read_inputs / x.shape[1] + read_neurons / width) / projections, 4))
+                  ffn_compute=round(sparse_share(part, width, len(x)), 4))
+    part.read_rows.zero_()
     return moe, record, out.to(x.dtype)
 
 
@@ -196,10 +196,8 @@ def _splits(budget: float, projections: int) -> list[tuple[float, float]]:
 def _thresholded_output(part, x: torch.Tensor, inputs: float, down: float) -> torch.Tensor:
     """Set `part`'s thresholds so that x's tokens read `inputs` of their input channels and `down` of their
     neurons on average; its output on x (without the FFN's output bias), in float32."""
-    from cmoe.moe.module import _hidden
-
     part.input_threshold.fill_(_value_keeping((x.abs() * part.input_scale).float(), inputs))
-    hidden = _hidden((x * part.input_mask(x)) @ part.gate_up_proj, part.width, part.gated, part.act_fn, part.up_bias)
+    hidden = part.hidden(x)
     part.hidden_threshold.fill_(_value_keeping((hidden.abs() * part.hidden_scale).float(), down))
     return ((hidden * part.hidden_mask(hidden)) @ part.down_proj).float()
 

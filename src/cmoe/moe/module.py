@@ -51,6 +51,17 @@ def _row_hidden(projected: torch.Tensor, width: int, gated: bool, act_fn, bias: 
     return act_fn(projected if bias is None else projected.add_(bias))
 
 
+def buffer_floats(owner: nn.Module, *names: str) -> tuple[float, ...]:
+    """`owner`'s named scalar buffers as Python floats, read from the device once per change: cached per
+    (storage, in-place version), as `Router.gates_are_one` is, since decode reads them every step."""
+    tensors = [owner._buffers[name] for name in names]
+    key = (names, *((t.data_ptr(), t._version) for t in tensors))
+    cached = owner.__dict__.get("_buffer_floats")
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__["_buffer_floats"] = (key, tuple(float(t) for t in tensors))
+    return cached[1]
+
+
 def group_slots(flat: torch.Tensor, num_experts: int, counting: bool | None = None):
     """Order (token, expert) slots by expert, stably, without a host sync: (order, counts), with `order[i]`
     the slot at place i and `counts[e]` the slots of expert e.
@@ -117,12 +128,7 @@ class Router(nn.Module):
 
     def _threshold_state(self) -> tuple[float, float]:
         """A linear router's (threshold, mean_k) as Python floats, read from the buffers once per change."""
-        # cached per (storage, in-place version) of the buffers, as gates_are_one is: decode reads them every step
-        threshold, mean_k = self._buffers["threshold"], self._buffers["mean_k"]
-        key = (threshold.data_ptr(), threshold._version, mean_k.data_ptr(), mean_k._version)
-        if self.__dict__.get("_threshold_key") != key:
-            self._threshold_key, self._threshold_floats = key, (float(threshold), float(mean_k))
-        return self._threshold_floats
+        return buffer_floats(self, "threshold", "mean_k")
 
     @property
     def dynamic(self) -> bool:

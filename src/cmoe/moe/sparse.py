@@ -14,7 +14,7 @@ from torch import nn
 
 from cmoe.moe import kernels
 from cmoe.moe.kernels import ACTIVATION_CODES
-from cmoe.moe.module import _hidden, _row_hidden, activation
+from cmoe.moe.module import _hidden, _row_hidden, activation, buffer_floats
 
 
 class SparseNeurons(nn.Module):
@@ -55,10 +55,15 @@ class SparseNeurons(nn.Module):
     def hidden_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.abs() * self.hidden_scale >= self.hidden_threshold
 
+    def hidden(self, x: torch.Tensor, keep_in: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden activation [T, I] from the input channels x [T, H] keeps (`keep_in`, its input mask)."""
+        keep_in = self.input_mask(x) if keep_in is None else keep_in
+        return _hidden((x * keep_in) @ self.gate_up_proj, self.width, self.gated, self.act_fn, self.up_bias)
+
     def forward(self, x: torch.Tensor, triton=None) -> torch.Tensor:
         """x [T, H] -> [T, H]. Masks zero what is not read, so the products are dense (the prefill reads all)."""
         keep_in = self.input_mask(x)
-        hidden = _hidden((x * keep_in) @ self.gate_up_proj, self.width, self.gated, self.act_fn, self.up_bias)
+        hidden = self.hidden(x, keep_in)
         keep_hidden = self.hidden_mask(hidden)
         if self.counting:
             self.read_rows += torch.stack([keep_in.sum(), keep_hidden.sum()])
@@ -66,11 +71,7 @@ class SparseNeurons(nn.Module):
 
     def thresholds(self) -> tuple[float, float]:
         """The two thresholds as floats, read from the buffers once per change (a read costs a host sync)."""
-        version = (self.input_threshold._version, self.hidden_threshold._version,
-                   self.input_threshold.data_ptr(), self.hidden_threshold.data_ptr())
-        if getattr(self, "_thresholds", (None,))[0] != version:
-            self._thresholds = (version, (self.input_threshold.item(), self.hidden_threshold.item()))
-        return self._thresholds[1]
+        return buffer_floats(self, "input_threshold", "hidden_threshold")
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """A few tokens x [T, H] (no autograd), reading only the rows each keeps: the compiled CPU step where it

@@ -30,6 +30,9 @@ def check_spec(spec, hidden_size: int | None = None) -> None:
                         f"{spec['expert_width']}, {shared} shared of {experts} experts); {REDO}.")
     if (routed and not 1 <= active <= routed) or (not routed and active != 0):
         raise CMoEError(f"config.json's cmoe section asks for {active} active experts of {routed} routed; {REDO}.")
+    if spec.get("sparse", False) and (routed or shared != 1):
+        raise CMoEError(f"config.json's cmoe section marks a sparse FFN (one always-on part) but has {shared} shared and "
+                        f"{routed} routed experts; {REDO}.")
     if spec.get("router", "representative") not in ROUTER_KINDS:
         raise CMoEError(f"config.json's cmoe.router {spec['router']!r} is none of {', '.join(ROUTER_KINDS)}; {REDO}.")
     if spec["act"] not in ACT2FN:

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("checkpoint", help="the .bin file, e.g. ../shared/models/stories260K/stories260K.bin")
     convert.add_argument("-o", "--output", required=True, help="folder to write")
 
-    demo = commands.add_parser("demo", parents=[shared["data"]], help="fetch SmolLM2, carve it to 75%% of the FFN compute (paper and fitted), compare with dense, print a table")
+    demo = commands.add_parser("demo", parents=[shared["data"]], help="fetch SmolLM2, carve it to 75%% of the FFN compute (paper S3A3E8 and --budget 0.75), compare with dense, print a table")
     demo.add_argument("-o", "--output", default="demo_results", help="where to write results.md and results.json")
     demo.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1,024 tokens to evaluate (default 8)")
     return parser

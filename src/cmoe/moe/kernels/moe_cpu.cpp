@@ -269,7 +269,7 @@ CMOE_AVX512_TARGET void avx512_block(const W* w, int64_t stride, const W* x, int
 #ifdef CMOE_AVX512
 // The sparse decode's row sums (add_rows) in AVX-512: float32 rows 16 columns an instruction, four rows a
 // pass; bfloat16 rows in pairs, each pair's columns interleaved so that one AVX512-BF16 instruction adds
-// v0 * w0[c] + v1 * w1[c] for 16 columns (the values are bfloat16, as a bfloat16 model holds them).
+// v0 * w0[c] + v1 * w1[c] for 16 columns (the values must already be bfloat16's: sparse_step rounds them).
 CMOE_AVX512_TARGET void add_rows_avx512(const float* w, int64_t stride, const int64_t* idx, const float* v, int64_t rows,
                                         int64_t n, float* acc) {
   const int64_t whole = n - n % 16;
@@ -322,18 +322,17 @@ CMOE_AVX512_TARGET void add_rows_avx512(const uint16_t* w, int64_t stride, const
       _mm512_storeu_ps(acc + c, _mm512_dpbf16_ps(sum, a23, (__m512bh)_mm512_permutexvar_epi16(order, rows23)));
     }
     for (int64_t c = whole; c < n; ++c)
-      acc[c] += (widen(c10::BFloat16(v[r]).x) * widen(w0[c]) + widen(c10::BFloat16(v[r + 1]).x) * widen(w1[c])) +
-                (widen(c10::BFloat16(v[r + 2]).x) * widen(w2[c]) + widen(c10::BFloat16(v[r + 3]).x) * widen(w3[c]));
+      acc[c] += (v[r] * widen(w0[c]) + v[r + 1] * widen(w1[c])) + (v[r + 2] * widen(w2[c]) + v[r + 3] * widen(w3[c]));
   }
   for (; r < rows; ++r) {
     const uint16_t* w0 = w + idx[r] * stride;
-    const __m512 a0 = _mm512_set1_ps(widen(c10::BFloat16(v[r]).x));
+    const __m512 a0 = _mm512_set1_ps(v[r]);
     for (int64_t c = 0; c < whole; c += 16) {
       const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + c));
       const __m512 row = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
       _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(a0, row, _mm512_loadu_ps(acc + c)));
     }
-    for (int64_t c = whole; c < n; ++c) acc[c] += widen(c10::BFloat16(v[r]).x) * widen(w0[c]);
+    for (int64_t c = whole; c < n; ++c) acc[c] += v[r] * widen(w0[c]);
   }
 }
 #endif
