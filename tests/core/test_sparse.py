@@ -18,6 +18,12 @@ def ffns(model):
     return [m for m in model.modules() if isinstance(m, MoEFFN)]
 
 
+def planned(layer, projections=3):
+    """The share of the dense FFN's multiply-adds a layer's recorded split spends."""
+    per_neuron = 1 + (projections - 1) * (1 - layer["input_share"]) if layer["completes"] else 1
+    return ((projections - 1) * layer["input_share"] + layer["hidden_share"] * per_neuron) / projections
+
+
 def test_a_budget_without_a_preset_takes_sparse_from_half_up():
     assert cmoe.CarveConfig(budget=0.75).preset == "sparse"
     assert cmoe.CarveConfig(budget=0.5).preset == "sparse"
@@ -36,8 +42,7 @@ def test_each_layer_splits_the_budget_and_its_thresholds_meet_it(family, project
     model = sparse_model(family)
     record = model.carve_record
     for layer in record["layers"]:
-        spent = ((projections - 1) * layer["input_share"] + layer["hidden_share"]) / projections
-        assert spent == pytest.approx(0.5, abs=1e-3)
+        assert planned(layer, projections) == pytest.approx(0.5, abs=1e-3)
         assert layer["ffn_compute"] == pytest.approx(0.5, abs=0.03)  # counted on the calibration tokens
     held_out = measure_compute(model, tokens(8, 64, seed=11).reshape(-1), seqlen=64, max_windows=8)
     assert held_out["overall"] == pytest.approx(0.5, abs=0.06)
@@ -152,5 +157,97 @@ def test_budgets_near_the_ends_still_split_to_the_budget(budget):
     model = sparse_model(budget=budget)
     for layer in model.carve_record["layers"]:
         assert 0 < layer["input_share"] <= 1 and 0 < layer["hidden_share"] <= 1
-        assert (2 * layer["input_share"] + layer["hidden_share"]) / 3 == pytest.approx(budget, abs=1e-3)
+        assert planned(layer) == pytest.approx(budget, abs=1e-3)
         assert layer["ffn_compute"] == pytest.approx(budget, abs=0.03)
+
+
+def completing_part(gated: bool, dtype=torch.float32):
+    from types import SimpleNamespace
+
+    from cmoe.moe.sparse import SparseNeurons
+
+    torch.manual_seed(0)
+    hidden, width = 32, 48
+    ffn = SimpleNamespace(up=torch.randn(width, hidden) / 6, gate=torch.randn(width, hidden) / 6 if gated else None,
+                          down=torch.randn(hidden, width) / 6, up_bias=None if gated else torch.randn(width) / 4,
+                          act="silu" if gated else "gelu")
+    part = SparseNeurons(hidden, width, ffn.act, gated, not gated, complete=True).fill_from(ffn).to(dtype)
+    part.input_threshold.fill_(0.6)
+    part.hidden_threshold.fill_(0.05)
+    part.completes.fill_(1)
+    return part
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_completing_layer_gives_the_neurons_it_keeps_their_exact_activations(gated):
+    part = completing_part(gated)
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        keep_in = part.input_mask(x)
+        assert 0.2 < keep_in.float().mean() < 0.8
+        predicted = part.hidden(x, keep_in)  # from the kept inputs alone: what chooses the neurons
+        keep = part.hidden_mask(predicted)
+        assert 0.2 < keep.float().mean() < 0.95
+        exact = part._hidden(x @ part.gate_up_proj)
+        expected = (exact * keep) @ part.down_proj
+        assert not torch.allclose((predicted * keep) @ part.down_proj, expected, atol=1e-3)  # completion matters
+        assert torch.allclose(part(x), expected, atol=1e-5)
+        rows = torch.empty_like(x)
+        for token in range(len(x)):
+            part.row_into(rows[token], x[token])
+        assert torch.allclose(rows, expected, atol=1e-5)
+        assert torch.allclose(part.decode(x), expected, atol=1e-5)  # the compiled step where it built
+
+
+def test_the_compiled_completing_step_in_bfloat16_agrees_with_the_rows():
+    from cmoe.moe import kernels
+
+    if kernels.moe_cpu() is None:
+        pytest.skip("the CPU kernels did not build here (no compiler)")
+    part = completing_part(True, torch.bfloat16)
+    x = torch.randn(16, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        compiled = part.decode(x).float()
+        rows = torch.empty_like(x)
+        for token in range(16):
+            part.row_into(rows[token], x[token])
+    error = (compiled - rows.float()).norm(dim=1) / rows.float().norm(dim=1)
+    assert error.median() < 2e-2 and error.max() < 0.2, error  # a value near a threshold may cross it
+
+
+def test_the_compute_count_of_a_completing_layer_adds_the_completed_sums():
+    from cmoe.moe.compute import sparse_share
+
+    part = completing_part(True)
+    x = torch.randn(10, 32)
+    part.counting = True
+    with torch.no_grad():
+        part(x)
+    part.counting = False
+    keep_in = part.input_mask(x)
+    keep = part.hidden_mask(part.hidden(x, keep_in))
+    hidden, width = 32, 48
+    per_token = 2 * width * keep_in.sum(1) + keep.sum(1) * (hidden + 2 * (~keep_in).sum(1))
+    assert sparse_share(part, width, 10) == pytest.approx((per_token.sum() / (3 * hidden * width * 10)).item())
+
+
+@pytest.mark.parametrize("completion", [True, False])
+def test_only_a_model_whose_layers_complete_keeps_the_neuron_major_copy(tmp_path, monkeypatch, completion):
+    from cmoe.core import carve
+
+    monkeypatch.setattr(carve, "HIDDEN_SHARES" if completion else "COMPLETED_INPUT_SHARES", ())
+    model = sparse_model()
+    assert model.config.cmoe["complete"] is completion
+    assert all(layer["completes"] is completion for layer in model.carve_record["layers"])
+    assert all(("gate_up_rows" in dict(f.shared.named_parameters())) is completion for f in ffns(model))
+    ids = tokens(2, 12, seed=5)
+    model.save_pretrained(tmp_path / "out")
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.cmoe["complete"] is completion
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        generated = loaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
+        again = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated, again)

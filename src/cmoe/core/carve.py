@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -52,7 +53,7 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
     spec = MoESpec(hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared,
                    active=config.top_k, experts=config.experts - config.dropped, act=first.act, gated=first.gated,
                    bias=first.up_bias is not None, router=config.router, output_bias=config.compensate,
-                   sparse=config.preset == "sparse")
+                   sparse=config.preset == "sparse", complete=_keep_completion(model, adapter, layer_records))
     section = dict(
         spec.to_dict(),
         record=dict(
@@ -66,6 +67,17 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
     )
     model.config, model.__class__ = carved_config(model.config, section)
     return model
+
+
+def _keep_completion(model, adapter, layer_records: list[dict]) -> bool:
+    """Whether a sparse model keeps its neuron-major copies: only where some layer completes its sums."""
+    if not any(record.get("completes") for record in layer_records):
+        for layer in adapter.layers(model):
+            part = adapter.ffn_module(layer).shared
+            if "gate_up_rows" in getattr(part, "_parameters", {}):
+                part.drop_completion()
+        return False
+    return True
 
 
 def _source(model) -> dict:
@@ -146,60 +158,79 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
     return moe, record, out.to(x.dtype)
 
 
-# The sparse preset tries these shares of the budget for down (the rest goes to gate and up) in each layer.
+# The sparse preset tries these shares of the budget for down (the rest goes to gate and up) in each layer, and
+# these shares of it for the inputs of a layer that completes its kept neurons' sums.
 HIDDEN_SHARES = (0.45, 0.6, 0.75, 0.9)
+COMPLETED_INPUT_SHARES = (0.6, 0.8)
 SPLIT_TOKENS = 2048  # calibration tokens, evenly spaced, the split and the thresholds are set on
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a sparse layer spends its budget: the share of input channels gate and up read, the share of neurons
+    down reads, and whether the kept neurons' sums are completed over the other inputs."""
+    inputs: float
+    neurons: float
+    complete: bool = False
 
 
 @torch.no_grad()
 def build_sparse(x: torch.Tensor, ffn: FFNWeights, budget: float):
-    """The `sparse` preset's FFN for calibration inputs x [T, H]: per layer, the split of the budget between the
-    input side (gate and up) and down whose output on calibration tokens is nearest the dense FFN's, with
-    thresholds set so that the calibration tokens read that share of rows on average."""
+    """The `sparse` preset's FFN for calibration inputs x [T, H]: per layer, the split of the budget (between the
+    input side and down, completing the kept neurons or not) whose output on calibration tokens is nearest the
+    dense FFN's, with thresholds set so that the calibration tokens read that share of rows on average. The
+    layer holds the neuron-major copy that completion needs (the pipeline drops it where no layer completes)."""
     width = ffn.width
-    moe = MoEFFN.from_dense(ffn, torch.arange(width), torch.empty(0, width, dtype=torch.long), 0, sparse=True)
+    moe = MoEFFN.from_dense(ffn, torch.arange(width), torch.empty(0, width, dtype=torch.long), 0, sparse=True,
+                            complete=True)
     part, projections = moe.shared, 3 if ffn.gated else 2
     sample = x[:: max(1, len(x) // SPLIT_TOKENS)].to(ffn.up.dtype)
-    dense = _thresholded_output(part, sample, 1.0, 1.0)
+    dense = _thresholded_output(part, sample, Split(1.0, 1.0))
     best = None
-    for inputs, down in _splits(budget, projections):
-        error = ((_thresholded_output(part, sample, inputs, down) - dense).norm() / dense.norm().clamp_min(1e-30))
+    for split in _splits(budget, projections):
+        error = ((_thresholded_output(part, sample, split) - dense).norm() / dense.norm().clamp_min(1e-30))
         if best is None or error.item() < best[0]:
-            best = (error.item(), inputs, down, part.input_threshold.clone(), part.hidden_threshold.clone())
-    error, inputs, down, input_threshold, hidden_threshold = best
+            best = (error.item(), split, part.input_threshold.clone(), part.hidden_threshold.clone())
+    error, split, input_threshold, hidden_threshold = best
     part.input_threshold.copy_(input_threshold)
     part.hidden_threshold.copy_(hidden_threshold)
+    part.completes.fill_(float(split.complete))
     part.counting = True
     out = moe(x.to(ffn.up.dtype))
     part.counting = False
-    record = dict(input_share=round(inputs, 4), hidden_share=round(down, 4), split_error=round(error, 4),
-                  input_threshold=part.input_threshold.item(), hidden_threshold=part.hidden_threshold.item(),
-                  ffn_compute=round(sparse_share(part, width, len(x)), 4))
+    record = dict(input_share=round(split.inputs, 4), hidden_share=round(split.neurons, 4), completes=split.complete,
+                  split_error=round(error, 4), input_threshold=part.input_threshold.item(),
+                  hidden_threshold=part.hidden_threshold.item(), ffn_compute=round(sparse_share(part, width, len(x)), 4))
     part.read_rows.zero_()
     return moe, record, out.to(x.dtype)
 
 
-def _splits(budget: float, projections: int) -> list[tuple[float, float]]:
-    """(share of input channels, share of neurons) pairs that spend `budget`, down taking HIDDEN_SHARES of it;
-    near the full budget, where those would ask gate and up for more than every input, all inputs and the rest
-    for down."""
+def _splits(budget: float, projections: int) -> list[Split]:
+    """The splits that spend `budget`: down taking HIDDEN_SHARES of it, or (completing) the inputs taking
+    COMPLETED_INPUT_SHARES; near the full budget, where those would ask gate and up for more than every input,
+    all inputs and the rest for down."""
     if budget >= 1:
-        return [(1.0, 1.0)]
+        return [Split(1.0, 1.0)]
     splits = []
     for down in (min(1.0, share * budget) for share in HIDDEN_SHARES):
         inputs = (projections * budget - down) / (projections - 1)
         if 0 < inputs <= 1:
-            splits.append((inputs, down))
-    return splits or [(1.0, projections * budget - (projections - 1))]
+            splits.append(Split(inputs, down))
+    for inputs in (share * budget for share in COMPLETED_INPUT_SHARES):
+        # a kept neuron costs its down row and its gate and up sums over the inputs the first pass skipped
+        neurons = (projections * budget - (projections - 1) * inputs) / (1 + (projections - 1) * (1 - inputs))
+        if 0 < neurons <= 1:
+            splits.append(Split(inputs, neurons, complete=True))
+    return splits or [Split(1.0, projections * budget - (projections - 1))]
 
 
-def _thresholded_output(part, x: torch.Tensor, inputs: float, down: float) -> torch.Tensor:
-    """Set `part`'s thresholds so that x's tokens read `inputs` of their input channels and `down` of their
+def _thresholded_output(part, x: torch.Tensor, split: Split) -> torch.Tensor:
+    """Set `part`'s thresholds so that x's tokens read `split`'s share of their input channels and of their
     neurons on average; its output on x (without the FFN's output bias), in float32."""
-    part.input_threshold.fill_(_value_keeping((x.abs() * part.input_scale).float(), inputs))
+    part.input_threshold.fill_(_value_keeping((x.abs() * part.input_scale).float(), split.inputs))
     hidden = part.hidden(x)
-    part.hidden_threshold.fill_(_value_keeping((hidden.abs() * part.hidden_scale).float(), down))
-    return ((hidden * part.hidden_mask(hidden)) @ part.down_proj).float()
+    part.hidden_threshold.fill_(_value_keeping((hidden.abs() * part.hidden_scale).float(), split.neurons))
+    return part.masked_forward(x, split.complete).float()
 
 
 def _value_keeping(scores: torch.Tensor, keep: float) -> float:

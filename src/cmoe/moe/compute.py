@@ -33,13 +33,15 @@ def layer_costs(moe: MoEFFN, width: int) -> tuple[float, float, float]:
 
 def sparse_share(part, width: int, tokens: int) -> float:
     """A `SparseNeurons` part's multiply-adds over the dense FFN's, from the rows it read for `tokens` tokens:
-    each input channel read costs a row of gate and up (2I, or I plain), each neuron read a row of down (H)."""
+    each input channel read costs a row of gate and up (2I, or I plain), each neuron read a row of down (H), and
+    a completed neuron its gate and up entries of each input the first pass skipped."""
     if not tokens:
         return float("nan")
     projections = 3 if part.gated else 2
-    inputs, neurons = part.read_rows.tolist()
+    inputs, neurons, completed = part.read_rows.tolist()
     hidden = part.input_scale.shape[0]
-    return ((projections - 1) * part.width * inputs + hidden * neurons) / (projections * hidden * width * tokens)
+    done = (projections - 1) * (part.width * inputs + completed) + hidden * neurons
+    return done / (projections * hidden * width * tokens)
 
 
 def share(fixed: float, per_expert: float, dense: float, tokens: int, slots: int) -> float:

@@ -55,10 +55,11 @@ def buffer_floats(owner: nn.Module, *names: str) -> tuple[float, ...]:
     """`owner`'s named scalar buffers as Python floats, read from the device once per change: cached per
     (storage, in-place version), as `Router.gates_are_one` is, since decode reads them every step."""
     tensors = [owner._buffers[name] for name in names]
-    key = (names, *((t.data_ptr(), t._version) for t in tensors))
-    cached = owner.__dict__.get("_buffer_floats")
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    caches = owner.__dict__.setdefault("_buffer_floats", {})
+    cached = caches.get(names)
     if cached is None or cached[0] != key:
-        cached = owner.__dict__["_buffer_floats"] = (key, tuple(float(t) for t in tensors))
+        cached = caches[names] = (key, tuple(float(t) for t in tensors))
     return cached[1]
 
 
@@ -315,13 +316,15 @@ class MoEFFN(nn.Module):
 
     def __init__(self, hidden_size: int, expert_width: int, shared: int, routed: int, top_k: int, act: str,
                  gated: bool, bias: bool, router: str = "representative", output_bias: bool = False,
-                 sparse: bool = False):
+                 sparse: bool = False, complete: bool = False):
         super().__init__()
         from cmoe.moe.sparse import SparseNeurons
 
         self.hidden_size, self.sparse = hidden_size, sparse
-        shared_kind = SparseNeurons if sparse else SharedExperts  # sparse: the `sparse` preset's whole FFN
-        self.shared = shared_kind(hidden_size, shared * expert_width, act, gated, bias) if shared else None
+        if sparse:  # the `sparse` preset's whole FFN
+            self.shared = SparseNeurons(hidden_size, shared * expert_width, act, gated, bias, complete)
+        else:
+            self.shared = SharedExperts(hidden_size, shared * expert_width, act, gated, bias) if shared else None
         self.router = Router(hidden_size, routed, top_k, act, gated, bias, router) if routed else None
         self.experts = RoutedExperts(hidden_size, routed, expert_width, act, gated, bias) if routed else None
         # the FFN's own output bias, and/or what the carve folds in for the neurons it left out
@@ -341,16 +344,17 @@ class MoEFFN(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_dense(cls, ffn, shared_neurons: torch.Tensor, routed_neurons: torch.Tensor, top_k: int,
-                   router: str = "representative", output_bias: bool = False, sparse: bool = False) -> "MoEFFN":
+                   router: str = "representative", output_bias: bool = False, sparse: bool = False,
+                   complete: bool = False) -> "MoEFFN":
         """The MoE FFN made of a dense FFN's neurons: `ffn` holds its weights (`cmoe.hf.adapters.FFNWeights`:
         up [I, H], down [H, I], gate [I, H] or None, up_bias, down_bias, act), `shared_neurons` [S * W] the
         always-on neurons, `routed_neurons` [E, W] each routed expert's; `top_k` experts a token. Router rows
         are left at zero (cmoe.core.router_fit fills them), as is the `output_bias` where asked for; on the
         weights' device, in their dtype. `sparse`: the whole FFN as `SparseNeurons` (dense until its thresholds
-        are set), nothing routed."""
+        are set), nothing routed; `complete`: with the neuron-major copy that lets its layers complete sums."""
         width = routed_neurons.shape[1]  # [0, W] where every expert is shared
         moe = cls(ffn.up.shape[1], width, len(shared_neurons) // width, routed_neurons.shape[0], top_k, ffn.act,
-                  ffn.gated, ffn.up_bias is not None, router, output_bias, sparse)
+                  ffn.gated, ffn.up_bias is not None, router, output_bias, sparse, complete)
         moe = moe.to(device=ffn.up.device, dtype=ffn.up.dtype)
         if sparse:
             moe.shared.fill_from(ffn)
@@ -381,7 +385,7 @@ class MoEFFN(nn.Module):
         """An empty module of this spec (a `MoESpec`, or a config's `cmoe` section, checked first)."""
         spec = spec if isinstance(spec, MoESpec) else MoESpec.from_dict(spec)
         return cls(spec.hidden_size, spec.expert_width, spec.shared, spec.routed, spec.active, spec.act, spec.gated,
-                   spec.bias, spec.router, spec.output_bias, spec.sparse)
+                   spec.bias, spec.router, spec.output_bias, spec.sparse, spec.complete)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

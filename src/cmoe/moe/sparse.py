@@ -5,6 +5,11 @@ of channel i's weights in gate and up), and down reads only the neurons whose |h
 `hidden_threshold` (d_j: the norm of neuron j's down column). The thresholds are calibrated by the carve so that
 the mean multiply-adds meet a budget. Weights are stored one row per input channel (`gate_up_proj` [H, 2I]) and
 one row per neuron (`down_proj` [I, H]), so a decode step reads only the rows it uses.
+
+A layer may also *complete* its kept neurons (`completes` 1): the hidden threshold then picks neurons by the
+partial sums over the kept inputs, and each kept neuron's gate and up sums are finished over the inputs the
+first pass skipped, from a neuron-major copy of gate and up (`gate_up_rows` [2I, H], present where the model's
+spec says `complete`), so the neurons down reads carry their exact activations.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from cmoe.moe.module import _hidden, _row_hidden, activation, buffer_floats
 class SparseNeurons(nn.Module):
     """Drop-in for `SharedExperts` (its `forward` and `row_into`) with per-token activation sparsity."""
 
-    def __init__(self, hidden_size: int, width: int, act: str, gated: bool, bias: bool):
+    def __init__(self, hidden_size: int, width: int, act: str, gated: bool, bias: bool, complete: bool = False):
         super().__init__()
         self.width, self.gated, self.act = width, gated, act
         self.gate_up_proj = nn.Parameter(torch.zeros(hidden_size, width * (2 if gated else 1)))  # [H, 2I]
@@ -31,8 +36,12 @@ class SparseNeurons(nn.Module):
         self.hidden_scale = nn.Buffer(torch.ones(width))
         self.hidden_threshold = nn.Buffer(torch.zeros(()))
         self.act_fn = activation(act)
+        if complete:
+            self.gate_up_rows = nn.Parameter(torch.zeros(width * (2 if gated else 1), hidden_size))  # [2I, H]
+            self.completes = nn.Buffer(torch.zeros(()))  # 1: this layer completes its kept neurons' sums
         self.counting = False  # while True, forward adds the rows it reads to `read_rows` (cmoe.moe.compute)
-        self.read_rows = nn.Buffer(torch.zeros(2, dtype=torch.long), persistent=False)  # inputs, neurons
+        # inputs read, neurons read, and the input entries the kept neurons' completed sums read
+        self.read_rows = nn.Buffer(torch.zeros(3, dtype=torch.long), persistent=False)
 
     @torch.no_grad()
     def fill_from(self, ffn) -> "SparseNeurons":
@@ -43,11 +52,27 @@ class SparseNeurons(nn.Module):
         self.down_proj.copy_(ffn.down.T)
         if ffn.up_bias is not None:
             self.up_bias.copy_(ffn.up_bias)
+        if "gate_up_rows" in self._parameters:
+            self.gate_up_rows.copy_(rows)
+            self.completes.zero_()
         self.input_scale.copy_(rows.float().norm(dim=0))
         self.hidden_scale.copy_(ffn.down.float().norm(dim=0))
         self.input_threshold.zero_()
         self.hidden_threshold.zero_()
         return self
+
+    def drop_completion(self) -> None:
+        """Remove the neuron-major copy (for a model none of whose layers completes)."""
+        del self.gate_up_rows, self.completes
+
+    @torch.no_grad()
+    def sync_completion(self) -> None:
+        """Make the neuron-major copy equal `gate_up_proj` again (after fine-tuning changed it)."""
+        if "gate_up_rows" in self._parameters:
+            self.gate_up_rows.copy_(self.gate_up_proj.T)
+
+    def completing(self) -> bool:
+        return "completes" in self._buffers and buffer_floats(self, "completes")[0] > 0
 
     def input_mask(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs() * self.input_scale >= self.input_threshold
@@ -58,15 +83,25 @@ class SparseNeurons(nn.Module):
     def hidden(self, x: torch.Tensor, keep_in: torch.Tensor | None = None) -> torch.Tensor:
         """The hidden activation [T, I] from the input channels x [T, H] keeps (`keep_in`, its input mask)."""
         keep_in = self.input_mask(x) if keep_in is None else keep_in
-        return _hidden((x * keep_in) @ self.gate_up_proj, self.width, self.gated, self.act_fn, self.up_bias)
+        return self._hidden((x * keep_in) @ self.gate_up_proj)
+
+    def _hidden(self, projected: torch.Tensor) -> torch.Tensor:
+        return _hidden(projected, self.width, self.gated, self.act_fn, self.up_bias)
 
     def forward(self, x: torch.Tensor, triton=None) -> torch.Tensor:
         """x [T, H] -> [T, H]. Masks zero what is not read, so the products are dense (the prefill reads all)."""
+        return self.masked_forward(x, self.completing())
+
+    def masked_forward(self, x: torch.Tensor, complete: bool) -> torch.Tensor:
         keep_in = self.input_mask(x)
-        hidden = self.hidden(x, keep_in)
+        projected = (x * keep_in) @ self.gate_up_proj
+        hidden = self._hidden(projected)
         keep_hidden = self.hidden_mask(hidden)
+        if complete:  # the kept neurons' sums over the skipped inputs too (computed for all: a dense product)
+            hidden = self._hidden(projected + (x * ~keep_in) @ self.gate_up_rows.T)
         if self.counting:
-            self.read_rows += torch.stack([keep_in.sum(), keep_hidden.sum()])
+            skipped = (~keep_in).sum(-1) if complete else torch.zeros_like(keep_in[:, 0], dtype=torch.long)
+            self.read_rows += torch.stack([keep_in.sum(), keep_hidden.sum(), (keep_hidden.sum(-1) * skipped).sum()])
         return (hidden * keep_hidden) @ self.down_proj
 
     def thresholds(self) -> tuple[float, float]:
@@ -83,7 +118,8 @@ class SparseNeurons(nn.Module):
             input_threshold, hidden_threshold = self.thresholds()
             return compiled.sparse_decode(x, self.gate_up_proj, self.up_bias, self.down_proj, self.input_scale,
                                           input_threshold, self.hidden_scale, hidden_threshold,
-                                          ACTIVATION_CODES[self.act], self.gated)
+                                          ACTIVATION_CODES[self.act], self.gated,
+                                          self.gate_up_rows if self.completing() else None)
         out = torch.empty_like(x)
         for token in range(x.shape[0]):
             self.row_into(out[token], x[token])
@@ -91,8 +127,17 @@ class SparseNeurons(nn.Module):
 
     def row_into(self, out_row: torch.Tensor, row: torch.Tensor) -> None:
         """One token [H]: read only the rows its masks keep; write the output into `out_row`."""
-        inputs = self.input_mask(row).nonzero().squeeze(1)
+        keep_in = self.input_mask(row)
+        inputs = keep_in.nonzero().squeeze(1)
         projected = row[inputs].to(self.gate_up_proj.dtype) @ self.gate_up_proj.index_select(0, inputs)
-        hidden = _row_hidden(projected, self.width, self.gated, self.act_fn, self.up_bias)
+        hidden = _row_hidden(projected.clone(), self.width, self.gated, self.act_fn, self.up_bias)
         neurons = self.hidden_mask(hidden).nonzero().squeeze(1)
+        if self.completing():
+            rest = (row * ~keep_in).to(self.gate_up_proj.dtype)
+            rows = neurons if not self.gated else torch.cat([neurons, neurons + self.width])
+            projected = projected[rows] + self.gate_up_rows.index_select(0, rows) @ rest
+            bias = None if self.up_bias is None else self.up_bias[neurons]
+            hidden = _row_hidden(projected, len(neurons), self.gated, self.act_fn, bias)
+            torch.mv(self.down_proj.index_select(0, neurons).T, hidden, out=out_row)
+            return
         torch.mv(self.down_proj.index_select(0, neurons).T, hidden[neurons], out=out_row)

@@ -33,6 +33,8 @@ def check_spec(spec, hidden_size: int | None = None) -> None:
     if spec.get("sparse", False) and (routed or shared != 1):
         raise CMoEError(f"config.json's cmoe section marks a sparse FFN (one always-on part) but has {shared} shared and "
                         f"{routed} routed experts; {REDO}.")
+    if spec.get("complete", False) and not spec.get("sparse", False):
+        raise CMoEError(f"config.json's cmoe section completes the sums of a sparse FFN but is not sparse; {REDO}.")
     if spec.get("router", "representative") not in ROUTER_KINDS:
         raise CMoEError(f"config.json's cmoe.router {spec['router']!r} is none of {', '.join(ROUTER_KINDS)}; {REDO}.")
     if spec["act"] not in ACT2FN:
@@ -57,6 +59,7 @@ class MoESpec:
     router: str = "representative"  # how experts are scored: one of ROUTER_KINDS (folders before 0.x lack it)
     output_bias: bool = False  # a bias on the output, folded in for neurons the carve left out
     sparse: bool = False  # the `sparse` preset: one always-on part, the whole FFN, with per-token activation sparsity
+    complete: bool = False  # sparse: layers may complete their kept neurons' sums (a neuron-major copy of gate and up)
 
     @property
     def routed(self) -> int:

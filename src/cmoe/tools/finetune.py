@@ -247,6 +247,9 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     gate_scales_after = _gate_scales(layer_routers)
     merged = student.merge_and_unload()
     merged.eval()
+    for module in merged.modules():  # a completing sparse layer's neuron-major copy follows the trained weights
+        if hasattr(module, "sync_completion"):
+            module.sync_completion()
     if checkpointing:
         _checkpointing(merged, False)
     imbalance_trained = imbalance_after = expert_load_imbalance(merged, check)

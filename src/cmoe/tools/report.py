@@ -183,6 +183,7 @@ def describe(folder) -> dict:
             load_after=[round(v, 4) for v in layer.get("load_after", [])],
             ffn_compute=layer.get("ffn_compute"),
             input_share=layer.get("input_share"), hidden_share=layer.get("hidden_share"),
+            completes=layer.get("completes"),
             mean_activation_rate=round(sum(layer["activation_rate"]) / len(layer["activation_rate"]), 4)
             if layer.get("activation_rate") else None,
         ))
@@ -192,7 +193,7 @@ def describe(folder) -> dict:
                 cmoe_version=record.get("cmoe_version"), hidden_size=spec_fields.hidden_size, expert_width=width,
                 shared=spec_fields.shared, active=spec_fields.active, experts=spec_fields.experts,
                 active_fraction=round((spec_fields.shared + spec_fields.active) / spec_fields.experts, 4),
-                sparse=spec_fields.sparse,
+                sparse=spec_fields.sparse, complete=spec_fields.complete,
                 budget=record.get("config", {}).get("budget"), router=spec_fields.router,
                 dynamic_k=bool(record.get("config", {}).get("dynamic_k")),
                 mean_active=record.get("config", {}).get("mean_active") or record.get("config", {}).get("active"),
@@ -252,15 +253,18 @@ def _describe_sparse(info: dict) -> str:
         f"{info['folder']}: {info['model_type']}, {info['name']} ({info['preset']} preset, cmoe {info['cmoe_version']})",
         f"  every one of the {info['expert_width']} neurons kept; per token, gate and up read the input channels above "
         "a threshold and down the neurons above another (activation sparsity, no experts)",
+        *(["  layers marked 'completed' finish their kept neurons' sums over every input channel (exact activations; a "
+           "second, neuron-major copy of gate and up in every layer)"] if info.get("complete") else []),
         _compute_line(info),
         f"  calibration: {calibration.get('source', '?')}, {calibration.get('samples', '?')} x {calibration.get('seqlen', '?')} "
         f"tokens; carved in {info['carve_seconds']} s",
         "",
     ]
     rows = [dict(layer=layer["layer"], inputs=_percent(layer.get("input_share")), neurons=_percent(layer.get("hidden_share")),
-                 compute=_percent(layer.get("ffn_compute"))) for layer in info["layers"]]
+                 completed="yes" if layer.get("completes") else "no", compute=_percent(layer.get("ffn_compute")))
+            for layer in info["layers"]]
     columns = [("layer", "layer"), ("inputs", "input channels read %"), ("neurons", "neurons read by down %"),
-               ("compute", "FFN compute % (calibration)")]
+               ("completed", "completed"), ("compute", "FFN compute % (calibration)")]
     return "\n".join(head) + table(rows, columns)
 
 

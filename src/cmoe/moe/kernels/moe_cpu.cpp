@@ -1092,36 +1092,65 @@ void sum_rows(const W* w, int64_t n, const std::vector<int64_t>& idx, const std:
   });
 }
 
+// The kept neurons' sums completed over the inputs the first pass skipped: projected[j] (and projected[width + j]
+// in a gated FFN) += row j of `rows` [2I or I, H] . rest, rest holding x with the kept inputs zeroed.
+template <typename W>
+void complete_sums(const W* rows, const std::vector<int64_t>& neurons, const std::vector<W>& rest, int64_t width,
+                   bool gated, float* projected) {
+  const int64_t hidden = static_cast<int64_t>(rest.size()), count = static_cast<int64_t>(neurons.size());
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t j = neurons[n];
+      projected[j] += dot(rows + j * hidden, rest.data(), hidden);
+      if (gated) projected[width + j] += dot(rows + (width + j) * hidden, rest.data(), hidden);
+    }
+  });
+}
+
 template <typename W>
 void sparse_step(const at::Tensor& rows, const at::Tensor& gate_up, const Vector& up_bias, const at::Tensor& down,
                  const Vector& input_scale, float input_threshold, const Vector& hidden_scale, float hidden_threshold,
-                 int64_t act, bool gated, float* out) {
+                 int64_t act, bool gated, const W* completion_rows, float* out) {
   const int64_t tokens = rows.size(0), hidden = rows.size(1), projected_width = gate_up.size(1), width = down.size(0);
   const W* gate_up_rows = matrix_data<W>(gate_up);
   const W* down_rows = matrix_data<W>(down);
-  std::vector<float> projected(projected_width), values;
+  std::vector<float> projected(projected_width), predicted, values;
   std::vector<int64_t> kept;
+  std::vector<W> rest(completion_rows ? hidden : 0);
   for (int64_t t = 0; t < tokens; ++t) {
     const float* x = rows.data_ptr<float>() + t * hidden;
     kept.clear();
     values.clear();
     for (int64_t i = 0; i < hidden; ++i) {
-      if (std::fabs(x[i]) * input_scale[i] >= input_threshold) {
+      const bool keep = std::fabs(x[i]) * input_scale[i] >= input_threshold;
+      if (keep) {
         kept.push_back(i);
         values.push_back(as_weights<W>(x[i]));
       }
+      if (completion_rows && keep) rest[i] = W(0);
+      else if (completion_rows) narrow(x + i, 1, &rest[i]);
     }
     sum_rows(gate_up_rows, projected_width, kept, values, projected.data());
-    hidden_inplace(projected.data(), width, gated, act, up_bias);
+    if (completion_rows) {
+      for (auto& v : projected) v = as_weights<W>(v);  // the partial sums as the masked forward holds them
+      predicted = projected;
+    }
+    float* h = completion_rows ? predicted.data() : projected.data();
+    hidden_inplace(h, width, gated, act, up_bias);
     kept.clear();
-    values.clear();
     for (int64_t j = 0; j < width; ++j) {
-      const float value = as_weights<W>(projected[j]);  // a bfloat16 model holds h in bfloat16
-      if (std::fabs(value) * hidden_scale[j] >= hidden_threshold) {
-        kept.push_back(j);
-        values.push_back(value);
+      if (std::fabs(as_weights<W>(h[j])) * hidden_scale[j] >= hidden_threshold) kept.push_back(j);
+    }
+    if (completion_rows) {
+      complete_sums(completion_rows, kept, rest, width, gated, projected.data());
+      for (const int64_t j : kept) {
+        const float g = as_weights<W>(projected[j]);
+        projected[j] = gated ? activate(g, act) * as_weights<W>(projected[width + j])
+                             : activate(g + (up_bias ? up_bias[j] : 0.0f), act);
       }
     }
+    values.clear();
+    for (const int64_t j : kept) values.push_back(as_weights<W>(projected[j]));  // a bfloat16 model holds h in bfloat16
     sum_rows(down_rows, hidden, kept, values, out + t * hidden);
   }
 }
@@ -1135,18 +1164,28 @@ void sparse_step(const at::Tensor& rows, const at::Tensor& gate_up, const Vector
 // in x's dtype.
 at::Tensor sparse_decode(const at::Tensor& x, const at::Tensor& gate_up, const c10::optional<at::Tensor>& up_bias,
                          const at::Tensor& down, const at::Tensor& input_scale, double input_threshold,
-                         const at::Tensor& hidden_scale, double hidden_threshold, int64_t act, bool gated) {
+                         const at::Tensor& hidden_scale, double hidden_threshold, int64_t act, bool gated,
+                         const c10::optional<at::Tensor>& gate_up_rows) {
   TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 2 && down.dim() == 2 && gate_up.size(0) == x.size(1) &&
                   down.size(1) == x.size(1) && gate_up.size(1) == down.size(0) * (gated ? 2 : 1) &&
                   input_scale.numel() == x.size(1) && hidden_scale.numel() == down.size(0) &&
                   gate_up.scalar_type() == down.scalar_type(),
               "cmoe sparse decode: the shapes of x, gate_up, down and the scales do not fit together");
+  TORCH_CHECK(!present(gate_up_rows) || (gate_up_rows->dim() == 2 && gate_up_rows->size(0) == gate_up.size(1) &&
+                                         gate_up_rows->size(1) == x.size(1)),
+              "cmoe sparse decode: gate_up_rows must be gate_up transposed");
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const at::Tensor rows = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty_like(rows);
-  const auto step = down.scalar_type() == at::kBFloat16 ? &sparse_step<uint16_t> : &sparse_step<float>;
-  step(rows, gate_up, vector_or_empty(up_bias), down, vector_of(input_scale), static_cast<float>(input_threshold),
-       vector_of(hidden_scale), static_cast<float>(hidden_threshold), act, gated, out.data_ptr<float>());
+  const Vector bias = vector_or_empty(up_bias), in_scale = vector_of(input_scale), out_scale = vector_of(hidden_scale);
+  const float in_threshold = static_cast<float>(input_threshold), out_threshold = static_cast<float>(hidden_threshold);
+  if (down.scalar_type() == at::kBFloat16) {
+    sparse_step<uint16_t>(rows, gate_up, bias, down, in_scale, in_threshold, out_scale, out_threshold, act, gated,
+                          present(gate_up_rows) ? matrix_data<uint16_t>(*gate_up_rows) : nullptr, out.data_ptr<float>());
+  } else {
+    sparse_step<float>(rows, gate_up, bias, down, in_scale, in_threshold, out_scale, out_threshold, act, gated,
+                       present(gate_up_rows) ? matrix_data<float>(*gate_up_rows) : nullptr, out.data_ptr<float>());
+  }
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
