@@ -7,7 +7,9 @@ SmolLM2's FFN shape (hidden 576, intermediate 1536) with random weights (speed d
 random router spreads tokens about evenly, as the balanced ones do): prefill of 2,048 tokens, one layer,
 and decode at batch 1 through 30 layers in turn (each its own copy, so weights come from memory). Dense,
 `paper` (S3A3E8, S2A2E8, S1A1E8) and each preset of --presets (at --budget) are timed interleaved in one run, medians of
-repeated runs. Writes bench/results/budget_speed_cpu.json.
+repeated runs. Writes bench/results/budget_speed_cpu.json. The pseudo-presets `sparse-completed` and `sparse-plain`
+are `sparse` with every layer completing its kept neurons' sums, or none (on random inputs the carve's own choice
+may differ from a real model's).
 """
 
 from __future__ import annotations
@@ -16,16 +18,32 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import cmoe
+from cmoe.core import carve
 from cmoe.tools.bench import interleaved_medians, keep_freed_memory, random_ffn_pair
 from provenance import device_name, git_commit
 
 PAPER_LAYOUTS = {0.75: "S3A3E8", 0.5: "S2A2E8", 0.25: "S1A1E8"}
 HIDDEN, INTERMEDIATE, LAYERS = 576, 1536, 30
+
+
+@contextmanager
+def splits_of(name: str):
+    """`sparse-completed`: only completing splits; `sparse-plain`: none; other names: the carve's own."""
+    saved = carve.HIDDEN_SHARES, carve.COMPLETED_INPUT_SHARES
+    if name == "sparse-completed":
+        carve.HIDDEN_SHARES = ()
+    elif name == "sparse-plain":
+        carve.COMPLETED_INPUT_SHARES = ()
+    try:
+        yield
+    finally:
+        carve.HIDDEN_SHARES, carve.COMPLETED_INPUT_SHARES = saved
 
 
 @torch.no_grad()
@@ -44,9 +62,12 @@ def main():
         for budget in map(float, args.budgets.split(",")):
             presets = args.presets.split(",")
             configs = dict(paper=cmoe.CarveConfig.from_name(PAPER_LAYOUTS[budget]),
-                           **{p: cmoe.CarveConfig(budget=budget, preset=p).for_ffn(INTERMEDIATE, 3) for p in presets})
-            ffns = {name: [random_ffn_pair(HIDDEN, INTERMEDIATE, config, dtype, seed=layer) for layer in range(LAYERS)]
-                    for name, config in configs.items()}
+                           **{p: cmoe.CarveConfig(budget=budget, preset=p.split("-")[0]).for_ffn(INTERMEDIATE, 3)
+                              for p in presets})
+            ffns = {}
+            for name, config in configs.items():
+                with splits_of(name):
+                    ffns[name] = [random_ffn_pair(HIDDEN, INTERMEDIATE, config, dtype, seed=layer) for layer in range(LAYERS)]
             dense = [pair[0] for pair in ffns["paper"]]
             models = dict(dense=dense, **{name: [pair[1] for pair in pairs] for name, pairs in ffns.items()})
             prompt = torch.randn(1, 2048, HIDDEN, dtype=dtype)

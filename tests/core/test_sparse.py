@@ -24,10 +24,10 @@ def planned(layer, projections=3):
     return ((projections - 1) * layer["input_share"] + layer["hidden_share"] * per_neuron) / projections
 
 
-def test_a_budget_without_a_preset_takes_sparse_from_half_up():
+def test_a_budget_without_a_preset_takes_sparse():
     assert cmoe.CarveConfig(budget=0.75).preset == "sparse"
-    assert cmoe.CarveConfig(budget=0.5).preset == "sparse"
-    assert cmoe.CarveConfig(budget=0.25).preset == "fitted"
+    assert cmoe.CarveConfig(budget=0.25).preset == "sparse"
+    assert cmoe.CarveConfig(budget=0.25, preset="fitted").preset == "fitted"
     assert cmoe.CarveConfig(budget=0.5).for_ffn(1536, 3).name == "sparse0.5"
 
 
@@ -235,8 +235,10 @@ def test_the_compute_count_of_a_completing_layer_adds_the_completed_sums():
 def test_only_a_model_whose_layers_complete_keeps_the_neuron_major_copy(tmp_path, monkeypatch, completion):
     from cmoe.core import carve
 
-    monkeypatch.setattr(carve, "HIDDEN_SHARES" if completion else "COMPLETED_INPUT_SHARES", ())
-    model = sparse_model()
+    if completion:
+        monkeypatch.setattr(carve, "HIDDEN_SHARES", ())  # only completing splits to choose from
+    model = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, complete=completion), tokens(16, 64),
+                        progress=False)
     assert model.config.cmoe["complete"] is completion
     assert all(layer["completes"] is completion for layer in model.carve_record["layers"])
     assert all(("gate_up_rows" in dict(f.shared.named_parameters())) is completion for f in ffns(model))
@@ -251,3 +253,31 @@ def test_only_a_model_whose_layers_complete_keeps_the_neuron_major_copy(tmp_path
         generated = loaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
         again = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
     assert torch.equal(generated, again)
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_the_output_bias_takes_the_mean_of_what_the_skipped_rows_would_add(compensate):
+    from cmoe.core.carve import _dense_output, build_sparse
+    from cmoe.hf.adapters import adapter_for
+
+    model = tiny_model("llama")
+    ffn = adapter_for(model).read(adapter_for(model).layers(model)[0], model.config)
+    x = torch.randn(512, 32) * torch.linspace(0.2, 3, 32)
+    moe, record, out = build_sparse(x, ffn, 0.5, compensate)
+    with torch.no_grad():
+        missing = (_dense_output(ffn, x) - moe(x)).mean(0)
+    assert torch.allclose(out, moe(x).detach(), atol=1e-5)
+    typical = _dense_output(ffn, x).abs().mean()
+    if compensate:
+        assert missing.abs().max() < 1e-4 * typical and record["bias_norm"] > 0
+    else:
+        assert missing.abs().max() > 1e-3 * typical and moe.down_bias is None
+
+
+def test_no_complete_is_refused_for_presets_that_complete_nothing(tmp_path, capsys):
+    from cmoe.tools.cli import main
+
+    assert main(["carve", "stories260k", "-o", str(tmp_path / "out"), "--budget", "0.5", "--preset", "fitted",
+                 "--no-complete"]) == 2
+    assert "--no-complete is for the sparse preset" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -93,7 +93,7 @@ CASES = [
     ("carve dense -o out --config S3A3E8 --shared 1", "give one or the other"),
     ("carve dense -o out --budget 0.5 --config S3A3E8", "give the budget"),
     ("carve dense -o out --budget 1.5", "budget must lie in"),
-    ("carve dense -o out --budget 0.01 --calib calib.txt --calib-samples 2 --calib-seqlen 32", "raise --budget"),
+    ("carve dense -o out --budget 0.01 --preset fitted --calib calib.txt --calib-samples 2 --calib-seqlen 32", "raise --budget"),
     ("carve dense -o out --preset static --config S1A1E4", "routes nothing"),
     ("carve dense -o out --preset sparse --config S3A3E8", "needs a budget, not expert counts"),
     ("carve dense -o out --calib-seqlen 100000", "positions this model was built for"),

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers.activations import ACT2FN
 
 from cmoe.core.activations import activation_marks, activation_rate, ffn_activations, fluctuation
 from cmoe.core.calibration import replace_ffns
@@ -103,7 +104,7 @@ def build_moe(x: torch.Tensor, ffn: FFNWeights, config: CarveConfig, k_act: int,
     """Carve one FFN from its calibration inputs x [T, H]: the filled `MoEFFN`, what to record of it, and
     its output on x [T, H] (computed from the dense hidden activation, which it equals while gates are 1)."""
     if config.preset == "sparse":
-        return build_sparse(x, ffn, config.budget)
+        return build_sparse(x, ffn, config.budget, config.compensate, config.complete)
     if config.dropped:  # static: the neurons to keep, ranked over all tokens
         hidden, scores = ffn_activations(x, ffn, "real" if config.activation == "fluctuation" else config.activation)
         ranking = fluctuation(hidden, ffn) if config.activation == "fluctuation" else scores.mean(0)
@@ -175,37 +176,61 @@ class Split:
 
 
 @torch.no_grad()
-def build_sparse(x: torch.Tensor, ffn: FFNWeights, budget: float):
+def build_sparse(x: torch.Tensor, ffn: FFNWeights, budget: float, compensate: bool = True, complete: bool = True):
     """The `sparse` preset's FFN for calibration inputs x [T, H]: per layer, the split of the budget (between the
     input side and down, completing the kept neurons or not) whose output on calibration tokens is nearest the
-    dense FFN's, with thresholds set so that the calibration tokens read that share of rows on average. The
-    layer holds the neuron-major copy that completion needs (the pipeline drops it where no layer completes)."""
+    dense FFN's (`complete` False: not completing), with thresholds set so that the calibration tokens read that
+    share of rows on average, and (`compensate`) the mean of what the skipped rows would have added folded into the output bias. The layer
+    holds the neuron-major copy that completion needs (the pipeline drops it where no layer completes)."""
     width = ffn.width
     moe = MoEFFN.from_dense(ffn, torch.arange(width), torch.empty(0, width, dtype=torch.long), 0, sparse=True,
-                            complete=True)
+                            complete=True, output_bias=compensate)
     part, projections = moe.shared, 3 if ffn.gated else 2
+    compensate = compensate and budget < 1
     sample = x[:: max(1, len(x) // SPLIT_TOKENS)].to(ffn.up.dtype)
     dense = _thresholded_output(part, sample, Split(1.0, 1.0))
     best = None
-    for split in _splits(budget, projections):
-        error = ((_thresholded_output(part, sample, split) - dense).norm() / dense.norm().clamp_min(1e-30))
-        if best is None or error.item() < best[0]:
-            best = (error.item(), split, part.input_threshold.clone(), part.hidden_threshold.clone())
+    for split in _splits(budget, projections, complete):
+        out = _thresholded_output(part, sample, split)
+        if compensate:
+            out += (dense - out).mean(0)
+        error = ((out - dense).norm() / dense.norm().clamp_min(1e-30)).item()
+        if best is None or error < best[0]:
+            best = (error, split, part.input_threshold.clone(), part.hidden_threshold.clone())
     error, split, input_threshold, hidden_threshold = best
     part.input_threshold.copy_(input_threshold)
     part.hidden_threshold.copy_(hidden_threshold)
     part.completes.fill_(float(split.complete))
+    inputs = x.to(ffn.up.dtype)
     part.counting = True
-    out = moe(x.to(ffn.up.dtype))
+    out = moe(inputs)
     part.counting = False
+    shift = None
+    if compensate:  # over every calibration token, in float32
+        shift = (_dense_output(ffn, inputs) - out.float()).mean(0)
+        moe.down_bias += shift.to(moe.down_bias.dtype)
+        out = out + shift.to(out.dtype)
     record = dict(input_share=round(split.inputs, 4), hidden_share=round(split.neurons, 4), completes=split.complete,
                   split_error=round(error, 4), input_threshold=part.input_threshold.item(),
-                  hidden_threshold=part.hidden_threshold.item(), ffn_compute=round(sparse_share(part, width, len(x)), 4))
+                  hidden_threshold=part.hidden_threshold.item(), ffn_compute=round(sparse_share(part, width, len(x)), 4),
+                  bias_norm=None if shift is None else round(shift.norm().item(), 4))
     part.read_rows.zero_()
     return moe, record, out.to(x.dtype)
 
 
-def _splits(budget: float, projections: int) -> list[Split]:
+def _dense_output(ffn: FFNWeights, x: torch.Tensor) -> torch.Tensor:
+    """The dense FFN's output on x [T, H], in float32."""
+    x = x.float()
+    up = x @ ffn.up.float().T
+    if ffn.gate is None:
+        hidden = ACT2FN[ffn.act](up if ffn.up_bias is None else up + ffn.up_bias.float())
+    else:
+        hidden = ACT2FN[ffn.act](x @ ffn.gate.float().T) * up
+    out = hidden @ ffn.down.float().T
+    return out if ffn.down_bias is None else out + ffn.down_bias.float()
+
+
+def _splits(budget: float, projections: int, complete: bool = True) -> list[Split]:
     """The splits that spend `budget`: down taking HIDDEN_SHARES of it, or (completing) the inputs taking
     COMPLETED_INPUT_SHARES; near the full budget, where those would ask gate and up for more than every input,
     all inputs and the rest for down."""
@@ -216,7 +241,7 @@ def _splits(budget: float, projections: int) -> list[Split]:
         inputs = (projections * budget - down) / (projections - 1)
         if 0 < inputs <= 1:
             splits.append(Split(inputs, down))
-    for inputs in (share * budget for share in COMPLETED_INPUT_SHARES):
+    for inputs in (share * budget for share in (COMPLETED_INPUT_SHARES if complete else ())):
         # a kept neuron costs its down row and its gate and up sums over the inputs the first pass skipped
         neurons = (projections * budget - (projections - 1) * inputs) / (1 + (projections - 1) * (1 - inputs))
         if 0 < neurons <= 1:

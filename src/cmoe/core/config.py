@@ -45,8 +45,9 @@ PRESETS: dict[str, dict] = {
                    balance=False),
     # Per-token activation sparsity, not experts: every neuron stays, and each token's gate and up read only its
     # largest input channels and down only its largest hidden activations (weighted by the weights' norms),
-    # above per-layer thresholds calibrated to the budget. Meant for --budget.
-    "sparse": dict(activation="real", k_act=10, distance="l2", max_iters=0, normalise_router=False, balance=False),
+    # above per-layer thresholds calibrated to the budget, and the mean of what they skip folded into a bias.
+    # Meant for --budget.
+    "sparse": dict(activation="real", compensate=True, complete=True, k_act=10, distance="l2", max_iters=0, normalise_router=False, balance=False),
     # The path the official code takes, kept for honest comparison.
     "reference": dict(
         activation="cosine",  # |h| profiled with unit-length inputs and weight rows
@@ -62,9 +63,6 @@ ACTIVATIONS = ("real", "cosine", "contribution", "fluctuation")
 # A budget splits the FFN into up to this many equal slices: fewer where the width has no such divisor, or
 # where the router (a row per routed slice) would cost more than ROUTER_SHARE of the dense FFN.
 # (never fewer than MIN_SLICES where the width allows: the router of a tiny FFN costs more).
-# With a budget and no preset named: `sparse` from this budget up, `fitted` below it. Under about half the
-# FFN, a sparse FFN's gate and up must skip most input channels, and SmolLM2 collapses (BENCHMARKS.md).
-SPARSE_FROM = 0.5
 BUDGET_SLICES = 64
 ROUTER_SHARE = 0.02
 MIN_SLICES = 8
@@ -77,7 +75,7 @@ class CarveConfig:
     """How to carve: `shared` always-on experts, `active` routed experts per token, `experts` in all.
 
     `S3A3E8` is `CarveConfig(shared=3, active=3, experts=8)`: 6 of 8 equal slices of the FFN run per token.
-    `CarveConfig(budget=0.5)` leaves the layout to the preset (`sparse` from SPARSE_FROM up, else `fitted`):
+    `CarveConfig(budget=0.5)` leaves the layout to the preset (`sparse` unless another is named):
     `fitted` takes the most FFN slices whose compute, router included, fits in half the dense FFN's (`for_ffn`
     fills it in once the FFN is known); `static` keeps `shared` of `experts` slices and leaves the rest out
     (`active` 0); `sparse` keeps one part, the whole FFN (S1A0E1), and sets per-token thresholds.
@@ -87,7 +85,7 @@ class CarveConfig:
     shared: int | None = None  # default 3 (with a budget: the preset's layout)
     active: int | None = None  # default 3
     experts: int | None = None  # default 8
-    preset: str | None = None  # default: with a budget "sparse" (from SPARSE_FROM up) or "fitted", else "paper"
+    preset: str | None = None  # default: with a budget "sparse", else "paper"
     budget: float | None = None  # share of the dense FFN's multiply-adds a token may use; sets the layout
     slices: int | None = None  # with a budget: split the FFN into up to this many slices (default BUDGET_SLICES)
     activation: str | None = None  # what profiling ranks neurons by: one of ACTIVATIONS
@@ -95,6 +93,7 @@ class CarveConfig:
     mark_share: float | None = None  # or: that share of the FFN's neurons marked per token (overrides k_act)
     router: str | None = None  # "representative" (the paper's) or "linear" (fitted)
     compensate: bool | None = None  # fold the left-out neurons' mean output into an output bias
+    complete: bool | None = None  # sparse: layers may complete their kept neurons' sums (a neuron-major copy)
     dynamic_k: bool | None = None  # `active` is a mean: each token takes the experts its router scores clear
     mean_active: float | None = None  # dynamic_k with a budget: the mean the budget pays for (set by for_ffn)
     k_margin: float | None = None  # dynamic_k: calibrate for this share fewer experts than mean_active
@@ -107,7 +106,7 @@ class CarveConfig:
 
     def __post_init__(self):
         if self.preset is None:
-            self.preset = "paper" if self.budget is None else "sparse" if self.budget >= SPARSE_FROM else "fitted"
+            self.preset = "paper" if self.budget is None else "sparse"
         if self.preset not in PRESETS:
             raise CMoEError(f"Unknown preset {self.preset!r}; use one of {', '.join(PRESETS)}.")
         for key, value in PRESETS[self.preset].items():
@@ -115,6 +114,7 @@ class CarveConfig:
                 setattr(self, key, value)
         self.router = self.router or "representative"
         self.compensate = bool(self.compensate)
+        self.complete = bool(self.complete)
         self.dynamic_k = bool(self.dynamic_k)
         self.k_margin = self.k_margin or 0.0
         if not 0 <= self.k_margin < 1:

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     carve.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write the carved model to")
     carve.add_argument("--budget", type=float, metavar="SHARE",
                        help="share of the dense FFN's compute each token may use, router included, e.g. 0.5; the preset "
-                            "picks the layout (default preset: sparse from 0.5 up, fitted below; default budget 0.75 "
+                            "picks the layout (default preset: sparse; default budget 0.75 "
                             "where no layout is given)")
     carve.add_argument("--slices", type=int, metavar="N",
                        help="with --budget: split the FFN into at most N equal slices (default 64; fewer, wider experts "
@@ -80,11 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     carve.add_argument("--experts", type=int, help="experts in all, shared included (default 8)")
     carve.add_argument("--preset", choices=("sparse", "fitted", "static", "paper", "reference"),
                        help="sparse: every neuron kept, each token reads only its largest inputs and activations (default "
-                            "with --budget from 0.5 up); fitted: finer experts and a fitted router (default below 0.5); "
+                            "with --budget); fitted: finer experts and a fitted router; "
                             "static: prune to the budget, nothing routed; paper: the method as published (default with "
                             "a layout); reference: the official code's path")
     carve.add_argument("--k-act", type=int, help="neurons marked per token when profiling (default: the preset's)")
     carve.add_argument("--no-balance", action="store_true", help="leave the routers' selection bias at zero")
+    carve.add_argument("--no-complete", action="store_true",
+                       help="sparse preset: no layer completes its kept neurons' sums, so the model keeps the dense "
+                            "model's memory (no neuron-major copy of gate and up), at some loss of quality")
     carve.add_argument("--calib", default="wikitext2", metavar="SOURCE",
                        help=f"calibration text: {TEXT_SOURCES} (default wikitext2)")
     carve.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
@@ -264,6 +267,10 @@ def cmd_carve(args) -> dict:
     overrides = dict(preset=args.preset, seed=args.seed, k_act=args.k_act)
     if args.no_balance:
         overrides["balance"] = False
+    if args.no_complete:
+        if args.preset not in (None, "sparse"):
+            raise CMoEError(f"--no-complete is for the sparse preset; the {args.preset} preset completes nothing.")
+        overrides["complete"] = False
     counts = dict(shared=args.shared, active=args.active, experts=args.experts)
     given = [f"--{name} {value}" for name, value in counts.items() if value is not None]
     if args.config and given:

@@ -193,7 +193,7 @@ def describe(folder) -> dict:
                 cmoe_version=record.get("cmoe_version"), hidden_size=spec_fields.hidden_size, expert_width=width,
                 shared=spec_fields.shared, active=spec_fields.active, experts=spec_fields.experts,
                 active_fraction=round((spec_fields.shared + spec_fields.active) / spec_fields.experts, 4),
-                sparse=spec_fields.sparse, complete=spec_fields.complete,
+                sparse=spec_fields.sparse, complete=spec_fields.complete, output_bias=spec_fields.output_bias,
                 budget=record.get("config", {}).get("budget"), router=spec_fields.router,
                 dynamic_k=bool(record.get("config", {}).get("dynamic_k")),
                 mean_active=record.get("config", {}).get("mean_active") or record.get("config", {}).get("active"),
@@ -255,6 +255,8 @@ def _describe_sparse(info: dict) -> str:
         "a threshold and down the neurons above another (activation sparsity, no experts)",
         *(["  layers marked 'completed' finish their kept neurons' sums over every input channel (exact activations; a "
            "second, neuron-major copy of gate and up in every layer)"] if info.get("complete") else []),
+        *(["  the mean of what the skipped rows would add on the calibration tokens is folded into an output bias"]
+          if info.get("output_bias") else []),
         _compute_line(info),
         f"  calibration: {calibration.get('source', '?')}, {calibration.get('samples', '?')} x {calibration.get('seqlen', '?')} "
         f"tokens; carved in {info['carve_seconds']} s",
