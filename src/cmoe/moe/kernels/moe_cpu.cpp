@@ -135,6 +135,34 @@ CMOE_CLONES float dot(const uint16_t* w, const float* x, int64_t n) {  // the ro
   return out;
 }
 
+// Dot products of R rows anywhere in memory (row[r]) with one vector: `row_dots` for rows without a common
+// stride (a completing sparse layer's kept neurons, gate and up rows of each).
+template <int R, typename W>
+inline void gathered_row_dots(const W* const* row, const W* __restrict x, int64_t n, float* out) {
+  f32x8 low[R] = {}, high[R] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x8 x_low = load8(x + i), x_high = load8(x + i + 8);
+    for (int r = 0; r < R; ++r) {
+      low[r] += load8(row[r] + i) * x_low;
+      high[r] += load8(row[r] + i + 8) * x_high;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float sum = 0.0f;
+    for (int j = 0; j < 8; ++j) sum += low[r][j];
+    for (int j = 0; j < 8; ++j) sum += high[r][j];
+    for (int64_t k = i; k < n; ++k) sum += widen(row[r][k]) * widen(x[k]);
+    out[r] = sum;
+  }
+}
+CMOE_CLONES void gathered_dots(const float* const* row, const float* x, int64_t n, float* out) {
+  gathered_row_dots<kRowsAtOnce>(row, x, n, out);
+}
+CMOE_CLONES void gathered_dots(const uint16_t* const* row, const uint16_t* x, int64_t n, float* out) {
+  gathered_row_dots<kRowsAtOnce>(row, x, n, out);
+}
+
 // Row sums for the sparse preset's decode: acc[0..n) += sum over r of v[r] * w[idx[r] * stride + 0..n), four
 // rows a pass (one load and store of acc per four rows). The order of the sums is fixed, so results do not
 // depend on the thread count, which splits the columns.
@@ -1098,11 +1126,25 @@ template <typename W>
 void complete_sums(const W* rows, const std::vector<int64_t>& neurons, const std::vector<W>& rest, int64_t width,
                    bool gated, float* projected) {
   const int64_t hidden = static_cast<int64_t>(rest.size()), count = static_cast<int64_t>(neurons.size());
-  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t j = neurons[n];
-      projected[j] += dot(rows + j * hidden, rest.data(), hidden);
-      if (gated) projected[width + j] += dot(rows + (width + j) * hidden, rest.data(), hidden);
+  std::vector<int64_t> targets;  // the projections to complete: each neuron's gate (if gated) and up entries
+  targets.reserve(2 * count);
+  for (const int64_t j : neurons) {
+    targets.push_back(j);
+    if (gated) targets.push_back(width + j);
+  }
+  const int64_t total = static_cast<int64_t>(targets.size());
+  at::parallel_for(0, (total + kRowsAtOnce - 1) / kRowsAtOnce, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * kRowsAtOnce;
+      if (first + kRowsAtOnce <= total) {
+        const W* row[kRowsAtOnce];
+        float sums[kRowsAtOnce];
+        for (int r = 0; r < kRowsAtOnce; ++r) row[r] = rows + targets[first + r] * hidden;
+        gathered_dots(row, rest.data(), hidden, sums);
+        for (int r = 0; r < kRowsAtOnce; ++r) projected[targets[first + r]] += sums[r];
+      } else {
+        for (int64_t t = first; t < total; ++t) projected[targets[t]] += dot(rows + targets[t] * hidden, rest.data(), hidden);
+      }
     }
   });
 }
