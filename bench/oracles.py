@@ -144,6 +144,24 @@ def calibration_statistics(model, adapter, ids: torch.Tensor, layouts: list[str]
     return stats
 
 
+def dense_ffn_inputs(model, adapter, tokenizer, every: int = 4) -> list[torch.Tensor]:
+    """Each layer's FFN inputs on the calibration text (8 x 2,048 WikiText-2 validation tokens, seed 0), every
+    `every`-th token, from the dense model."""
+    from cmoe.data import calibration_tokens
+
+    layers = adapter.layers(model)
+    inputs = [[] for _ in layers]
+    hooks = [adapter.ffn_module(layer).register_forward_pre_hook(
+        lambda m, args, i=i: inputs[i].append(args[0].reshape(-1, args[0].shape[-1])[::every]))
+        for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        for row in calibration_tokens(tokenizer, "wikitext2", 8, 2048, seed=0):
+            model(row[None], use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    return [torch.cat(c) for c in inputs]
+
+
 def with_rule(model, adapter, make_module):
     """Install make_module(layer_index, ffn_weights) as every layer's FFN; returns a function that undoes it."""
     originals = []

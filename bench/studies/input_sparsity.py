@@ -12,7 +12,7 @@ from cmoe.data import eval_text, tokenize
 from cmoe.hf.adapters import adapter_for
 from cmoe.hf.loading import load_model
 from cmoe.tools.perplexity import perplexity
-from oracles import with_rule, top_k_mask
+from oracles import dense_ffn_inputs, with_rule, top_k_mask
 
 torch.set_grad_enabled(False)
 
@@ -57,16 +57,8 @@ class InputSparseFFN(nn.Module):
 model, tok = load_model("smollm2")
 ad = adapter_for(model)
 ids = tokenize(tok, eval_text("wikitext2"))
-from cmoe.data import calibration_tokens
 layers = ad.layers(model)
-inputs = [[] for _ in layers]
-hooks = [ad.ffn_module(l).register_forward_pre_hook(lambda m, a_, i=i: inputs[i].append(a_[0].reshape(-1, a_[0].shape[-1])[::4]))
-         for i, l in enumerate(layers)]
-for row in calibration_tokens(tok, "wikitext2", 8, 2048, seed=0):
-    model(row[None], use_cache=False)
-for h_ in hooks:
-    h_.remove()
-inputs = [torch.cat(c) for c in inputs]
+inputs = dense_ffn_inputs(model, ad, tok)
 def best_split(ffn, x, budget, weighted=True):
     """The (a, b) with (2a + b) / 3 = budget whose thresholded FFN has the least output error on x."""
     dense = InputSparseFFN(ffn, 1, 1, weighted)(x)

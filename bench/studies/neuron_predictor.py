@@ -10,11 +10,11 @@ sys.path[:0] = ["src", "bench"]
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from cmoe.data import calibration_tokens, eval_text, tokenize
+from cmoe.data import eval_text, tokenize
 from cmoe.hf.adapters import adapter_for
 from cmoe.hf.loading import load_model
 from cmoe.tools.perplexity import perplexity
-from oracles import with_rule, top_k_mask
+from oracles import dense_ffn_inputs, with_rule, top_k_mask
 
 torch.set_grad_enabled(False)
 
@@ -75,15 +75,7 @@ class PredictedFFN(nn.Module):
 model, tok = load_model("smollm2")
 ad = adapter_for(model)
 ids = tokenize(tok, eval_text("wikitext2"))
-layers = ad.layers(model)
-inputs = [[] for _ in layers]
-hooks = [ad.ffn_module(l).register_forward_pre_hook(lambda m, a_, i=i: inputs[i].append(a_[0].reshape(-1, a_[0].shape[-1])[::4]))
-         for i, l in enumerate(layers)]
-for row in calibration_tokens(tok, "wikitext2", 8, 2048, seed=0):
-    model(row[None], use_cache=False)
-for h_ in hooks:
-    h_.remove()
-inputs = [torch.cat(c) for c in inputs]
+inputs = dense_ffn_inputs(model, ad, tok)
 H, I = model.config.hidden_size, model.config.intermediate_size
 
 for rule in sys.argv[1].split(","):

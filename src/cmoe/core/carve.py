@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers.activations import ACT2FN
 
 from cmoe.core.activations import activation_marks, activation_rate, ffn_activations, fluctuation
 from cmoe.core.calibration import replace_ffns
@@ -51,10 +50,11 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
                                  desc=f"carving {config.name}", progress=progress)
     seconds = time.perf_counter() - started
 
+    complete = config.preset == "sparse" and _keep_completion(model, adapter, layer_records)
     spec = MoESpec(hidden_size=first.up.shape[1], expert_width=expert_width, shared=config.shared,
                    active=config.top_k, experts=config.experts - config.dropped, act=first.act, gated=first.gated,
                    bias=first.up_bias is not None, router=config.router, output_bias=config.compensate,
-                   sparse=config.preset == "sparse", complete=_keep_completion(model, adapter, layer_records))
+                   sparse=config.preset == "sparse", complete=complete)
     section = dict(
         spec.to_dict(),
         record=dict(
@@ -71,14 +71,13 @@ def carve_(model, config: CarveConfig, calibration: torch.Tensor, *,
 
 
 def _keep_completion(model, adapter, layer_records: list[dict]) -> bool:
-    """Whether a sparse model keeps its neuron-major copies: only where some layer completes its sums."""
-    if not any(record.get("completes") for record in layer_records):
-        for layer in adapter.layers(model):
-            part = adapter.ffn_module(layer).shared
-            if "gate_up_rows" in getattr(part, "_parameters", {}):
-                part.drop_completion()
-        return False
-    return True
+    """Whether a sparse model keeps its neuron-major copies: only where some layer completes its sums (else the
+    copies are dropped here)."""
+    if any(record["completes"] for record in layer_records):
+        return True
+    for layer in adapter.layers(model):
+        adapter.ffn_module(layer).shared.drop_completion()
+    return False
 
 
 def _source(model) -> dict:
@@ -220,13 +219,7 @@ def build_sparse(x: torch.Tensor, ffn: FFNWeights, budget: float, compensate: bo
 
 def _dense_output(ffn: FFNWeights, x: torch.Tensor) -> torch.Tensor:
     """The dense FFN's output on x [T, H], in float32."""
-    x = x.float()
-    up = x @ ffn.up.float().T
-    if ffn.gate is None:
-        hidden = ACT2FN[ffn.act](up if ffn.up_bias is None else up + ffn.up_bias.float())
-    else:
-        hidden = ACT2FN[ffn.act](x @ ffn.gate.float().T) * up
-    out = hidden @ ffn.down.float().T
+    out = ffn_activations(x, ffn)[0] @ ffn.down.float().T
     return out if ffn.down_bias is None else out + ffn.down_bias.float()
 
 

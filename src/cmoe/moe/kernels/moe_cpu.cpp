@@ -1169,8 +1169,10 @@ void sparse_step(const at::Tensor& rows, const at::Tensor& gate_up, const Vector
         kept.push_back(i);
         values.push_back(as_weights<W>(x[i]));
       }
-      if (completion_rows && keep) rest[i] = W(0);
-      else if (completion_rows) narrow(x + i, 1, &rest[i]);
+      if (completion_rows) {  // x with the kept inputs zeroed, in the weights' dtype
+        if (keep) rest[i] = W(0);
+        else narrow(x + i, 1, &rest[i]);
+      }
     }
     sum_rows(gate_up_rows, projected_width, kept, values, projected.data());
     if (completion_rows) {
