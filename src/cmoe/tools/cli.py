@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calib", default="wikitext2", metavar="SOURCE",
                         help=f"text the routers are fitted on: {TEXT_SOURCES} (default wikitext2)")
     export.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
-    export.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    export.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     export.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default 0)")
 
     fetch = commands.add_parser("fetch", help="download a known model into the cache and print its folder")
@@ -564,12 +564,13 @@ def cmd_export(args) -> dict:
                                      args.data_dir)
     layers = fit_linear_routers(model, calibration)
     write_gguf(model, args.folder, args.gguf, name=Path(args.folder).name)
-    agreement = [layer["agreement"] for layer in layers]
-    worst = min(layers, key=lambda layer: layer["agreement"])
-    summary = dict(gguf=str(args.gguf), mean_agreement=round(sum(agreement) / len(agreement), 4), layers=layers)
+    agreement = [layer["agreement_held_out"] for layer in layers]
+    worst = min(layers, key=lambda layer: layer["agreement_held_out"])
+    summary = dict(gguf=str(args.gguf), mean_agreement_held_out=round(sum(agreement) / len(agreement), 4),
+                   layers=layers)
     print(f"wrote {args.gguf} (approximate: llama.cpp routes with a fitted linear router)")
-    print(f"it picks cmoe's expert for {summary['mean_agreement']:.1%} of calibration tokens on average "
-          f"(lowest: layer {worst['layer']}, {worst['agreement']:.1%})")
+    print(f"it picks cmoe's expert for {summary['mean_agreement_held_out']:.1%} of held-out calibration tokens on "
+          f"average (lowest: layer {worst['layer']}, {worst['agreement_held_out']:.1%})")
     _write_json(args.json, summary)
     return summary
 
