@@ -59,10 +59,6 @@ def _layout(spec: MoESpec) -> str:
     return f"S{spec.shared}A{spec.active}E{spec.experts}"
 
 
-class _Captured(Exception):
-    pass
-
-
 DECAYS = (1e-2, 1e-3, 1e-4)  # weight decays tried (each fit starting from the last), on unit-variance features
 HELD_OUT = 0.2  # the share of calibration tokens (the last ones) a decay is chosen on
 
@@ -71,27 +67,32 @@ HELD_OUT = 0.2  # the share of calibration tokens (the last ones) a decay is cho
 def fit_linear_routers(model, calibration: torch.Tensor, progress: bool = True) -> list[dict]:
     """Replace every router of a top-1 carved model (in place) by a linear one fitted to choose the expert ours
     chooses, on the calibration tokens [N, L] as they reach that layer through the already refitted layers
-    before it. The weight decay is the one of DECAYS that agrees best on the last HELD_OUT of the tokens;
-    the router is then refitted on all of them. Per layer: the agreement on the held-out tokens (with the
-    decay chosen) and on all of them (the final router)."""
-    from tqdm.auto import tqdm
+    before it (the carve's layer loop). The weight decay is the one of DECAYS that agrees best on the last
+    HELD_OUT of the tokens; the router is then refitted on all of them. Per layer: the agreement on the
+    held-out tokens (with the decay chosen) and on all of them (the final router)."""
+    from cmoe.core.calibration import replace_ffns
+    from cmoe.hf.adapters import adapter_for
 
-    ffns = [module for module in model.modules() if isinstance(module, MoEFFN)]
-    report = []
-    for index, ffn in enumerate(tqdm(ffns, desc="fitting routers", disable=not progress)):
-        inputs = _ffn_inputs(model, ffn, calibration).float()
-        chosen = ffn.router.select(inputs.to(ffn.router.weight.dtype))[1][:, 0]
-        held_out, decay, start = _choose_decay(inputs, chosen, ffn.router.num_experts)
-        weight = _fit_logistic(inputs, chosen, ffn.router.num_experts, decay, start)
+    adapter = adapter_for(model.config)
+
+    def refit(layer, inputs):
+        ffn = adapter.ffn_module(layer)
+        x = inputs.float()
+        chosen = ffn.router.select(inputs)[1][:, 0]
+        held_out, decay, start = _choose_decay(x, chosen, ffn.router.num_experts)
+        weight = _fit_logistic(x, chosen, ffn.router.num_experts, decay, start)
         linear = Router(ffn.hidden_size, ffn.router.num_experts, 1, ffn.router.act, ffn.router.gated, False, "linear")
         linear.weight.copy_(weight)
         linear.bias.zero_()
-        ffn.router = linear.to(device=ffn.router.weight.device, dtype=ffn.router.weight.dtype)
-        agreement = (linear.scores(inputs).argmax(-1) == chosen).float().mean().item()
-        report.append(dict(layer=index, agreement_held_out=round(held_out, 4), agreement=round(agreement, 4),
-                           decay=decay))
+        ffn.router = linear.to(device=inputs.device, dtype=ffn.router.weight.dtype)
+        agreement = (linear.scores(x).argmax(-1) == chosen).float().mean().item()
+        record = dict(agreement_held_out=round(held_out, 4), agreement=round(agreement, 4), decay=decay)
+        return ffn, ffn(inputs), record
+
+    records = replace_ffns(model, adapter, list(calibration.split(1)), refit, next(model.parameters()).device,
+                           desc="fitting routers", progress=progress)
     model.config.cmoe = {**model.config.cmoe, "router": "linear"}
-    return report
+    return [dict(layer=index, **record) for index, record in enumerate(records)]
 
 
 def _choose_decay(x: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[float, float, torch.Tensor]:
@@ -105,26 +106,6 @@ def _choose_decay(x: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[
         if best is None or agreement > best[0]:
             best = (agreement, decay, weight)
     return best
-
-
-def _ffn_inputs(model, ffn: MoEFFN, calibration: torch.Tensor) -> torch.Tensor:
-    """The inputs [N * L, H] `ffn` sees on the calibration tokens (the forward stops there)."""
-    seen = []
-
-    def capture(module, args):
-        seen.append(args[0].reshape(-1, args[0].shape[-1]))
-        raise _Captured
-
-    handle = ffn.register_forward_pre_hook(capture)
-    try:
-        for sample in calibration.to(model.device):
-            try:
-                model(sample[None])
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(seen)
 
 
 def _fit_logistic(x: torch.Tensor, labels: torch.Tensor, classes: int, decay: float, start: torch.Tensor | None = None,
