@@ -67,7 +67,7 @@ def test_llama_cpp_computes_the_refitted_model(exported, case):
     # the KV cache in float32 (llama.cpp's default is float16, which alone moves SmolLM2's log-probs by up to 0.8)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0,
                           type_k=F32, type_v=F32)
-    worst, moved = 0.0, 0.0
+    gaps, moved = [], 0.0
     for prompt in PROMPTS:
         llm.reset()
         llm.eval(prompt)
@@ -75,7 +75,11 @@ def test_llama_cpp_computes_the_refitted_model(exported, case):
         with torch.no_grad():
             expected = logprobs_of(refitted(torch.tensor([prompt])).logits[0], prompt)
             ours = logprobs_of(original(torch.tensor([prompt])).logits[0], prompt)
-        worst = max(worst, (served - expected).abs().max().item())
+        gaps.append((served - expected).abs())
         moved = max(moved, (ours - expected).abs().max().item())
-    assert worst < 5e-4  # float32 both, llama.cpp's own kernels
+    gaps = torch.cat(gaps)
+    # float32 both, through llama.cpp's own kernels: tiny gaps, at most a couple of tokens further apart (a
+    # float difference can tip a near-tie between two experts); a wrongly written file moves them all
+    assert gaps.median().item() < 1e-4
+    assert (gaps > 2e-3).sum().item() <= 2
     assert moved > 2e-2  # negative control: cmoe's own router gives other log-probs, so the comparison can fail
