@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "S2A1E16, ...) as an ernie4_5-moe GGUF file for llama.cpp, float32. APPROXIMATE: llama.cpp "
                                  "routes with one matrix, so each layer's router is replaced by a linear one fitted on "
                                  "calibration text to pick the expert cmoe's router picks; how often it does is printed "
-                                 "per layer. Experts, shared part and attention are copied exactly.")
+                                 "(per layer with --json). Experts, shared part and attention are copied exactly.")
     export.add_argument("folder", metavar="OUT", help="a carved folder (cmoe carve) with a top-1 layout")
     export.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write (all or nothing)")
     export.add_argument("--calib", default="wikitext2", metavar="SOURCE",
