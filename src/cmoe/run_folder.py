@@ -109,9 +109,8 @@ def publish(finished: Path, path: Path) -> None:
 
 def write_atomically(path: Path, text: str) -> None:
     """Write a file whole or not at all: to a temporary name beside it, then renamed over it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextmanager

@@ -420,7 +420,7 @@ class MoEFFN(nn.Module):
         scores = router.scores(x)
         probs = scores.float().softmax(dim=-1)
         chosen = (probs + router.selection_bias).topk(router.top_k, dim=-1).indices
-        weights = 1 + probs.gather(-1, chosen) * router.gate_scale[chosen]
+        weights = router.gates(probs, chosen)
         if router.linear:  # the threshold is -inf unless the router is dynamic, and then keeps the slot
             keep = scores.gather(-1, chosen) >= router.threshold
             keep[:, 0] = True

@@ -22,6 +22,7 @@ from cmoe.errors import CMoEError
 from cmoe.moe.module import MoEFFN, Router
 from cmoe.moe.spec import MoESpec
 from cmoe.run_folder import atomic_file
+from cmoe.serving import SILU
 
 ARCH = "ernie4_5-moe"
 
@@ -39,7 +40,7 @@ def check_exportable(model) -> MoESpec:
     if spec.sparse or not spec.routed or spec.active != 1:
         raise CMoEError(f"GGUF export takes layouts with one routed expert a token (S1A1E8, S2A1E16, ...), where "
                         f"llama.cpp's gate is exactly ours; this model is {_layout(spec)}.")
-    if spec.act not in ("silu", "swish") or not spec.gated or spec.bias or spec.output_bias:
+    if spec.act not in SILU or not spec.gated or spec.bias or spec.output_bias:
         raise CMoEError("GGUF export takes gated SiLU FFNs without biases (llama.cpp computes nothing else in "
                         f"{ARCH}); this model's FFN is {spec.act}{'' if spec.gated else ', plain'}"
                         f"{', with biases' if spec.bias or spec.output_bias else ''}.")

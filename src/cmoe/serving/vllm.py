@@ -9,13 +9,11 @@ experts with *external routing*: `MoEFFN.engine_forward` runs our router, gates 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cmoe.errors import CMoEError
 from cmoe.moe.spec import MoESpec
-
-SILU = ("silu", "swish")
+from cmoe.serving import SILU
 
 
 def register() -> None:
@@ -48,10 +46,11 @@ def check_servable(spec: MoESpec) -> None:
 
 def check_folder(folder: str | Path) -> MoESpec:
     """The spec of a saved carved model vLLM can serve; CMoEError in one sentence otherwise."""
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
+    from cmoe.hf.checks import check_carved_folder
+
+    if not (Path(folder) / "config.json").is_file():
         raise CMoEError(f"{folder} holds no config.json; give the folder `cmoe carve -o` wrote.")
-    config = json.loads(config_file.read_text())
+    config = check_carved_folder(folder)  # the cmoe section against itself and the weights' shapes
     if "cmoe" not in config:
         raise CMoEError(f"{folder} is not a carved model (its config.json has no cmoe section); carve it first with "
                         f"`cmoe carve MODEL -o {folder}`.")
@@ -61,7 +60,6 @@ def check_folder(folder: str | Path) -> MoESpec:
         raise CMoEError(f"{folder} was carved by an older cmoe whose config.json lacks the MoE fields vLLM reads; "
                         f"carve the model again.")
     return spec
-
 
 
 def server_command(folder, vllm_args: list[str]) -> list[str]:
