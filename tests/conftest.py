@@ -77,3 +77,14 @@ def tiny_text_model(seed: int = 0):
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     return model
+
+
+@torch.no_grad()
+def counted_compute(model, ids: torch.Tensor, seqlen: int, windows: int) -> dict:
+    """The FFN compute a carved model counts on the first `windows` windows of `seqlen` tokens of ids [N]."""
+    from cmoe.moe.compute import counting_compute
+
+    with counting_compute(model) as result:
+        for start in range(0, min(len(ids), seqlen * windows), seqlen):
+            model(ids[start:start + seqlen][None], use_cache=False)
+        return result()

@@ -10,7 +10,7 @@ model classes, loading, checks, llama2.c), `tools/` what is built on them (CLI, 
 fine-tuning, benchmark harness).
 """
 
-from cmoe.core.config import CarveConfig
+from cmoe.core.presets import CarveConfig
 from cmoe.errors import CMoEError
 from cmoe.hf.modeling import register_all as _register_all
 from cmoe.version import __version__

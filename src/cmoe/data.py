@@ -149,9 +149,18 @@ def sample_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) 
             f"The calibration text has {ids.numel()} tokens, too few for windows of {seqlen}; "
             "give a longer text or a smaller --calib-seqlen."
         )
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=generator)
+    return random_windows(ids, samples, seqlen, torch.Generator().manual_seed(seed))
+
+
+def random_windows(ids: torch.Tensor, count: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` windows of `seqlen` tokens from ids [n] at random starts drawn from `generator`: [count, seqlen]."""
+    starts = torch.randint(0, ids.numel() - seqlen, (count,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_source_label(source: str, samples: int, seqlen: int, seed: int) -> str:
+    """How a carve record names its calibration: `wikitext2 (8x2048, seed 0)`."""
+    return f"{source} ({samples}x{seqlen}, seed {seed})"
 
 
 def calibration_tokens(tokenizer, source: str = "wikitext2", samples: int = 8, seqlen: int = 2048, seed: int = 0,

@@ -9,13 +9,13 @@ import transformers as T
 
 import cmoe
 from cmoe.core.activations import activation_marks, activation_rate, ffn_activations
-from cmoe.core.carve import build_moe
+from cmoe.core.experts import build_static
 from cmoe.core.grouping import group_neurons
 from cmoe.core.router_fit import expert_output_norms, fit_linear_router
 from cmoe.hf.adapters import adapter_for
-from cmoe.moe.compute import layer_costs, measure_compute
-from cmoe.moe.module import MoEFFN, Router
-from conftest import tiny_model, tokens
+from cmoe.core.presets import config_from_record
+from cmoe.moe import MoEFFN, Router, cost
+from conftest import counted_compute, tiny_model, tokens
 
 STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K"
 
@@ -43,16 +43,17 @@ def test_a_budget_gives_the_most_slices_that_fit_it(width, projections, budget):
             config.for_ffn(width, projections)
         return
     config = config.for_ffn(width, projections)
-    assert config.router_cost(config.routed, width, projections) <= 0.02 or config.experts <= 8
+
+    def router_cost(routed):
+        return cost.router_share(routed, width, projections == 3, config.router)
+
+    assert router_cost(config.routed) <= 0.02 or config.experts <= 8
     assert width % config.experts == 0 and config.routed >= config.active >= 1
 
-    def cost(c):
-        return (c.shared + c.active) / c.experts + c.router_cost(c.routed, width, projections)
-
-    assert cost(config) <= budget + 1e-9
+    assert (config.shared + config.active) / config.experts + router_cost(config.routed) <= budget + 1e-9
     more = config.shared + config.active + 1
     if more <= config.experts:  # one slice more would not fit
-        assert more / config.experts + config.router_cost(config.experts - more // 4, width, projections) > budget
+        assert more / config.experts + router_cost(config.experts - more // 4) > budget
     static = cmoe.CarveConfig(budget=budget, preset="static").for_ffn(width, projections)
     assert static.active == 0 and static.routed == 0
     assert static.shared / static.experts == pytest.approx(budget, abs=0.5 / static.experts)
@@ -69,27 +70,27 @@ def test_a_budget_and_a_layout_cannot_both_be_given():
 
 def test_realised_compute_is_counted_with_the_router_not_assumed():
     moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="fitted", dynamic_k=False), tokens(), progress=False)
-    config = cmoe.CarveConfig(**moe.carve_record["config"])
+    config = config_from_record(moe.carve_record["config"])
     ffn = moe.model.layers[0].mlp
     hidden, width = 32, 64
     router = ffn.router.weight.shape[0] * hidden / (3 * hidden * width)
     assert router > 0  # the router's rows are part of the cost
     expected = (config.shared + config.active) / config.experts + router
     ids = tokens(2, 40, seed=3).reshape(-1)
-    measured = measure_compute(moe, ids, seqlen=40, max_windows=2)
+    measured = counted_compute(moe, ids, 40, 2)
     assert measured["tokens"] == 80
     assert measured["overall"] == pytest.approx(expected, abs=1e-4) and measured["overall"] <= 0.5
     assert moe.carve_record["ffn_compute"] == pytest.approx(expected, abs=1e-4)
     for layer in moe.model.layers:  # one expert more per token shows up in the count
         layer.mlp.router.top_k += 1
-    more = measure_compute(moe, ids, seqlen=40, max_windows=2)
+    more = counted_compute(moe, ids, 40, 2)
     assert more["overall"] == pytest.approx(expected + 1 / config.experts, abs=1e-4)
     assert not any(layer.mlp.router.count_load for layer in moe.model.layers)  # counting is switched off again
 
 
 def test_a_per_token_number_of_experts_keeps_to_the_budget_on_held_out_text():
     moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="fitted"), tokens(16, 64), progress=False)
-    config = cmoe.CarveConfig(**moe.carve_record["config"])
+    config = config_from_record(moe.carve_record["config"])
     mean = config.mean_active
     assert config.dynamic_k and config.active < mean < config.active + 1  # the budget, not a whole number of experts
     assert moe.model.layers[0].mlp.router.top_k == min(config.routed, 2 * math.ceil(mean))
@@ -97,13 +98,13 @@ def test_a_per_token_number_of_experts_keeps_to_the_budget_on_held_out_text():
     per_expert = 1 / 8
     assert config.shared * per_expert + mean * per_expert + router == pytest.approx(0.5, abs=1e-3)
     assert moe.carve_record["ffn_compute"] <= 0.5  # on the calibration tokens, with the margin
-    held_out = measure_compute(moe, tokens(8, 64, seed=11).reshape(-1), seqlen=64, max_windows=8)
+    held_out = counted_compute(moe, tokens(8, 64, seed=11).reshape(-1), 64, 8)
     assert held_out["overall"] <= 0.5 + 0.02
     counts = [(share - router) / per_expert - config.shared for share in held_out["layers"]]
     assert all(1 < c < config.top_k for c in counts)  # tokens take different numbers of experts
     for layer in moe.model.layers:  # nothing clears the threshold: each token takes its best expert only
         layer.mlp.router.threshold.fill_(float("inf"))
-    fewest = measure_compute(moe, tokens(8, 64, seed=11).reshape(-1), seqlen=64, max_windows=8)
+    fewest = counted_compute(moe, tokens(8, 64, seed=11).reshape(-1), 64, 8)
     assert fewest["overall"] == pytest.approx(config.shared / 8 + per_expert + router, abs=1e-4)
 
 
@@ -112,14 +113,14 @@ def test_static_compensation_is_exact_for_a_constant_input():
     ffn = adapter_for(model).read(model.model.layers[0], model.config)
     x0 = torch.randn(1, 32)
     config = cmoe.CarveConfig(budget=0.25, preset="static").for_ffn(64, 3)
-    moe, record, out = build_moe(x0.repeat(50, 1), ffn, config, 10, config.expert_width(64))
+    moe, record, out = build_static(x0.repeat(50, 1), ffn, config)
     assert len(record["shared_neurons"]) == 16 and moe.router is None
     with torch.no_grad():
         dense = model.model.layers[0].mlp(x0)
         assert torch.allclose(moe(x0), dense, atol=1e-6)
         assert torch.allclose(out[:1], dense, atol=1e-6)
         uncompensated = cmoe.CarveConfig(budget=0.25, preset="static", compensate=False).for_ffn(64, 3)
-        bare = build_moe(x0.repeat(50, 1), ffn, uncompensated, 10, 1)[0]
+        bare = build_static(x0.repeat(50, 1), ffn, uncompensated)[0]
         assert not torch.allclose(bare(x0), dense, atol=1e-3)
 
 
@@ -171,8 +172,9 @@ def test_budget_models_save_load_and_generate(family, preset, tmp_path):
     assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False),
                        moe.generate(prompt, max_new_tokens=6, do_sample=False))
     spec = loaded.config.cmoe
-    assert spec["router"] == ("linear" if preset == "fitted" else "representative")
+    assert spec["kind"] == ("sparse" if preset == "sparse" else "moe")
     assert spec["output_bias"] == (preset in ("static", "sparse"))  # the left-out mean folded in
-    modules = [m for m in loaded.modules() if isinstance(m, MoEFFN)]
-    assert (modules[0].router is None) == (preset != "fitted")
-    assert spec["sparse"] == (preset == "sparse")
+    if preset != "sparse":
+        assert spec["router"] == ("linear" if preset == "fitted" else "representative")
+        modules = [m for m in loaded.modules() if isinstance(m, MoEFFN)]
+        assert (modules[0].router is None) == (preset != "fitted")

@@ -5,7 +5,8 @@ import transformers as T
 
 import cmoe
 from cmoe.hf.adapters import adapter_for
-from cmoe.moe.module import MoEFFN
+from cmoe.core.config import ExpertsConfig
+from cmoe.moe import MoEFFN
 from conftest import tiny_model, tokens
 
 
@@ -117,8 +118,9 @@ def test_each_layer_is_carved_from_what_the_carved_layers_before_it_give(family,
 
     carve_module = sys.modules["cmoe.core.carve"]
     seen = []
-    real_build = carve_module.build_moe
-    monkeypatch.setattr(carve_module, "build_moe", lambda x, *a: (seen.append(x.clone()), real_build(x, *a))[1])
+    real = carve_module.TRANSFORMS[ExpertsConfig]
+    watched = carve_module.Transform(lambda x, *a: (seen.append(x.clone()), real.build(x, *a))[1], real.spec)
+    monkeypatch.setitem(carve_module.TRANSFORMS, ExpertsConfig, watched)
     calibration = tokens(samples=3, seed=2)
     moe = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(shared=1, active=1, experts=4), calibration,
                      batch_size=2, progress=False)

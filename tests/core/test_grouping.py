@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from cmoe.core.config import CarveConfig
+from cmoe.core.presets import CarveConfig
 from cmoe.core.grouping import balanced_assignment, group_neurons
 
 

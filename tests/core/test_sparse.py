@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import cmoe
-from cmoe.moe.compute import measure_compute
-from cmoe.moe.module import MoEFFN
-from conftest import tiny_model, tokens
+from cmoe.moe import SparseFFN
+from cmoe.moe.backends import SPARSE_CPU_DECODE
+from conftest import counted_compute, tiny_model, tokens
 
 
 def sparse_model(family="llama", budget=0.5):
@@ -15,7 +15,7 @@ def sparse_model(family="llama", budget=0.5):
 
 
 def ffns(model):
-    return [m for m in model.modules() if isinstance(m, MoEFFN)]
+    return [m for m in model.modules() if isinstance(m, SparseFFN)]
 
 
 def planned(layer, projections=3):
@@ -44,7 +44,7 @@ def test_each_layer_splits_the_budget_and_its_thresholds_meet_it(family, project
     for layer in record["layers"]:
         assert planned(layer, projections) == pytest.approx(0.5, abs=1e-3)
         assert layer["ffn_compute"] == pytest.approx(0.5, abs=0.03)  # counted on the calibration tokens
-    held_out = measure_compute(model, tokens(8, 64, seed=11).reshape(-1), seqlen=64, max_windows=8)
+    held_out = counted_compute(model, tokens(8, 64, seed=11).reshape(-1), 64, 8)
     assert held_out["overall"] == pytest.approx(0.5, abs=0.06)
     assert held_out["tokens"] == 512
 
@@ -53,14 +53,14 @@ def test_the_compute_count_follows_the_rows_read():
     model = sparse_model()
     ids = tokens(2, 40, seed=3).reshape(-1)
     for ffn in ffns(model):  # thresholds at 0 read every row: the dense FFN
-        ffn.shared.input_threshold.zero_()
-        ffn.shared.hidden_threshold.zero_()
-    assert measure_compute(model, ids, seqlen=40, max_windows=2)["overall"] == pytest.approx(1.0)
+        ffn.input_threshold.zero_()
+        ffn.hidden_threshold.zero_()
+    assert counted_compute(model, ids, 40, 2)["overall"] == pytest.approx(1.0)
     for ffn in ffns(model):  # no input read: gate and up are zero, so no neuron is read either
-        ffn.shared.input_threshold.fill_(float("inf"))
-        ffn.shared.hidden_threshold.fill_(1e-30)
-    assert measure_compute(model, ids, seqlen=40, max_windows=2)["overall"] == 0.0
-    assert not any(ffn.shared.counting for ffn in ffns(model))
+        ffn.input_threshold.fill_(float("inf"))
+        ffn.hidden_threshold.fill_(1e-30)
+    assert counted_compute(model, ids, 40, 2)["overall"] == 0.0
+    assert not any(ffn.counting for ffn in ffns(model))
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -69,11 +69,11 @@ def test_the_decode_step_reads_only_the_rows_the_masks_keep_and_agrees_with_the_
     ffn = ffns(model)[1]
     x = torch.randn(3, 32).to(dtype)
     with torch.no_grad():
-        full = ffn.torch_forward(x)
+        full = ffn.masked_forward(x)
         for token in range(3):
             step = ffn(x[token:token + 1])
             assert torch.allclose(step.float(), full[token:token + 1].float(), atol=tolerance * full.abs().max().item())
-        masked_out = ffn.shared.input_mask(x[:1])
+        masked_out = ffn.input_mask(x[:1])
         assert 0 < masked_out.float().mean() < 1  # the step really skips input channels
 
 
@@ -93,13 +93,11 @@ def test_the_compiled_decode_step_matches_the_pytorch_rows(family, dtype):
     if kernels.moe_cpu() is None:
         pytest.skip("the CPU kernels did not build here (no compiler); the PyTorch rows run instead")
     model = sparse_model(family).to(dtype)
-    part = ffns(model)[1].shared
+    part = ffns(model)[1]
     x = torch.randn(16, 32).to(dtype)
     with torch.no_grad():
-        compiled = part.decode(x).float()
-        rows = torch.empty(16, 32, dtype=dtype)
-        for token in range(16):
-            part.row_into(rows[token], x[token])
+        compiled = SPARSE_CPU_DECODE.run(part, x).float()
+        rows = part.decode_rows(x)
     rows = rows.float()
     error = (compiled - rows).norm(dim=1) / rows.norm(dim=1)
     if dtype == torch.float32:
@@ -110,7 +108,7 @@ def test_the_compiled_decode_step_matches_the_pytorch_rows(family, dtype):
 
 
 def test_a_sparse_folder_is_described_by_inspect(tmp_path):
-    from cmoe.tools.report import describe, describe_text
+    from cmoe.tools.describe import describe, describe_text
 
     sparse_model("gpt2").save_pretrained(tmp_path / "out")
     text = describe_text(describe(tmp_path / "out"))
@@ -130,12 +128,12 @@ def test_the_avx512_decode_step_matches_the_portable_one(dtype, tolerance):
     torch.manual_seed(0)
     model = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="sparse"), tokens(16, 64),
                         progress=False)
-    part = ffns(model.to(dtype))[0].shared
+    part = ffns(model.to(dtype))[0]
     x = torch.randn(4, 32).to(dtype)
     try:
-        wide = part.decode(x).float()
+        wide = SPARSE_CPU_DECODE.run(part, x).float()
         compiled.use_avx512(False)
-        portable = part.decode(x).float()
+        portable = SPARSE_CPU_DECODE.run(part, x).float()
     finally:
         compiled.use_avx512(True)
     assert torch.allclose(wide, portable, atol=tolerance * portable.abs().max().item())
@@ -149,7 +147,7 @@ def test_the_bench_ideal_ratio_of_a_sparse_ffn_is_its_compute_share():
     assert shape.ideal_prefill_ratio(128) == pytest.approx(1 / model.carve_record["ffn_compute"])
     assert shape.ideal_decode_ratio(1) == pytest.approx(1 / model.carve_record["ffn_compute"])
     paper = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig.from_name("S2A2E8"), tokens(), progress=False)
-    assert shape_of(ffns(paper)[0], 64, 0.3).compute_share is None  # only sparse FFNs take it
+    assert shape_of(paper.model.layers[0].mlp, 64, 0.3).compute_share is None  # only sparse FFNs take it
 
 
 @pytest.mark.parametrize("budget", [0.97, 0.3])
@@ -164,14 +162,12 @@ def test_budgets_near_the_ends_still_split_to_the_budget(budget):
 def completing_part(gated: bool, dtype=torch.float32):
     from types import SimpleNamespace
 
-    from cmoe.moe.sparse import SparseNeurons
-
     torch.manual_seed(0)
     hidden, width = 32, 48
     ffn = SimpleNamespace(up=torch.randn(width, hidden) / 6, gate=torch.randn(width, hidden) / 6 if gated else None,
                           down=torch.randn(hidden, width) / 6, up_bias=None if gated else torch.randn(width) / 4,
-                          act="silu" if gated else "gelu")
-    part = SparseNeurons(hidden, width, ffn.act, gated, not gated, complete=True).fill_from(ffn).to(dtype)
+                          act="silu" if gated else "gelu", down_bias=None, width=width, gated=gated)
+    part = SparseFFN.from_dense(ffn, complete=True).to(dtype)
     part.input_threshold.fill_(0.6)
     part.hidden_threshold.fill_(0.05)
     part.completes.fill_(1)
@@ -188,7 +184,7 @@ def test_a_completing_layer_gives_the_neurons_it_keeps_their_exact_activations(g
         predicted = part.hidden(x, keep_in)  # from the kept inputs alone: what chooses the neurons
         keep = part.hidden_mask(predicted)
         assert 0.2 < keep.float().mean() < 0.95
-        exact = part._hidden(x @ part.gate_up_proj)
+        exact = part.activation_of(x @ part.gate_up_proj)
         expected = (exact * keep) @ part.down_proj
         assert not torch.allclose((predicted * keep) @ part.down_proj, expected, atol=1e-3)  # completion matters
         assert torch.allclose(part(x), expected, atol=1e-5)
@@ -196,7 +192,7 @@ def test_a_completing_layer_gives_the_neurons_it_keeps_their_exact_activations(g
         for token in range(len(x)):
             part.row_into(rows[token], x[token])
         assert torch.allclose(rows, expected, atol=1e-5)
-        assert torch.allclose(part.decode(x), expected, atol=1e-5)  # the compiled step where it built
+        assert torch.allclose(part(x[:4]), expected[:4], atol=1e-5)  # the compiled step where it built
 
 
 def test_the_compiled_completing_step_in_bfloat16_agrees_with_the_rows():
@@ -207,10 +203,8 @@ def test_the_compiled_completing_step_in_bfloat16_agrees_with_the_rows():
     part = completing_part(True, torch.bfloat16)
     x = torch.randn(16, 32).to(torch.bfloat16)
     with torch.no_grad():
-        compiled = part.decode(x).float()
-        rows = torch.empty_like(x)
-        for token in range(16):
-            part.row_into(rows[token], x[token])
+        compiled = SPARSE_CPU_DECODE.run(part, x).float()
+        rows = part.decode_rows(x)
     error = (compiled - rows.float()).norm(dim=1) / rows.float().norm(dim=1)
     assert error.median() < 2e-2 and error.max() < 0.2, error  # a value near a threshold may cross it
 
@@ -233,15 +227,15 @@ def test_the_compute_count_of_a_completing_layer_adds_the_completed_sums():
 
 @pytest.mark.parametrize("completion", [True, False])
 def test_only_a_model_whose_layers_complete_keeps_the_neuron_major_copy(tmp_path, monkeypatch, completion):
-    from cmoe.core import carve
+    from cmoe.core import sparse
 
     if completion:
-        monkeypatch.setattr(carve, "HIDDEN_SHARES", ())  # only completing splits to choose from
+        monkeypatch.setattr(sparse, "HIDDEN_SHARES", ())  # only completing splits to choose from
     model = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, complete=completion), tokens(16, 64),
                         progress=False)
     assert model.config.cmoe["complete"] is completion
     assert all(layer["completes"] is completion for layer in model.carve_record["layers"])
-    assert all(("gate_up_rows" in dict(f.shared.named_parameters())) is completion for f in ffns(model))
+    assert all(("gate_up_rows" in dict(f.named_parameters())) is completion for f in ffns(model))
     ids = tokens(2, 12, seed=5)
     model.save_pretrained(tmp_path / "out")
     from transformers import AutoModelForCausalLM
@@ -257,13 +251,14 @@ def test_only_a_model_whose_layers_complete_keeps_the_neuron_major_copy(tmp_path
 
 @pytest.mark.parametrize("compensate", [True, False])
 def test_the_output_bias_takes_the_mean_of_what_the_skipped_rows_would_add(compensate):
-    from cmoe.core.carve import _dense_output, build_sparse
+    from cmoe.core.config import SparseConfig
+    from cmoe.core.sparse import build_sparse, dense_output as _dense_output
     from cmoe.hf.adapters import adapter_for
 
     model = tiny_model("llama")
     ffn = adapter_for(model).read(adapter_for(model).layers(model)[0], model.config)
     x = torch.randn(512, 32) * torch.linspace(0.2, 3, 32)
-    moe, record, out = build_sparse(x, ffn, 0.5, compensate)
+    moe, record, out = build_sparse(x, ffn, SparseConfig(budget=0.5, compensate=compensate))
     with torch.no_grad():
         missing = (_dense_output(ffn, x) - moe(x)).mean(0)
     assert torch.allclose(out, moe(x).detach(), atol=1e-5)

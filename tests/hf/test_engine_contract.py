@@ -11,7 +11,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 import cmoe
 from cmoe.errors import CMoEError
 from cmoe.hf import modeling
-from cmoe.moe.module import MoEFFN, Router
+from cmoe.moe import MoEFFN, Router
 from cmoe.serving import vllm as serving_vllm
 from cmoe.tools.cli import main as cmoe_main
 from conftest import tiny_model, tokens

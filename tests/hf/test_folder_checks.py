@@ -17,8 +17,8 @@ from cmoe.moe import kernels as cmoe_kernels
 from cmoe.hf.checks import check_carved_folder
 from cmoe.errors import CMoEError
 from cmoe.hf.loading import load_model
-from cmoe.moe.module import MoEFFN
-from cmoe.moe.spec import check_spec
+from cmoe.moe import MoEFFN
+from cmoe.moe.spec import spec_from_dict as check_spec
 from conftest import tiny_model, tokens
 
 SPEC = dict(hidden_size=64, expert_width=32, shared=1, active=1, experts=4, act="silu", gated=True, bias=False)
@@ -34,7 +34,8 @@ def carved_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("edit", [dict(active=5), dict(active=0), dict(active=-1), dict(shared=9), dict(experts=0),
                                   dict(expert_width=0), dict(active=True), dict(act="nosuch"), dict(gated="yes"),
-                                  dict(hidden_size=65), dict(sparse=True)])
+                                  dict(hidden_size=65), dict(sparse=True), dict(sparse="yes"), dict(kind="dense"),
+                                  dict(complete=True)])
 def test_impossible_specs_are_refused_in_one_sentence(edit):
     with pytest.raises(CMoEError) as error:
         check_spec({**SPEC, **edit}, hidden_size=64)
@@ -45,7 +46,11 @@ def test_possible_specs_pass():
     check_spec(SPEC, 64)
     check_spec({**SPEC, "active": 3}, 64)  # more experts per token than carved for: slower, not broken
     check_spec({**SPEC, "shared": 4, "active": 0}, 64)  # every expert shared: a narrower dense FFN
-    check_spec({**SPEC, "shared": 1, "active": 0, "experts": 1, "expert_width": 128, "sparse": True}, 64)
+    # a sparse section saved before the FFN kinds, and one saved since
+    legacy = check_spec({**SPEC, "shared": 1, "active": 0, "experts": 1, "expert_width": 128, "sparse": True}, 64)
+    assert legacy.kind == "sparse" and legacy.width == 128
+    sparse = dict(kind="sparse", hidden_size=64, width=128, act="silu", gated=True, bias=False, complete=True)
+    assert check_spec(sparse, 64) == legacy.__class__(**{**sparse, "output_bias": False})
 
 
 def test_a_sound_folder_passes_and_loads(carved_folder):
@@ -172,13 +177,10 @@ def test_the_kernels_refuse_shapes_that_disagree(monkeypatch):
 
 
 def test_the_spec_is_typed_and_round_trips_through_config_json(carved_folder):
-    from cmoe.moe.spec import MoESpec
-
     section = json.loads((carved_folder / "config.json").read_text())["cmoe"]
-    spec = MoESpec.from_dict(section)
+    spec = check_spec(section)
     assert (spec.shared, spec.active, spec.experts, spec.routed) == (1, 1, 4, 3) and spec.act == "silu"
     assert spec.to_dict() == {key: section[key] for key in spec.to_dict()} and "record" in section
-    from_typed, from_section = MoEFFN.from_spec(spec), MoEFFN.from_spec(section)
-    assert {k: v.shape for k, v in from_typed.state_dict().items()} == {k: v.shape for k, v in from_section.state_dict().items()}
+    assert spec.kind == "moe" and isinstance(MoEFFN.from_spec(spec), MoEFFN)
     with pytest.raises(CMoEError, match="active experts of 3 routed"):
-        MoESpec.from_dict({**section, "active": 4})
+        check_spec({**section, "active": 4})

@@ -9,7 +9,7 @@ import torch
 
 import cmoe
 from cmoe.errors import CMoEError
-from cmoe.moe.module import MoEFFN, Router
+from cmoe.moe import MoEFFN, Router
 from cmoe.serving.gguf import _rope_rows, check_exportable, fit_linear_routers, write_gguf
 from cmoe.tools.cli import main as cmoe_main
 from conftest import byte_tokenizer, tiny_model, tiny_text_model, tokens

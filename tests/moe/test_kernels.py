@@ -10,7 +10,8 @@ import torch
 from cmoe.moe import kernels
 from cmoe.moe.backends import (AMX_DECODE_KERNEL_SLOTS, CPU_DECODE, CPU_PREFILL, DECODE_KERNEL_SLOTS, EAGER_DECODE, TORCH,
                                 backend_for, cpu_kernels, decode_kernel_slots)
-from cmoe.moe.module import MoEFFN, _row_hidden
+from cmoe.moe import MoEFFN
+from cmoe.moe.ffn import row_hidden_activation as _row_hidden
 
 
 def random_moe(act="silu", gated=True, bias=False, shared=1, routed=5, top_k=2, trained_gates=True, seed=0, hidden=32,
@@ -75,7 +76,7 @@ def test_kernel_matches_the_pytorch_decode_path(kernel, products, case):
         x = torch.randn(tokens, moe.hidden_size)
         with torch.no_grad():
             assert backend_for(moe, x) == CPU_DECODE
-            fast, eager = moe(x), moe._decode_eager(x)
+            fast, eager = moe(x), moe.decode_rows(x)
         assert torch.allclose(fast, eager, atol=1e-5, rtol=1e-5), (fast - eager).abs().max()
 
 
@@ -108,7 +109,7 @@ def test_bfloat16_kernel_multiplies_bfloat16_and_sums_in_float32(kernel, product
     for tokens in (1, 9, 50):  # 9: blocks of 2 tokens and one of 1; 50: AMX tiles of 16 tokens, 3 and 1 at once
         x = torch.randn(tokens, moe.hidden_size).to(torch.bfloat16)
         with torch.no_grad():
-            fast, want = moe.cpu_kernel(CPU_DECODE, x), bfloat16_reference(moe, x)
+            fast, want = CPU_DECODE.run(moe, x), bfloat16_reference(moe, x)
         assert fast.dtype == torch.bfloat16
         # equal but for the order of float32 sums, which can move a bfloat16 rounding by one step (2^-8)
         assert torch.allclose(fast.float(), want.float(), atol=1e-3, rtol=2 ** -8), (fast.float() - want.float()).abs().max()
@@ -122,7 +123,7 @@ def test_kernel_output_depends_on_the_chosen_experts(kernel):
         chosen = moe.router.select(x)[1].item()
         moe.router.selection_bias[chosen] = -10.0  # forbid the expert it chose: the output must change
         after = moe(x)
-        assert torch.allclose(after, moe._decode_eager(x), atol=1e-5)
+        assert torch.allclose(after, moe.decode_rows(x), atol=1e-5)
     assert not torch.allclose(before, after, atol=1e-3)
 
 
@@ -146,7 +147,7 @@ def test_a_failed_build_falls_back_to_pytorch_with_one_warning(monkeypatch, capl
     moe = random_moe()
     x = torch.randn(1, 32)
     with caplog.at_level(logging.WARNING, logger="cmoe"), torch.no_grad():
-        first, second, eager = moe(x), moe(x), moe._decode_eager(x)
+        first, second, eager = moe(x), moe(x), moe.decode_rows(x)
     assert torch.equal(first, eager) and torch.equal(first, second)
     failures = [r for r in caplog.records if "could not build" in r.getMessage()]
     assert len(failures) == 1 and "command not found" in failures[0].getMessage()
@@ -252,9 +253,9 @@ def test_decode_kernel_output_does_not_depend_on_the_thread_count(kernel, dtype,
     try:
         with torch.no_grad():
             torch.set_num_threads(1)
-            one = moe.cpu_kernel(CPU_DECODE, x)
+            one = CPU_DECODE.run(moe, x)
             torch.set_num_threads(3)
-            three = moe.cpu_kernel(CPU_DECODE, x)
+            three = CPU_DECODE.run(moe, x)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, three)

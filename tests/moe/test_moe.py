@@ -3,8 +3,9 @@ from functools import partial
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import cmoe.moe.module as moe_module
-from cmoe.moe.module import MoEFFN, group_slots
+import cmoe.moe.experts as experts_module
+from cmoe.moe import MoEFFN
+from cmoe.moe.router import group_slots
 
 
 def random_moe(gated=True, bias=False, shared=1, routed=5, top_k=2, seed=0):
@@ -149,7 +150,7 @@ def test_counting_sort_groups_slots_as_the_stable_sort_does():
 
 
 def test_forward_with_the_counting_sort_matches_naive_without_a_host_sync(monkeypatch):
-    monkeypatch.setattr(moe_module, "group_slots", partial(group_slots, counting=True))  # the GPU's grouping
+    monkeypatch.setattr(experts_module, "group_slots", partial(group_slots, counting=True))  # the GPU's grouping
     monkeypatch.setenv("CMOE_CPU_KERNEL", "0")  # and its grouped products
     moe = random_moe(top_k=2)
     x = torch.randn(37, 16)

@@ -7,9 +7,10 @@ import torch
 from cmoe.moe import kernels
 from cmoe.errors import CMoEError
 from cmoe.moe.kernels import ACTIVATION_CODES
-import cmoe.moe.module as moe_module
+import cmoe.moe as moe_module
 from cmoe.moe import backends
-from cmoe.moe.module import _hidden, group_slots
+from cmoe.moe.ffn import hidden_activation as _hidden
+from cmoe.moe.router import group_slots
 
 from test_kernels import CASES, random_moe
 

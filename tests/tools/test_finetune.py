@@ -312,5 +312,5 @@ def test_budget_models_fine_tune(preset, tmp_path):
     summary = finetune(model, byte_tokenizer(), _config(), tmp_path / "ft", calibration_ids=PATTERN, progress=False)
     assert summary["last_loss"] < summary["first_loss"] - 0.5
     tuned, _ = load_model(str(tmp_path / "ft"))
-    assert tuned.config.cmoe["router"] == ("linear" if preset == "fitted" else "representative")
+    assert tuned.config.cmoe.get("router") == {"fitted": "linear", "static": "representative", "sparse": None}[preset]
     assert tuned.carve_record["finetune"]["steps"] == 12

@@ -9,7 +9,7 @@ from conftest import byte_tokenizer, tiny_model, tiny_text_model, tokens
 import cmoe
 from cmoe.tools import sweep as sweep_module
 from cmoe.tools.cli import main
-from cmoe.tools.report import describe
+from cmoe.tools.describe import describe
 from cmoe.tools.sweep import SweepPlan, run_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cmoe.core.config import CarveConfig
+from cmoe.core.config import ExpertsConfig
 
 
 @dataclass
@@ -117,7 +117,7 @@ def static_groups(ranking: torch.Tensor, kept: int, expert_width: int) -> Expert
     return ExpertGroups(shared, empty, torch.empty(0, dtype=torch.long), 0)
 
 
-def group_neurons(marks: torch.Tensor, rate: torch.Tensor, config: CarveConfig) -> ExpertGroups:
+def group_neurons(marks: torch.Tensor, rate: torch.Tensor, config: ExpertsConfig) -> ExpertGroups:
     """Shared experts take the top-rate neurons; the rest are clustered into equal routed experts."""
     width = marks.shape[1]
     expert_width = config.expert_width(width)

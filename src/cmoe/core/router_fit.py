@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cmoe.hf.adapters import FFNWeights
-from cmoe.moe.module import Router
+from cmoe.moe.router import Router
 
 
 def router_rows(ffn: FFNWeights, representatives: torch.Tensor, normalise: bool):

@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 
 from cmoe.errors import CMoEError
-from cmoe.moe.spec import REDO, MoESpec
+from cmoe.moe.spec import REDO, legacy_sparse, spec_from_dict
+
+# A sparse folder saved before the FFN kinds holds its weights one module deeper (`mlp.shared.gate_up_proj`); the
+# output bias was the only tensor beside them. transformers' `key_mapping` renames them on load.
+LEGACY_SPARSE_KEYS = {r"\.shared\.": "."}
 
 
 def read_config(folder: Path) -> dict:
@@ -53,13 +57,17 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expected_moe_shapes(spec: MoESpec) -> dict[str, tuple[int, ...]]:
-    """The shape of each tensor an MoE FFN of this spec saves, by its name inside the FFN module."""
-    from cmoe.moe.module import MoEFFN
+def expected_ffn_shapes(spec, legacy: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor a carved FFN of this spec saves, by its name inside the FFN module (`legacy`: as a
+    sparse folder saved before the FFN kinds names them)."""
+    from cmoe.moe import empty_ffn
 
     with torch.device("meta"):
-        module = MoEFFN.from_spec(spec)
-    return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+        module = empty_ffn(spec)
+    shapes = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    if legacy:
+        shapes = {(name if name == "down_bias" else "shared." + name): shape for name, shape in shapes.items()}
+    return shapes
 
 
 def check_carved_folder(folder) -> dict:
@@ -68,14 +76,14 @@ def check_carved_folder(folder) -> dict:
     config = read_config(folder)
     if config.get("cmoe") is None:
         return config  # a dense model: nothing of ours to check
-    spec = MoESpec.from_dict(config["cmoe"], config.get("hidden_size"))
+    spec = spec_from_dict(config["cmoe"], config.get("hidden_size"))
     shapes = safetensors_shapes(folder)
-    expected = expected_moe_shapes(spec)
+    expected = expected_ffn_shapes(spec, legacy_sparse(config["cmoe"]))
     anchor = "router.weight" if "router.weight" in expected else next(iter(expected))
     prefixes = sorted({key[: -len(anchor)] for key in shapes if key.endswith("." + anchor)}, key=_layer_number)
     layers = config.get("num_hidden_layers")
     if not prefixes or (isinstance(layers, int) and len(prefixes) != layers):
-        raise CMoEError(f"{folder}'s weights hold {len(prefixes)} MoE layers where config.json describes "
+        raise CMoEError(f"{folder}'s weights hold {len(prefixes)} carved layers where config.json describes "
                         f"{layers}; {REDO}.")
     for prefix in prefixes:
         for name, shape in expected.items():

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cmoe.errors import CMoEError
+from cmoe.hf.modeling import register_all
 from cmoe.run_folder import atomic_directory
 
 SMOLLM2 = dict(
@@ -140,11 +141,11 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     """(model, tokenizer) for a Hugging Face id or folder, a .gguf file, a llama2.c .bin, or an alias.
 
     The tokenizer is None where the model has none that `transformers` can load (llama2.c checkpoints).
-    Carved folders load after `import cmoe`, which registers their classes.
+    Carved folders load too: their classes are registered first.
     """
-    import cmoe  # noqa: F401  (registers the carved model classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    register_all()
     where = resolve(name_or_path)
     path = Path(where)
     if not path.exists() and _looks_like_a_path(where):

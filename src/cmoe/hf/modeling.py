@@ -2,8 +2,8 @@
 
 For each supported dense family (LlamaForCausalLM, ...) there is a subclass, e.g. `CMoELlamaForCausalLM`,
 whose config has model_type `cmoe_llama` and a `cmoe` section describing the experts. Its `__init__`
-builds the dense model and swaps each FFN for an empty `MoEFFN`, so `from_pretrained` fills it from the
-checkpoint. The base model (`CMoELlamaModel`, what `AutoModel` builds and serving engines wrap) does the
+builds the dense model and swaps each FFN for an empty carved FFN of the section's kind (`cmoe.moe.empty_ffn`),
+so `from_pretrained` fills it from the checkpoint. The base model (`CMoELlamaModel`, what `AutoModel` builds and serving engines wrap) does the
 same. The classes are registered with the Auto classes when `cmoe` is imported.
 
 A carved config with routed experts also carries the fields MoE models use for them (`num_experts`,
@@ -22,9 +22,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from cmoe.hf.adapters import SUPPORTED, adapter_for
-from cmoe.hf.checks import check_carved_folder
-from cmoe.moe.module import MoEFFN
-from cmoe.moe.spec import MoESpec
+from cmoe.hf.checks import LEGACY_SPARSE_KEYS, check_carved_folder, read_config
+from cmoe.moe import CARVED_FFNS, MoESpec, empty_ffn, spec_from_dict
+from cmoe.moe.spec import legacy_sparse
 from cmoe.run_folder import atomic_directory
 
 RECORD_FILE = "carve_record.json"
@@ -35,21 +35,24 @@ class CMoEMixin:
     """What a carved model adds to its dense family's class."""
 
     def __init__(self, config, *args, **kwargs):
-        spec = MoESpec.from_dict(config.cmoe, config.hidden_size)  # fails in one sentence on an impossible section
+        spec = spec_from_dict(config.cmoe, config.hidden_size)  # fails in one sentence on an impossible section
         if SERVING_CHECK is not None:
             SERVING_CHECK(spec)
         super().__init__(config, *args, **kwargs)
         adapter = adapter_for(config)
         for layer in adapter.layers(self):
-            adapter.install(layer, MoEFFN.from_spec(spec))
+            adapter.install(layer, empty_ffn(spec))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        if Path(pretrained_model_name_or_path).is_dir():  # weights' shapes against config.json, before loading
-            check_carved_folder(pretrained_model_name_or_path)
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():  # weights' shapes against config.json, before loading
+            check_carved_folder(folder)
+            if legacy_sparse(read_config(folder).get("cmoe") or {}):  # saved before SparseFFN: one module deeper
+                kwargs.setdefault("key_mapping", LEGACY_SPARSE_KEYS)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         for module in model.modules():
-            if isinstance(module, MoEFFN):
+            if isinstance(module, CARVED_FFNS):
                 module.align_weights()
         return model
 
@@ -106,14 +109,14 @@ def carved_config(dense_config, spec: dict):
     values = dense_config.to_dict()
     for key in ("model_type", "architectures", "quantization_config", "transformers_version"):
         values.pop(key, None)
-    config = model_class.config_class(**values, cmoe=spec, **moe_fields(MoESpec.from_dict(spec)))
+    config = model_class.config_class(**values, cmoe=spec, **moe_fields(spec_from_dict(spec)))
     config.architectures = [model_class.__name__]
     return config, model_class
 
 
-def moe_fields(spec: MoESpec) -> dict:
+def moe_fields(spec) -> dict:
     """The standard MoE config fields for a spec's routed experts (none where nothing is routed)."""
-    if not spec.routed:
+    if not isinstance(spec, MoESpec) or not spec.routed:
         return {}
     return dict(num_experts=spec.routed, num_experts_per_tok=spec.active, moe_intermediate_size=spec.expert_width,
                 n_shared_experts=spec.shared, shared_expert_intermediate_size=spec.shared * spec.expert_width)

@@ -1,98 +1,227 @@
-"""Which backend runs an MoE FFN's tokens: decided here, in `backend_for`, and nowhere else.
+"""Which forward runs a carved FFN's tokens: `backend_for(ffn, x)` asks the backends of the FFN's kind in turn, and
+the first that applies runs. Decided here and nowhere else.
 
+An MoE FFN (`MoEFFN`):
+    engine        a serving engine's experts in place of ours (vLLM): our router and shared part around them
     cpu_decode    the compiled CPU kernel for a few tokens: reads only the chosen experts' weights
     cpu_prefill   the compiled CPU kernel for many tokens: one BLAS product per expert, the rest in C++
     eager_decode  PyTorch operations token by token (a few tokens on a CPU where the kernels did not build)
     torch         the reference forward in PyTorch operations (grouped GEMMs where they apply, a loop over
                   experts under autograd), with the Triton kernels standing in for the pieces that `GPU`
                   switches on, on a GPU in half precision (`TritonPieces`)
+A sparse FFN (`SparseFFN`):
+    sparse_cpu_decode  the compiled CPU step for a few tokens: reads only the rows each token keeps
+    sparse_rows        the same rows in PyTorch operations, token by token (where the kernels did not build)
+    masked             masks and dense products: prefill, GPUs (no host syncs), autograd, counting
 
-The thresholds between them are measured crossovers (BENCHMARKS.md).
+The thresholds between them are measured crossovers (BENCHMARKS.md). What does not change from call to call (the
+compiled kernels, the dtypes they take, the decode step's capacity) is settled once per module and dtype
+(`static_facts`).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+import weakref
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from cmoe.errors import CMoEError
 from cmoe.moe import kernels
+from cmoe.moe.experts import RoutedExperts, SharedExperts, ours
+from cmoe.moe.gpu import GPU
 from cmoe.moe.kernels import ACTIVATION_CODES
-
-CPU_DECODE, CPU_PREFILL, EAGER_DECODE, TORCH = "cpu_decode", "cpu_prefill", "eager_decode", "torch"
 
 # The compiled decode step takes up to this many (token, expert) pairs, the prefill more; bfloat16 weights on
 # a processor with AMX tiles take AMX_DECODE_KERNEL_SLOTS. Without the kernels, up to FEW_SLOTS pairs go
-# token by token, more through the grouped products.
+# token by token, more through the grouped products. A sparse FFN's compiled step takes up to FEW_SLOTS tokens.
 DECODE_KERNEL_SLOTS = {torch.float32: 24, torch.bfloat16: 48}
 AMX_DECODE_KERNEL_SLOTS = 256
 FEW_SLOTS = 4
 KERNEL_DTYPES = tuple(DECODE_KERNEL_SLOTS)  # the dtypes the compiled kernels take
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
-_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-
-logger = logging.getLogger("cmoe")
 
 
-@dataclass
-class GPUPaths:
-    """Which forward a GPU takes where there is a choice. The defaults are what won when timed side by side on
-    an H200 (bench/cuda_variants.py and bench/cuda_tiles.py; BENCHMARKS.md, issue 27): the Triton experts and
-    router at every shape measured, cuBLAS for the shared part. CMOE_GPU_PATHS, where set, names the switches
-    that are on (`none`: all off); `cmoe.moe.GPU.triton_experts = False` (say) does it in code. Without
-    Triton, or in float32, the PyTorch operations run whatever the switches say."""
+class StaticFacts(NamedTuple):
+    """What decides a backend and does not change from call to call, for one module, input dtype and weights."""
 
-    counting_sort: bool = False  # group slots by `group_slots`' counting sort rather than a full sort
-    # kernels/moe_triton.py (bfloat16 and float16):
-    triton_experts: bool = True  # the routed experts in two launches (gather, products, activation, un-permute)
-    triton_shared: bool = False  # the shared part's gate/up product and activation in one launch
-    triton_router: bool = True  # the router and the grouping of slots by expert in two launches
-
-    @classmethod
-    def from_environment(cls) -> "GPUPaths":
-        """The defaults where CMOE_GPU_PATHS is unset; else the switches it names (comma-separated) on and the
-        others off."""
-        if "CMOE_GPU_PATHS" not in os.environ:
-            return cls()
-        names = [name.strip() for name in os.environ["CMOE_GPU_PATHS"].split(",") if name.strip()]
-        names = [name for name in names if name != "none"]
-        known = [field.name for field in fields(cls)]
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise CMoEError(f"CMOE_GPU_PATHS names {', '.join(unknown)}, which cmoe does not know; set it to a "
-                            f"comma-separated list of {', '.join(known)}, or to none.")
-        return cls(**{name: name in names for name in known})
-
-    @contextmanager
-    def switched(self, **switches):
-        """Inside the block these switches are as given, after it as they were (for timing and checking)."""
-        saved = {name: getattr(self, name) for name in switches}  # an unknown name raises AttributeError
-        try:
-            for name, value in switches.items():
-                setattr(self, name, value)
-            yield self
-        finally:
-            for name, value in saved.items():
-                setattr(self, name, value)
+    kernels: object  # the compiled CPU module where it takes these dtypes and the activation, else None
+    decode_slots: int  # the most (token, expert) pairs its decode step takes
+    weights: torch.dtype
 
 
-def _gpu_paths_at_import() -> GPUPaths:
-    """CMOE_GPU_PATHS read once, when cmoe is imported; a bad value is reported, not raised, so that the
-    import never fails: the defaults stand in."""
-    try:
-        return GPUPaths.from_environment()
-    except CMoEError as error:
-        logger.warning("cmoe: %s The defaults are used.", error)
-        return GPUPaths()
+_FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> {key: StaticFacts}; not on the module,
+# which must stay copyable and picklable (the compiled kernels are a Python module)
 
 
-GPU = _gpu_paths_at_import()
+def static_facts(ffn, x: torch.Tensor) -> StaticFacts:
+    """`ffn`'s facts for inputs like x, settled once per (input dtype, weights' dtype, kernels switched on)."""
+    weights = ffn.weight_dtype()
+    key = (x.dtype, weights, kernels.enabled())
+    cache = _FACTS.get(ffn)
+    if cache is None:
+        cache = _FACTS[ffn] = {}
+    facts = cache.get(key)
+    if facts is None:
+        compiled = cpu_kernels(x.dtype, weights, ffn.act)
+        slots = 0 if compiled is None else decode_kernel_slots(compiled, weights)
+        facts = cache[key] = StaticFacts(compiled, slots, weights)
+    return facts
+
+
+def cpu_kernels(input_dtype: torch.dtype, weight_dtype: torch.dtype, act: str):
+    """The compiled CPU kernels, where they apply: float32 or bfloat16 input and weights, an activation they
+    know."""
+    if input_dtype not in KERNEL_DTYPES or weight_dtype not in KERNEL_DTYPES or act not in ACTIVATION_CODES:
+        return None
+    return kernels.moe_cpu()
+
+
+def decode_kernel_slots(kernels_here, weights: torch.dtype) -> int:
+    """The most (token, expert) pairs the compiled decode step takes for weights of this dtype."""
+    if weights is torch.bfloat16 and kernels_here.uses_amx():
+        return AMX_DECODE_KERNEL_SLOTS
+    return DECODE_KERNEL_SLOTS[weights]
+
+
+def cpu_inference(x: torch.Tensor) -> bool:
+    """Whether x is a CPU tensor run without autograd, outside torch.compile: where the host-side paths apply."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def fused_router(moe):
+    """The router where a fused path (a compiled CPU kernel, the Triton router) may run this FFN, else None.
+
+    Not while the router counts its load (fine-tuning), and not for wrapped experts or shared part (peft
+    LoRA during fine-tuning), which hold their weights behind the wrapper: only the torch backend runs them.
+    """
+    modules = moe._modules
+    router, shared = modules.get("router"), modules.get("shared")
+    if (router is None or router.count_load or type(modules.get("experts")) is not RoutedExperts
+            or not (shared is None or type(shared) is SharedExperts)):
+        return None
+    return router
+
+
+class Backend:
+    """A way to run an FFN's tokens x [T, H]: `applies` says when, `run` runs."""
+
+    name = ""
+
+    def applies(self, ffn, x: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def run(self, ffn, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# -- an MoE FFN -----------------------------------------------------------------------------------------------
+
+class Engine(Backend):
+    name = "engine"
+
+    def applies(self, ffn, x):
+        experts = ffn._modules.get("experts")
+        return experts is not None and type(experts) is not RoutedExperts and not ours(experts)
+
+    def run(self, ffn, x):
+        return ffn.engine_forward(x)
+
+
+def _fused_slots(ffn, x) -> int | None:
+    """The (token, expert) pairs x is expected to take where a host-side path may run it, else None."""
+    router = fused_router(ffn)
+    if router is None or not cpu_inference(x):
+        return None
+    return router.expected_slots(x.shape[0])
+
+
+class CPUDecode(Backend):
+    name = "cpu_decode"
+
+    def applies(self, ffn, x):
+        slots = _fused_slots(ffn, x)
+        if slots is None:
+            return False
+        facts = static_facts(ffn, x)
+        return facts.kernels is not None and slots <= facts.decode_slots
+
+    def run(self, ffn, x):
+        return static_facts(ffn, x).kernels.moe_decode(x, *moe_kernel_arguments(ffn))
+
+
+class CPUPrefill(Backend):
+    name = "cpu_prefill"
+
+    def applies(self, ffn, x):
+        slots = _fused_slots(ffn, x)
+        if slots is None:
+            return False
+        facts = static_facts(ffn, x)
+        return facts.kernels is not None and slots > facts.decode_slots and x.dtype == facts.weights
+
+    def run(self, ffn, x):
+        return kernels.moe_cpu().moe_prefill(x, *moe_kernel_arguments(ffn))
+
+
+class EagerDecode(Backend):
+    name = "eager_decode"
+
+    def applies(self, ffn, x):
+        slots = _fused_slots(ffn, x)
+        return slots is not None and slots <= FEW_SLOTS and static_facts(ffn, x).kernels is None
+
+    def run(self, ffn, x):
+        return ffn.decode_rows(x)
+
+
+class TorchForward(Backend):
+    name = "torch"
+
+    def applies(self, ffn, x):
+        return True
+
+    def run(self, ffn, x):
+        return ffn.torch_forward(x, triton_pieces(ffn, x))
+
+
+class MoEKernelArguments(NamedTuple):
+    """The compiled MoE kernels' arguments after x (moe_cpu.cpp: `moe_decode`, `moe_prefill`), in their order.
+    Optional tensors are None for FFNs without biases or without shared experts."""
+
+    shared_gate_up: torch.Tensor | None  # [S * 2W, H], or [S * W, H] plain
+    shared_down: torch.Tensor | None  # [H, S * W]
+    shared_bias: torch.Tensor | None  # [S * W]
+    router_weight: torch.Tensor  # [E (x 2 representative gated), H]
+    router_bias: torch.Tensor | None  # [E]
+    selection_bias: torch.Tensor  # [E], float32
+    gate_scale: torch.Tensor  # [E]
+    gates_are_one: bool  # every gate_scale 0: the gates' product is skipped
+    gate_up: torch.Tensor  # [E, 2W, H], or [E, W, H]
+    up_bias: torch.Tensor | None  # [E, W]
+    down: torch.Tensor  # [E, H, W]
+    down_bias: torch.Tensor | None  # [H]
+    top_k: int
+    act: int  # ACTIVATION_CODES
+    gated: bool
+    linear_router: bool
+    threshold: float  # a dynamic linear router's, else -inf
+
+
+def moe_kernel_arguments(moe) -> MoEKernelArguments:
+    """`moe`'s arguments for the compiled kernels, read from nn.Module's dicts: an attribute lookup through
+    nn.Module.__getattr__ costs about half a microsecond, and a decode step needs some twenty."""
+    modules = moe._modules
+    shared, router, experts = modules.get("shared"), modules["router"], modules["experts"]
+    s = {} if shared is None else shared._parameters
+    r, e = router._parameters, experts._parameters
+    return MoEKernelArguments(
+        s.get("gate_up_proj"), s.get("down_proj"), s.get("up_bias"), r["weight"], r.get("bias"),
+        router._buffers["selection_bias"], r["gate_scale"], router.gates_are_one(), e["gate_up_proj"],
+        e.get("up_bias"), e["down_proj"], moe._parameters.get("down_bias"), router.top_k,
+        ACTIVATION_CODES[router.act], experts.gated, router.linear, router.threshold_value())
 
 
 class TritonPieces(NamedTuple):
@@ -106,19 +235,10 @@ class TritonPieces(NamedTuple):
 NO_TRITON = TritonPieces()
 
 
-def backend_for(moe, x: torch.Tensor) -> str:
-    """The backend that runs `moe` (an MoEFFN) on x [T, H]."""
-    router = fused_router(moe)
-    if router is None or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return TORCH
-    slots = router.expected_slots(x.shape[0])
-    weights = moe._modules["experts"]._parameters["down_proj"].dtype
-    kernels_here = cpu_kernels(x.dtype, weights, router.act)
-    if kernels_here is None:
-        return EAGER_DECODE if slots <= FEW_SLOTS else TORCH
-    if slots <= decode_kernel_slots(kernels_here, weights):
-        return CPU_DECODE
-    return CPU_PREFILL if x.dtype == weights else TORCH
+def triton_applies(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take x: CUDA, half precision, inference outside torch.compile."""
+    return (x.is_cuda and x.dtype in TRITON_DTYPES and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
 
 
 def triton_pieces(moe, x: torch.Tensor) -> TritonPieces:
@@ -139,59 +259,61 @@ def triton_pieces(moe, x: torch.Tensor) -> TritonPieces:
     )
 
 
-def triton_applies(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels can take x: CUDA, half precision, inference outside torch.compile."""
-    return (x.is_cuda and x.dtype in TRITON_DTYPES and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+# -- a sparse FFN ---------------------------------------------------------------------------------------------
+
+def _sparse_step_applies(ffn, x) -> bool:
+    return x.shape[0] <= FEW_SLOTS and not ffn.counting and cpu_inference(x)
 
 
-def fused_router(moe):
-    """The router where a fused path (a compiled CPU kernel, the Triton router) may run this FFN, else None.
+class SparseCPUDecode(Backend):
+    name = "sparse_cpu_decode"
 
-    Not while the router counts its load (fine-tuning), and not for wrapped experts or shared part (peft
-    LoRA during fine-tuning), which hold their weights behind the wrapper: only the torch backend runs them.
-    """
-    from cmoe.moe.module import RoutedExperts, SharedExperts
+    def applies(self, ffn, x):
+        return _sparse_step_applies(ffn, x) and static_facts(ffn, x).kernels is not None
 
-    modules = moe._modules
-    router, shared = modules.get("router"), modules.get("shared")
-    if (router is None or router.count_load or type(modules.get("experts")) is not RoutedExperts
-            or not (shared is None or type(shared) is SharedExperts)):
-        return None
-    return router
+    def run(self, ffn, x):
+        return ffn.add_output_bias(static_facts(ffn, x).kernels.sparse_decode(x, *sparse_kernel_arguments(ffn)))
 
 
-def cpu_kernels(input_dtype: torch.dtype, weight_dtype: torch.dtype, act: str):
-    """The compiled CPU kernels, where they apply: float32 or bfloat16 input and weights, an activation they
-    know."""
-    if input_dtype not in KERNEL_DTYPES or weight_dtype not in KERNEL_DTYPES or act not in ACTIVATION_CODES:
-        return None
-    return kernels.moe_cpu()
+class SparseRows(Backend):
+    name = "sparse_rows"
+
+    def applies(self, ffn, x):
+        return _sparse_step_applies(ffn, x)
+
+    def run(self, ffn, x):
+        return ffn.decode_rows(x)
 
 
-def decode_kernel_slots(kernels_here, weights: torch.dtype) -> int:
-    """The most (token, expert) pairs the compiled decode step takes for weights of this dtype."""
-    if weights is torch.bfloat16 and kernels_here.uses_amx():
-        return AMX_DECODE_KERNEL_SLOTS
-    return DECODE_KERNEL_SLOTS[weights]
+class Masked(Backend):
+    name = "masked"
+
+    def applies(self, ffn, x):
+        return True
+
+    def run(self, ffn, x):
+        return ffn.masked_forward(x)
 
 
-def can_group(experts, x: torch.Tensor) -> bool:
-    """Whether the routed experts' products can run as grouped GEMMs (else one product per expert).
-
-    grouped_mm needs row strides that are multiples of 16 bytes, and bfloat16 on CUDA (torch 2.11) and
-    wherever torch.compile traces it (its shape function takes nothing else, torch 2.13); not under autograd.
-    """
-    size = x.element_size()
-    dtype_ok = x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
-    return (_HAS_GROUPED_MM and dtype_ok and not torch.is_grad_enabled()
-            and all((n * size) % 16 == 0 for n in (experts.width, x.shape[-1])))
+def sparse_kernel_arguments(sparse) -> tuple:
+    """The compiled sparse step's arguments after x, in its order (moe_cpu.cpp, `sparse_decode`): gate_up [H, 2I],
+    up bias, down [I, H], input scales and threshold, hidden scales and threshold, the activation's code, gated,
+    and the neuron-major copy where the layer completes (else None). The output bias is added after."""
+    input_threshold, hidden_threshold = sparse.thresholds()
+    return (sparse.gate_up_proj, sparse.up_bias, sparse.down_proj, sparse.input_scale, input_threshold,
+            sparse.hidden_scale, hidden_threshold, ACTIVATION_CODES[sparse.act], sparse.gated,
+            sparse.gate_up_rows if sparse.completing() else None)
 
 
-def cpu_kernel_call(function, x: torch.Tensor, *, shared_gate_up, shared_down, shared_bias, router_weight, router_bias,
-                    selection_bias, gate_scale, gates_are_one: bool, gate_up, up_bias, down, down_bias, top_k: int,
-                    act: str, gated: bool, linear_router: bool = False, threshold: float = float("-inf")) -> torch.Tensor:
-    """One call of a compiled CPU kernel (`moe_decode` or `moe_prefill`), its arguments named."""
-    return function(x, shared_gate_up, shared_down, shared_bias, router_weight, router_bias, selection_bias, gate_scale,
-                    gates_are_one, gate_up, up_bias, down, down_bias, top_k, ACTIVATION_CODES[act], gated, linear_router,
-                    threshold)
+ENGINE, CPU_DECODE, CPU_PREFILL, EAGER_DECODE, TORCH = Engine(), CPUDecode(), CPUPrefill(), EagerDecode(), TorchForward()
+SPARSE_CPU_DECODE, SPARSE_ROWS, MASKED = SparseCPUDecode(), SparseRows(), Masked()
+BACKENDS = {"moe": (ENGINE, CPU_DECODE, CPU_PREFILL, EAGER_DECODE, TORCH),
+            "sparse": (SPARSE_CPU_DECODE, SPARSE_ROWS, MASKED)}
+
+
+def backend_for(ffn, x: torch.Tensor) -> Backend:
+    """The backend that runs `ffn` (an MoEFFN or a SparseFFN) on x [T, H]."""
+    for backend in BACKENDS[ffn.kind]:
+        if backend.applies(ffn, x):
+            return backend
+    raise AssertionError("the last backend of each kind applies to everything")

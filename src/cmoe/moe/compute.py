@@ -1,84 +1,89 @@
-"""What share of the dense FFN's multiply-adds a carved model does per token, counted as it runs.
-
-Per layer and token: the shared part, the router's rows and, per chosen expert, its rows, each an H-long
-dot product (gate, up and down: three per neuron in a gated FFN, two in a plain one), over the dense FFN's.
-The chosen experts are counted by the routers themselves (`Router.count_load`), not assumed from top_k; a
-`sparse` FFN counts the input channels and neurons each token reads (`SparseNeurons.read_rows`).
+"""What share of the dense FFN's multiply-adds a carved model does per token, counted as it runs (the formulas
+are `cmoe.moe.cost`'s). The chosen experts are counted by the routers themselves (`Router.count_load`), not
+assumed from top_k; a sparse FFN counts the input channels and neurons each token reads (`SparseFFN.read_rows`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-import torch
-
+from cmoe.moe import cost
 from cmoe.moe.module import MoEFFN
+from cmoe.moe.sparse import SparseFFN
 
 
 def dense_width(model) -> int:
     """The dense FFN's width the model was carved from (older records lack it: then no neuron was left out)."""
     section = model.config.cmoe
-    return section.get("record", {}).get("ffn_width") or section["experts"] * section["expert_width"]
+    recorded = section.get("record", {}).get("ffn_width")
+    return recorded or section.get("width") or section["experts"] * section["expert_width"]
 
 
-def layer_costs(moe: MoEFFN, width: int) -> tuple[float, float, float]:
-    """Multiply-adds per token of `moe`: (always: shared part and router, per chosen expert, the dense FFN's)."""
-    projections = 3 if (moe.experts or moe.shared).gated else 2
-    hidden = moe.hidden_size
-    shared = 0 if moe.shared is None else moe.shared.width * projections * hidden
-    router = 0 if moe.router is None else moe.router.weight.shape[0] * hidden
-    per_expert = 0 if moe.experts is None else moe.experts.width * projections * hidden
-    return shared + router, per_expert, width * projections * hidden
-
-
-def sparse_share(part, width: int, tokens: int) -> float:
-    """A `SparseNeurons` part's multiply-adds over the dense FFN's, from the rows it read for `tokens` tokens:
-    each input channel read costs a row of gate and up (2I, or I plain), each neuron read a row of down (H), and
-    a completed neuron its gate and up entries of each input the first pass skipped."""
+def moe_share(moe: MoEFFN, width: int, tokens: int, slots: int) -> float:
+    """An MoE FFN's multiply-adds over the dense FFN's (of `width` neurons), for `tokens` tokens that took `slots`
+    (token, routed expert) pairs."""
     if not tokens:
         return float("nan")
-    projections = 3 if part.gated else 2
-    inputs, neurons, completed = part.read_rows.tolist()
-    hidden = part.input_scale.shape[0]
-    done = (projections - 1) * (part.width * inputs + completed) + hidden * neurons
-    return done / (projections * hidden * width * tokens)
+    expert_width = moe.experts.width if moe.experts is not None else 1
+    shared = 0 if moe.shared is None else moe.shared.width // expert_width
+    routed = 0 if moe.router is None else moe.router.num_experts
+    router = "linear" if moe.router is not None and moe.router.linear else "representative"
+    fixed = cost.moe_macs(moe.hidden_size, expert_width, shared, routed, moe.gated, router, 0)
+    per_expert = cost.dense_macs(moe.hidden_size, expert_width, moe.gated)
+    return (fixed * tokens + per_expert * slots) / (cost.dense_macs(moe.hidden_size, width, moe.gated) * tokens)
 
 
-def share(fixed: float, per_expert: float, dense: float, tokens: int, slots: int) -> float:
-    return (fixed * tokens + per_expert * slots) / (dense * tokens) if tokens else float("nan")
+def sparse_share(sparse: SparseFFN, width: int, tokens: int) -> float:
+    """A sparse FFN's multiply-adds over the dense FFN's, from the rows it read for `tokens` tokens."""
+    if not tokens:
+        return float("nan")
+    inputs, neurons, completed = sparse.read_rows.tolist()
+    done = cost.sparse_macs(sparse.hidden_size, sparse.width, sparse.gated, inputs, neurons, completed)
+    return done / (cost.dense_macs(sparse.hidden_size, width, sparse.gated) * tokens)
+
+
+def _start(ffn) -> None:
+    if ffn.kind == "sparse":
+        ffn.read_rows.zero_()
+        ffn.counting = True
+    elif ffn.router is not None:
+        ffn.router.load_counts.zero_()
+        ffn.router.count_load = True
+
+
+def _stop(ffn) -> None:
+    if ffn.kind == "sparse":
+        ffn.counting = False
+    elif ffn.router is not None:
+        ffn.router.count_load = False
+
+
+def _share(ffn, width: int, tokens: int) -> float:
+    if ffn.kind == "sparse":
+        return sparse_share(ffn, width, tokens)
+    return moe_share(ffn, width, tokens, 0 if ffn.router is None else int(ffn.router.load_counts.sum()))
 
 
 @contextmanager
 def counting_compute(model):
-    """Count each MoE layer's tokens and chosen experts while the block runs; yields a function that gives
-    `{"overall": share, "layers": [share, ...], "tokens": n}` so far. The routers count through the PyTorch
+    """Count each carved FFN's tokens and the rows or experts it uses while the block runs; yields a function that
+    gives `{"overall": share, "layers": [share, ...], "tokens": n}` so far. The FFNs count through their PyTorch
     forward, so the block runs a little slower."""
-    moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    ffns = [m for m in model.modules() if isinstance(m, (MoEFFN, SparseFFN))]
     width = dense_width(model)
-    tokens = [0] * len(moes)
+    tokens = [0] * len(ffns)
 
     def counter(i):
         def hook(module, args):
             tokens[i] += args[0].reshape(-1, module.hidden_size).shape[0]
         return hook
 
-    hooks = [m.register_forward_pre_hook(counter(i)) for i, m in enumerate(moes)]
-    for m in moes:
-        if m.router is not None:
-            m.router.load_counts.zero_()
-            m.router.count_load = True
-        if m.sparse:
-            m.shared.read_rows.zero_()
-            m.shared.counting = True
+    hooks = [m.register_forward_pre_hook(counter(i)) for i, m in enumerate(ffns)]
+    for ffn in ffns:
+        _start(ffn)
 
     def result() -> dict:
-        layers = []
-        for m, n in zip(moes, tokens):
-            if m.sparse:
-                layers.append(sparse_share(m.shared, width, n))
-                continue
-            slots = 0 if m.router is None else int(m.router.load_counts.sum())
-            layers.append(share(*layer_costs(m, width), n, slots))
+        layers = [_share(ffn, width, n) for ffn, n in zip(ffns, tokens)]
         overall = sum(layers) / len(layers) if layers else float("nan")
         return dict(overall=round(overall, 4), layers=[round(v, 4) for v in layers], tokens=tokens[0] if tokens else 0)
 
@@ -87,18 +92,5 @@ def counting_compute(model):
     finally:
         for hook in hooks:
             hook.remove()
-        for m in moes:
-            if m.router is not None:
-                m.router.count_load = False
-            if m.sparse:
-                m.shared.counting = False
-
-
-@torch.no_grad()
-def measure_compute(model, ids: torch.Tensor, seqlen: int = 2048, max_windows: int = 1) -> dict:
-    """The realised FFN compute on the first `max_windows` windows of `seqlen` tokens of `ids` [N]."""
-    device = next(model.parameters()).device
-    with counting_compute(model) as result:
-        for start in range(0, min(len(ids), seqlen * max_windows), seqlen):
-            model(ids[start:start + seqlen][None].to(device), use_cache=False)
-        return result()
+        for ffn in ffns:
+            _stop(ffn)

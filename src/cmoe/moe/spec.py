@@ -1,5 +1,12 @@
-"""What a carved MoE FFN is, typed: `MoESpec` is saved as the `cmoe` section of a carved model's config.json
-(with the carve record beside its fields) and read back, checked, with `MoESpec.from_dict`."""
+"""What a carved FFN is, typed. A carved model's config.json holds it as its `cmoe` section (with the carve record
+beside its fields); `spec_from_dict` reads it back, checked, as the spec of its kind:
+
+    moe     `MoESpec`: shared experts, routed experts and their router (`cmoe.moe.module.MoEFFN`)
+    sparse  `SparseSpec`: the whole FFN with per-token activation sparsity (`cmoe.moe.sparse.SparseFFN`)
+
+Sections written before the kinds existed have no `kind`: a `sparse: true` flag marks the sparse ones, whose
+FFN weights sit one module deeper (`mlp.shared.*`, see `legacy_sparse`).
+"""
 
 from __future__ import annotations
 
@@ -10,43 +17,17 @@ from transformers.activations import ACT2FN
 
 from cmoe.errors import CMoEError
 
-ROUTER_KINDS = ("representative", "linear")  # see cmoe.moe.module.Router
+ROUTER_KINDS = ("representative", "linear")  # see cmoe.moe.router.Router
 REDO = "the folder was edited or damaged; carve the model again (or restore the folder)"
 
 
-def check_spec(spec, hidden_size: int | None = None) -> None:
-    """Raise CMoEError unless `spec` (a carved config's `cmoe` section) describes an MoE FFN that can exist."""
-    if not isinstance(spec, dict):
-        raise CMoEError(f"config.json's cmoe section is {type(spec).__name__}, not a table of the experts; {REDO}.")
-    defaults = {field.name: field.default for field in fields(MoESpec) if field.default is not MISSING}
-    for key, kind in get_type_hints(MoESpec).items():
-        value = spec.get(key, defaults.get(key))
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CMoEError(f"config.json's cmoe.{key} is {value!r}, not {kind.__name__}; {REDO}.")
-    experts, shared, active = spec["experts"], spec["shared"], spec["active"]
-    routed = experts - shared
-    if spec["hidden_size"] < 1 or spec["expert_width"] < 1 or experts < 1 or not 0 <= shared <= experts:
-        raise CMoEError(f"config.json's cmoe section has impossible sizes (hidden_size {spec['hidden_size']}, expert_width "
-                        f"{spec['expert_width']}, {shared} shared of {experts} experts); {REDO}.")
-    if (routed and not 1 <= active <= routed) or (not routed and active != 0):
-        raise CMoEError(f"config.json's cmoe section asks for {active} active experts of {routed} routed; {REDO}.")
-    if spec.get("sparse", False) and (routed or shared != 1):
-        raise CMoEError(f"config.json's cmoe section marks a sparse FFN (one always-on part) but has {shared} shared and "
-                        f"{routed} routed experts; {REDO}.")
-    if spec.get("complete", False) and not spec.get("sparse", False):
-        raise CMoEError(f"config.json's cmoe section completes the sums of a sparse FFN but is not sparse; {REDO}.")
-    if spec.get("router", "representative") not in ROUTER_KINDS:
-        raise CMoEError(f"config.json's cmoe.router {spec['router']!r} is none of {', '.join(ROUTER_KINDS)}; {REDO}.")
-    if spec["act"] not in ACT2FN:
-        raise CMoEError(f"config.json's cmoe.act {spec['act']!r} is no activation transformers knows; {REDO}.")
-    if hidden_size is not None and spec["hidden_size"] != hidden_size:
-        raise CMoEError(f"config.json's cmoe.hidden_size {spec['hidden_size']} differs from the model's {hidden_size}; "
-                        f"{REDO}.")
+def _bad(message: str):
+    return CMoEError(f"config.json's cmoe {message}; {REDO}.")
 
 
 @dataclass(frozen=True)
 class MoESpec:
-    """The sizes of one carved FFN (every layer of a carved model has the same)."""
+    """The sizes of one carved MoE FFN (every layer of a carved model has the same)."""
 
     hidden_size: int
     expert_width: int  # neurons per expert
@@ -58,18 +39,92 @@ class MoESpec:
     bias: bool  # the FFN's projections have biases
     router: str = "representative"  # how experts are scored: one of ROUTER_KINDS (folders before 0.x lack it)
     output_bias: bool = False  # a bias on the output, folded in for neurons the carve left out
-    sparse: bool = False  # the `sparse` preset: one always-on part, the whole FFN, with per-token activation sparsity
-    complete: bool = False  # sparse: layers may complete their kept neurons' sums (a neuron-major copy of gate and up)
+    kind: str = "moe"
 
     @property
     def routed(self) -> int:
         return self.experts - self.shared
 
-    @classmethod
-    def from_dict(cls, section, hidden_size: int | None = None) -> "MoESpec":
-        """The spec in a config's `cmoe` section (other keys, such as the record, are left), checked first."""
-        check_spec(section, hidden_size)
-        return cls(**{field.name: section[field.name] for field in fields(cls) if field.name in section})
+    @property
+    def width(self) -> int:
+        """The neurons the carved FFN keeps."""
+        return self.experts * self.expert_width
+
+    def check(self) -> None:
+        routed = self.experts - self.shared
+        if self.hidden_size < 1 or self.expert_width < 1 or self.experts < 1 or not 0 <= self.shared <= self.experts:
+            raise _bad(f"section has impossible sizes (hidden_size {self.hidden_size}, expert_width "
+                       f"{self.expert_width}, {self.shared} shared of {self.experts} experts)")
+        if (routed and not 1 <= self.active <= routed) or (not routed and self.active != 0):
+            raise _bad(f"section asks for {self.active} active experts of {routed} routed")
+        if self.router not in ROUTER_KINDS:
+            raise _bad(f".router {self.router!r} is none of {', '.join(ROUTER_KINDS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """The sizes of one carved sparse FFN: every neuron kept, per-token thresholds on inputs and neurons."""
+
+    hidden_size: int
+    width: int  # neurons
+    act: str
+    gated: bool
+    bias: bool
+    output_bias: bool = False  # the mean of what the skipped rows would add, folded into an output bias
+    complete: bool = False  # layers may complete their kept neurons' sums (a neuron-major copy of gate and up)
+    kind: str = "sparse"
+
+    def check(self) -> None:
+        if self.hidden_size < 1 or self.width < 1:
+            raise _bad(f"section has impossible sizes (hidden_size {self.hidden_size}, width {self.width})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SPECS = {"moe": MoESpec, "sparse": SparseSpec}
+
+
+def legacy_sparse(section: dict) -> bool:
+    """Whether a section is a sparse FFN's written before the kinds (an MoE section with `sparse: true`)."""
+    return "kind" not in section and section.get("sparse") is True
+
+
+def _upgraded(section: dict) -> dict:
+    """A section written before the kinds, in today's terms (its other keys kept)."""
+    if "kind" not in section and not isinstance(section.get("sparse", False), bool):
+        raise _bad(f".sparse is {section['sparse']!r}, not bool")
+    if not legacy_sparse(section):
+        return section
+    if section.get("experts") != 1 or section.get("shared") != 1 or section.get("active") != 0:
+        raise _bad(f"section marks a sparse FFN (one always-on part) but has {section.get('shared')!r} shared and "
+                   f"{section.get('experts', 0)!r} experts")
+    width = section.get("expert_width")
+    return dict(section, kind="sparse", width=width)
+
+
+def spec_from_dict(section, hidden_size: int | None = None) -> MoESpec | SparseSpec:
+    """The spec a config's `cmoe` section describes (other keys, such as the record, are left), checked first."""
+    if not isinstance(section, dict):
+        raise CMoEError(f"config.json's cmoe section is {type(section).__name__}, not a table of the FFN; {REDO}.")
+    section = _upgraded(section)
+    if section.get("complete") is True and section.get("kind", "moe") != "sparse":
+        raise _bad("section completes the sums of a sparse FFN but is not sparse")
+    cls = SPECS.get(section.get("kind", "moe"))
+    if cls is None:
+        raise _bad(f".kind {section['kind']!r} is none of {', '.join(SPECS)}")
+    defaults = {field.name: field.default for field in fields(cls) if field.default is not MISSING}
+    for key, kind in get_type_hints(cls).items():
+        value = section.get(key, defaults.get(key))
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _bad(f".{key} is {value!r}, not {kind.__name__}")
+    spec = cls(**{field.name: section.get(field.name, defaults.get(field.name)) for field in fields(cls)})
+    spec.check()
+    if spec.act not in ACT2FN:
+        raise _bad(f".act {spec.act!r} is no activation transformers knows")
+    if hidden_size is not None and spec.hidden_size != hidden_size:
+        raise _bad(f".hidden_size {spec.hidden_size} differs from the model's {hidden_size}")
+    return spec

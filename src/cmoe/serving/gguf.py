@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cmoe.errors import CMoEError
-from cmoe.moe.module import MoEFFN, Router
-from cmoe.moe.spec import MoESpec
+from cmoe.moe import MoESpec, Router, spec_from_dict
 from cmoe.run_folder import atomic_file
 from cmoe.serving import SILU
 
@@ -33,11 +32,11 @@ def check_exportable(model) -> MoESpec:
 
     if not is_carved(model):
         raise CMoEError("This is not a carved model; carve it first (cmoe carve MODEL -o OUT --config S1A1E8).")
-    spec = MoESpec.from_dict(model.config.cmoe)
+    spec = spec_from_dict(model.config.cmoe)
     if model.config.model_type != "cmoe_llama":
         raise CMoEError(f"GGUF export takes carved Llama-family models (llama.cpp's {ARCH} has Llama attention); this "
                         f"one is {model.config.model_type.removeprefix('cmoe_')}.")
-    if spec.sparse or not spec.routed or spec.active != 1:
+    if spec.kind != "moe" or not spec.routed or spec.active != 1:
         raise CMoEError(f"GGUF export takes layouts with one routed expert a token (S1A1E8, S2A1E16, ...), where "
                         f"llama.cpp's gate is exactly ours; this model is {_layout(spec)}.")
     if spec.act not in SILU or not spec.gated or spec.bias or spec.output_bias:
@@ -54,8 +53,8 @@ def check_exportable(model) -> MoESpec:
     return spec
 
 
-def _layout(spec: MoESpec) -> str:
-    if spec.sparse:
+def _layout(spec) -> str:
+    if spec.kind == "sparse":
         return "sparse (per-token neurons, no experts)"
     return f"S{spec.shared}A{spec.active}E{spec.experts}"
 

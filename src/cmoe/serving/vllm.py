@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmoe.errors import CMoEError
-from cmoe.moe.spec import MoESpec
+from cmoe.moe.spec import MoESpec, spec_from_dict
 from cmoe.serving import SILU
 
 
@@ -21,17 +21,17 @@ def register() -> None:
     `transformers` namespace) and check each model it builds."""
     import transformers
 
-    import cmoe  # noqa: F401  (registers the carved classes with the Auto classes)
     from cmoe.hf import modeling
 
+    modeling.register_all()
     modeling.SERVING_CHECK = check_servable
     for cls in modeling.carved_classes():
         setattr(transformers, cls.__name__, cls)
 
 
-def check_servable(spec: MoESpec) -> None:
+def check_servable(spec) -> None:
     """Raise CMoEError unless vLLM's fused experts compute exactly what this carved FFN's experts do."""
-    if spec.sparse or not spec.routed:
+    if spec.kind != "moe" or not spec.routed:
         raise CMoEError("This carved model routes no experts (the sparse or static preset), which vLLM has no kernel "
                         "for; carve with experts (--preset fitted --budget B, or --shared/--active/--experts) to serve "
                         "it with vLLM.")
@@ -54,7 +54,7 @@ def check_folder(folder: str | Path) -> MoESpec:
     if "cmoe" not in config:
         raise CMoEError(f"{folder} is not a carved model (its config.json has no cmoe section); carve it first with "
                         f"`cmoe carve MODEL -o {folder}`.")
-    spec = MoESpec.from_dict(config["cmoe"], config.get("hidden_size"))
+    spec = spec_from_dict(config["cmoe"], config.get("hidden_size"))
     check_servable(spec)
     if "num_experts" not in config:
         raise CMoEError(f"{folder} was carved by an older cmoe whose config.json lacks the MoE fields vLLM reads; "
@@ -80,7 +80,7 @@ def describe(model) -> dict:
     """What vLLM built for a carved model (for `LLM.apply_model`, which runs it where the model lives): its class
     and the classes now in our FFNs' `experts` slot (`TransformersMoERunner`: vLLM's fused experts with
     external routing)."""
-    from cmoe.moe.module import MoEFFN
+    from cmoe.moe import MoEFFN
 
     ffns = [m for m in model.modules() if isinstance(m, MoEFFN)]
     return dict(model=type(model).__name__, experts=sorted({type(f.experts).__name__ for f in ffns}))

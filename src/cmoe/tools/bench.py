@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cmoe.core.config import CarveConfig
+from cmoe.core.config import SparseConfig
+from cmoe.core.presets import CarveConfig
+from cmoe.moe import cost
 
 
 def keep_freed_memory() -> bool:
@@ -84,6 +86,11 @@ def cuda_graph(fn):
 
 @dataclass
 class Shape:
+    """What the ideal ratios need to know of a carved FFN: `experts` equal slices of a dense FFN `intermediate`
+    neurons wide, `shared` always on, `active` of the `routed` ones per token (default: all that are not shared;
+    fewer where the carve left some out); a sparse FFN's counted `compute_share`. The arithmetic is
+    `cmoe.moe.cost`'s."""
+
     hidden: int
     intermediate: int
     shared: int
@@ -91,52 +98,44 @@ class Shape:
     experts: int
     gated: bool = True
     compute_share: float | None = None  # a sparse FFN's: the share of the dense FFN's products (and rows) it uses
+    router: str = "representative"
+    routed: int | None = None
+
+    def __post_init__(self):
+        if self.routed is None:
+            self.routed = self.experts - self.shared
 
     @property
     def width(self) -> int:
         return self.intermediate // self.experts
 
-    @property
-    def routed(self) -> int:
-        return self.experts - self.shared
-
-    def dense_flops(self, tokens: int) -> float:
-        return 2.0 * tokens * (3 if self.gated else 2) * self.hidden * self.intermediate
-
-    def carved_flops(self, tokens: int) -> float:
-        projections = (3 if self.gated else 2) * self.hidden * self.width * (self.shared + self.active)
-        router = (2 if self.gated else 1) * self.routed * self.hidden
-        return 2.0 * tokens * (projections + router)
-
-    def expected_experts_read(self, tokens: int) -> float:
-        """Distinct routed experts a batch of `tokens` decode tokens touches, if each picks `active` at random."""
-        if self.routed == 0:
-            return 0.0
-        return self.routed * (1 - (1 - self.active / self.routed) ** tokens)
+    def _share(self, experts_read: float) -> float:
+        return cost.moe_share(self.intermediate, self.width, self.shared, self.routed, self.gated, self.router,
+                              experts_read)
 
     def ideal_prefill_ratio(self, tokens: int) -> float:
         if self.compute_share is not None:
             return 1 / self.compute_share
-        return self.dense_flops(tokens) / self.carved_flops(tokens)
+        return 1 / self._share(self.active)
 
     def ideal_decode_ratio(self, batch: int) -> float:
+        """Weight bytes the dense FFN reads over the carved one's, where each of `batch` tokens picks its experts
+        at random."""
         if self.compute_share is not None:  # at batch 1; a batch reads the union of its tokens' rows
             return 1 / self.compute_share if batch == 1 else 1.0
-        per_expert = (3 if self.gated else 2) * self.hidden * self.width
-        dense = self.experts * per_expert
-        carved = (self.shared + self.expected_experts_read(batch)) * per_expert + (2 if self.gated else 1) * self.routed * self.hidden
-        return dense / carved
+        return 1 / self._share(cost.expected_experts_read(self.routed, self.active, batch))
 
 
-def shape_of(moe, dense_intermediate: int, compute_share: float | None = None) -> Shape:
-    """The shape `moe` has for the ideal ratios; `compute_share`: a sparse FFN's (from its carve record)."""
-    spec_experts = (0 if moe.experts is None else moe.experts.num_experts)
-    width = moe.experts.width if moe.experts is not None else moe.shared.width
-    shared = 0 if moe.shared is None else moe.shared.width // width
-    active = 0 if moe.router is None else moe.router.top_k
-    return Shape(moe.hidden_size, dense_intermediate, shared, active, shared + spec_experts,
-                 gated=moe.experts.gated if moe.experts is not None else moe.shared.gated,
-                 compute_share=compute_share if getattr(moe, "sparse", False) else None)
+def shape_of(ffn, dense_intermediate: int, compute_share: float | None = None) -> Shape:
+    """The shape a carved FFN has for the ideal ratios; `compute_share`: a sparse FFN's (from its carve record)."""
+    if ffn.kind == "sparse":
+        return Shape(ffn.hidden_size, dense_intermediate, 1, 0, 1, gated=ffn.gated, compute_share=compute_share)
+    width = ffn.experts.width if ffn.experts is not None else ffn.shared.width
+    shared = 0 if ffn.shared is None else ffn.shared.width // width
+    routed = 0 if ffn.router is None else ffn.router.num_experts
+    router = "linear" if ffn.router is not None and ffn.router.linear else "representative"
+    return Shape(ffn.hidden_size, dense_intermediate, shared, 0 if ffn.router is None else ffn.router.top_k,
+                 dense_intermediate // width, gated=ffn.gated, router=router, routed=routed)
 
 
 # -- a carved FFN of any shape, for speed only ---------------------------------------------------------------
@@ -148,7 +147,7 @@ def random_ffn_pair(hidden: int, intermediate: int, config: CarveConfig, dtype=t
 
     from cmoe.core.router_fit import fill_router
     from cmoe.hf.adapters import FFNWeights
-    from cmoe.moe.module import MoEFFN
+    from cmoe.moe import MoEFFN
 
     torch.manual_seed(seed)
     dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate)).to(dtype)
@@ -157,11 +156,11 @@ def random_ffn_pair(hidden: int, intermediate: int, config: CarveConfig, dtype=t
     nn.init.normal_(dense.down_proj.weight, std=intermediate ** -0.5)
     ffn = FFNWeights(up=dense.up_proj.weight.data, down=dense.down_proj.weight.data, act="silu",
                      gate=dense.gate_proj.weight.data)
-    if config.preset == "sparse":  # thresholds calibrated on random inputs to the budget, as a carve does
-        from cmoe.core.carve import build_sparse
+    if isinstance(config, SparseConfig):  # thresholds calibrated on random inputs to the budget, as a carve does
+        from cmoe.core.sparse import build_sparse
 
-        moe = build_sparse(torch.randn(4096, hidden), ffn, config.budget)[0]
-        return dense.to(device).eval(), moe.to(device).eval()
+        sparse = build_sparse(torch.randn(4096, hidden), ffn, config)[0]
+        return dense.to(device).eval(), sparse.to(device).eval()
     width = config.expert_width(intermediate)
     order = torch.randperm(intermediate)
     routed = order[config.shared * width:].view(config.routed, width).sort(dim=-1).values
@@ -240,7 +239,7 @@ def bench_ffn_layers(dense_ffns: list[nn.Module], moes: list[nn.Module], shape: 
 def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: int):
     """Each dense FFN as a decode step of the CPU kernel: every neuron shared, no routed experts."""
     from cmoe.moe import kernels
-    from cmoe.moe.backends import KERNEL_DTYPES, cpu_kernel_call, decode_kernel_slots
+    from cmoe.moe.backends import KERNEL_DTYPES, MoEKernelArguments, decode_kernel_slots
 
     kernel = kernels.moe_cpu() if parameter.device.type == "cpu" and parameter.dtype in KERNEL_DTYPES else None
     if kernel is None or tokens > decode_kernel_slots(kernel, parameter.dtype):
@@ -252,12 +251,13 @@ def _dense_kernel_steps(dense_weights: list, parameter: torch.Tensor, tokens: in
     no_router, no_gate_up, no_down = none.view(0, hidden), none.view(0, 1, hidden), none.view(0, hidden, 1)
     steps = []
     for w in dense_weights:
-        arguments = dict(
+        arguments = MoEKernelArguments(
             shared_gate_up=(w.up if w.gate is None else torch.cat([w.gate, w.up])).contiguous(),
             shared_down=w.down.contiguous(), shared_bias=w.up_bias, router_weight=no_router, router_bias=None,
             selection_bias=none, gate_scale=none, gates_are_one=True, gate_up=no_gate_up, up_bias=None, down=no_down,
-            down_bias=w.down_bias, top_k=0, act=w.act, gated=w.gated)
-        steps.append(lambda x, arguments=arguments: cpu_kernel_call(kernel.moe_decode, x, **arguments))
+            down_bias=w.down_bias, top_k=0, act=kernels.ACTIVATION_CODES[w.act], gated=w.gated, linear_router=False,
+            threshold=float("-inf"))
+        steps.append(lambda x, arguments=arguments: kernel.moe_decode(x, *arguments))
     return steps
 
 

@@ -17,7 +17,7 @@ DEMO_BUDGET = 0.75
 
 def run_demo(output: str = "demo_results", windows: int = 8, data_dir=None) -> dict:
     import cmoe
-    from cmoe.data import calibration_tokens, eval_text, tokenize
+    from cmoe.data import calibration_source_label, calibration_tokens, eval_text, tokenize
     from cmoe.hf.loading import load_model
     from cmoe.moe.compute import counting_compute
     from cmoe.run_folder import atomic_directory
@@ -38,7 +38,7 @@ def run_demo(output: str = "demo_results", windows: int = 8, data_dir=None) -> d
                  carve_s=None, eval_s=round(time.perf_counter() - started, 1))]
     for name, config in configs.items():
         started = time.perf_counter()
-        moe = cmoe.carve_(copy.deepcopy(dense), config, calibration, calibration_source="wikitext2 (8x2048, seed 0)")
+        moe = cmoe.carve_(copy.deepcopy(dense), config, calibration, calibration_source=calibration_source_label("wikitext2", 8, 2048, 0))
         carve_s = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
         with counting_compute(moe) as compute:

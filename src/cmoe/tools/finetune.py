@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from cmoe.data import random_windows
 from cmoe.errors import CMoEError
 from cmoe.hf.adapters import adapter_for
 from cmoe.hf.modeling import is_carved
-from cmoe.moe.module import MoEFFN, Router
+from cmoe.moe import CARVED_FFNS, MoEFFN, Router
 from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder, write_atomically
 from cmoe.tools.losses import training_loss
 
@@ -93,8 +94,7 @@ class TrainingWindows:
     def batch(self, step: int, epoch: int = 0) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + step)
         count = min(self.batch_size, self.samples - step * self.batch_size)
-        starts = torch.randint(0, self.ids.numel() - self.seqlen, (count,), generator=generator)
-        return torch.stack([self.ids[s : s + self.seqlen] for s in starts.tolist()])
+        return random_windows(self.ids, count, self.seqlen, generator)
 
 
 def _gate_scales(layer_routers) -> torch.Tensor:
@@ -118,8 +118,12 @@ def add_lora(model, config: FinetuneConfig):
     """Wrap `model` with peft LoRA and make the router rows and gate scales trainable too."""
     from peft import LoraConfig, get_peft_model
 
-    moe = next(m for m in model.modules() if isinstance(m, MoEFFN))
-    parameters = [p for p in EXPERT_PARAMETERS if getattr(moe, p.split(".")[0]) is not None]
+    carved = next(m for m in model.modules() if isinstance(m, CARVED_FFNS))
+    if carved.kind == "sparse":
+        slot = next(name for name, m in model.named_modules() if m is carved).rpartition(".")[2]
+        parameters = [f"{slot}.gate_up_proj", f"{slot}.down_proj"]
+    else:
+        parameters = [p for p in EXPERT_PARAMETERS if getattr(carved, p.split(".")[0]) is not None]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                       target_modules=attention_projection_names(model), target_parameters=parameters)
     with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated name; not the user's concern

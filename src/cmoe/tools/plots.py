@@ -30,10 +30,12 @@ def _label_points(ax, xs, ys, labels):
 
 def quality_vs_active(rows: list[dict], series: dict[str, list[float | None]], path: Path, *, ylabel: str,
                       title: str, log_y: bool = False, dense_lines: bool = True) -> Path:
-    """One line per series (a data set or task) against the % of FFN parameters each token uses."""
+    """One line per series (a data set or task) against the FFN compute counted as the model ran (or, where it was
+    not counted, the % of FFN parameters each token can use)."""
     fig, ax = plt.subplots(figsize=SIZE)
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["active_fraction"])
-    xs = [100 * rows[i]["active_fraction"] for i in order]
+    x = [row.get("ffn_compute") or row["active_fraction"] for row in rows]  # counted where it was
+    order = sorted(range(len(rows)), key=lambda i: x[i])
+    xs = [100 * x[i] for i in order]
     for name, values in series.items():
         points = [(x, values[i], rows[i]["config"]) for x, i in zip(xs, order) if values[i] is not None]
         if not points:
@@ -50,7 +52,8 @@ def quality_vs_active(rows: list[dict], series: dict[str, list[float | None]], p
         ax.yaxis.set_major_formatter(PLAIN)
         ax.yaxis.set_minor_formatter(PLAIN)
         ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.set_xlabel("FFN parameters active per token (%)")
+    counted = all(row.get("ffn_compute") is not None for row in rows)
+    ax.set_xlabel("FFN compute counted (% of dense)" if counted else "FFN parameters active per token (%)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3, which="both")

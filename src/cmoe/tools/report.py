@@ -6,8 +6,6 @@ import json
 
 from cmoe.hf.adapters import adapter_for
 from cmoe.hf.modeling import is_carved
-from cmoe.moe.module import MoEFFN
-from cmoe.moe.spec import MoESpec
 
 
 def ffn_parameters(model) -> dict:
@@ -16,11 +14,12 @@ def ffn_parameters(model) -> dict:
     total = active = 0
     for layer in adapter.layers(model):
         if is_carved(model):
-            moe: MoEFFN = adapter.ffn_module(layer)
-            layer_total = sum(p.numel() for p in moe.parameters())
-            per_expert = 0 if moe.experts is None else (moe.experts.gate_up_proj[0].numel() + moe.experts.down_proj[0].numel())
-            routed = 0 if moe.experts is None else moe.experts.gate_up_proj.numel() + moe.experts.down_proj.numel()
-            top_k = 0 if moe.router is None else moe.router.top_k
+            carved = adapter.ffn_module(layer)
+            layer_total = sum(p.numel() for p in carved.parameters())
+            experts = carved.experts if carved.kind == "moe" else None  # a sparse FFN may use every row
+            per_expert = 0 if experts is None else experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()
+            routed = 0 if experts is None else experts.gate_up_proj.numel() + experts.down_proj.numel()
+            top_k = 0 if experts is None else carved.router.top_k
             total += layer_total
             active += layer_total - routed + top_k * per_expert
         else:
@@ -62,12 +61,15 @@ HEADLINE = ("acc_norm", "acc")  # the accuracy plotted per task: acc_norm where 
 
 
 def _model_cells(row: dict) -> dict:
-    return dict(model=row["config"], preset=row.get("preset", "-"), active=f"{100 * row['active_fraction']:.1f}")
+    compute = row.get("ffn_compute")
+    return dict(model=row["config"], preset=row.get("preset", "-"), active=f"{100 * row['active_fraction']:.1f}",
+                compute=None if compute is None else f"{100 * compute:.1f}")
 
 
 def report_tables(rows: list[dict]) -> dict[str, str]:
     """Markdown tables, one per metric, dense first: {title: table}."""
-    model_columns = [("model", "model"), ("preset", "preset"), ("active", "FFN active %")]
+    model_columns = [("model", "model"), ("preset", "preset"), ("active", "FFN weights a token can use %"),
+                     ("compute", "FFN compute counted %")]
     tables = {}
     sets = [s for s in rows[0].get("perplexity", {})]
     if sets:
@@ -121,7 +123,7 @@ def write_report(folder, results: dict, records: dict) -> list:
                                                       title=f"{name}: routed expert load on the calibration tokens"))
     plan = results["plan"]
     lines = [f"# cmoe sweep: {plan['model']}", "",
-             f"{results['date']}, cmoe {results['cmoe_version']}, preset `{plan['preset']}`; calibration {plan['calib']} "
+             f"{results['date']}, cmoe {results['cmoe_version']}; calibration {plan['calib']} "
              f"{plan['calib_samples']} x {plan['calib_seqlen']} tokens, seed {plan['seed']}; perplexity seqlen "
              f"{plan['seqlen']}, {'all' if plan['max_windows'] is None else 'first ' + str(plan['max_windows'])} windows.", ""]
     for title, text in report_tables(rows).items():
@@ -134,144 +136,11 @@ def write_report(folder, results: dict, records: dict) -> list:
                                                  + [(t, t) for t in tasks] + [("total", "all")], markdown=True), ""]
     if any(r.get("resumed") for r in rows):
         lines += ["\\* resumed from a stopped run: answers the harness had cached then are not timed again.", ""]
+    lines += ["FFN compute counted: the multiply-adds each carved FFN ran over the dense FFN's, counted over every "
+              "perplexity window (router included).", ""]
     lines += ["## Plots", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     (folder / "report.md").write_text("\n".join(lines))
     return figures
-
-
-# -- `cmoe inspect` -----------------------------------------------------------------------------------------
-
-def describe(folder) -> dict:
-    """What a saved carved model is, read from its config, carve record and router buffers (no model is built)."""
-    import re
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from cmoe.hf.checks import check_carved_folder
-    from cmoe.errors import CMoEError
-
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CMoEError(f"{folder} has no config.json; point inspect at a folder written by cmoe carve.")
-    config = check_carved_folder(folder)  # config.json against itself and the weights' headers
-    spec = config.get("cmoe")
-    if not spec:
-        raise CMoEError(f"{folder} holds a dense {config.get('model_type', 'unknown')} model, not a carved one; carve it first.")
-    record_file = folder / "carve_record.json"
-    record = json.loads(record_file.read_text()) if record_file.is_file() else spec.get("record", {})
-    buffers: dict[int, dict] = {}
-    for weights in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(weights), "pt") as f:
-            for key in f.keys():
-                match = re.search(r"\.(\d+)\..*router\.(selection_bias|gate_scale)$", key)
-                if match:
-                    buffers.setdefault(int(match.group(1)), {})[match.group(2)] = f.get_tensor(key).float().tolist()
-    spec_fields = MoESpec.from_dict(spec)
-    width = spec_fields.expert_width
-    layers = []
-    for index, layer in enumerate(record.get("layers", [])):
-        bias = buffers.get(index, {}).get("selection_bias", layer.get("selection_bias", []))
-        scale = buffers.get(index, {}).get("gate_scale", [])
-        layers.append(dict(
-            layer=index, shared_width=spec_fields.shared * width, routed=spec_fields.routed, expert_width=width,
-            top_k=spec_fields.active, kmeans_iterations=layer.get("kmeans_iterations"),
-            imbalance_before=layer.get("imbalance_before"), imbalance_after=layer.get("imbalance_after"),
-            bias_min=min(bias, default=None), bias_max=max(bias, default=None),
-            gate_scale_max=max((abs(s) for s in scale), default=None),
-            load_after=[round(v, 4) for v in layer.get("load_after", [])],
-            ffn_compute=layer.get("ffn_compute"),
-            input_share=layer.get("input_share"), hidden_share=layer.get("hidden_share"),
-            completes=layer.get("completes"),
-            mean_activation_rate=round(sum(layer["activation_rate"]) / len(layer["activation_rate"]), 4)
-            if layer.get("activation_rate") else None,
-        ))
-    return dict(folder=str(folder), model_type=config.get("model_type"), name=record.get("name"),
-                preset=record.get("config", {}).get("preset"), k_act=record.get("k_act"),
-                calibration=record.get("calibration"), carve_seconds=record.get("carve_seconds"),
-                cmoe_version=record.get("cmoe_version"), hidden_size=spec_fields.hidden_size, expert_width=width,
-                shared=spec_fields.shared, active=spec_fields.active, experts=spec_fields.experts,
-                active_fraction=round((spec_fields.shared + spec_fields.active) / spec_fields.experts, 4),
-                sparse=spec_fields.sparse, complete=spec_fields.complete, output_bias=spec_fields.output_bias,
-                budget=record.get("config", {}).get("budget"), router=spec_fields.router,
-                dynamic_k=bool(record.get("config", {}).get("dynamic_k")),
-                mean_active=record.get("config", {}).get("mean_active") or record.get("config", {}).get("active"),
-                ffn_width=record.get("ffn_width"), ffn_compute=record.get("ffn_compute"), layers=layers)
-
-
-def _routed_per_token(info: dict) -> str:
-    if info.get("dynamic_k"):
-        return f"{info['mean_active']:g} on average (up to {info['active']})"
-    return str(info["active"])
-
-
-def _compute_line(info: dict) -> str:
-    if info.get("ffn_compute") is None:  # carved before cmoe counted it
-        return f"  {100 * info['active_fraction']:.1f}% of the carved FFN's neurons run per token"
-    budget = "" if info.get("budget") is None else f" (budget {100 * info['budget']:.0f}%)"
-    return (f"  FFN compute: {100 * info['ffn_compute']:.1f}% of the dense FFN's multiply-adds per token, router "
-            f"included, counted on the calibration tokens{budget}")
-
-
-def describe_text(info: dict) -> str:
-    """`cmoe inspect`'s printout of `describe`."""
-    if info.get("sparse"):
-        return _describe_sparse(info)
-    calibration = info.get("calibration") or {}
-    head = [
-        f"{info['folder']}: {info['model_type']}, {info['name']} ({info['preset']} preset, cmoe {info['cmoe_version']})",
-        f"  experts: {info['shared']} shared + {_routed_per_token(info)} of {info['experts'] - info['shared']} routed per "
-        f"token, {info['expert_width']} neurons each, {info['router']} router",
-        _compute_line(info),
-        f"  calibration: {calibration.get('source', '?')}, {calibration.get('samples', '?')} x {calibration.get('seqlen', '?')} "
-        f"tokens; k_act {info['k_act']}; carved in {info['carve_seconds']} s",
-        "",
-    ]
-    rows = []
-    for layer in info["layers"]:
-        rows.append(dict(
-            layer=layer["layer"], shared=layer["shared_width"], routed=f"{layer['routed']} x {layer['expert_width']}",
-            k=layer["top_k"], iters=layer["kmeans_iterations"],
-            compute=None if layer.get("ffn_compute") is None else f"{100 * layer['ffn_compute']:.1f}",
-            imbalance=None if layer["imbalance_before"] is None else
-            f"{layer['imbalance_before']:.2f} -> {layer['imbalance_after']:.2f}",
-            bias=None if layer["bias_min"] is None else f"{layer['bias_min']:+.3f} .. {layer['bias_max']:+.3f}",
-            load=" ".join(f"{100 * v:.0f}" for v in layer["load_after"]) or None,
-        ))
-    columns = [("layer", "layer"), ("shared", "shared width"), ("routed", "routed experts x width"),
-               ("k", "k, most" if info.get("dynamic_k") else "k"),
-               ("compute", "FFN compute %"),
-               ("iters", "k-means iters"), ("imbalance", "load max/mean before -> after"),
-               ("bias", "selection bias min .. max"), ("load", "load per routed expert, % (calibration)")]
-    return "\n".join(head) + table(rows, columns)
-
-
-def _describe_sparse(info: dict) -> str:
-    calibration = info.get("calibration") or {}
-    head = [
-        f"{info['folder']}: {info['model_type']}, {info['name']} ({info['preset']} preset, cmoe {info['cmoe_version']})",
-        f"  every one of the {info['expert_width']} neurons kept; per token, gate and up read the input channels above "
-        "a threshold and down the neurons above another (activation sparsity, no experts)",
-        *(["  layers marked 'completed' finish their kept neurons' sums over every input channel (exact activations; a "
-           "second, neuron-major copy of gate and up in every layer)"] if info.get("complete") else []),
-        *(["  the mean of what the skipped rows would add on the calibration tokens is folded into an output bias"]
-          if info.get("output_bias") else []),
-        _compute_line(info),
-        f"  calibration: {calibration.get('source', '?')}, {calibration.get('samples', '?')} x {calibration.get('seqlen', '?')} "
-        f"tokens; carved in {info['carve_seconds']} s",
-        "",
-    ]
-    rows = [dict(layer=layer["layer"], inputs=_percent(layer.get("input_share")), neurons=_percent(layer.get("hidden_share")),
-                 completed="yes" if layer.get("completes") else "no", compute=_percent(layer.get("ffn_compute")))
-            for layer in info["layers"]]
-    columns = [("layer", "layer"), ("inputs", "input channels read %"), ("neurons", "neurons read by down %"),
-               ("completed", "completed"), ("compute", "FFN compute % (calibration)")]
-    return "\n".join(head) + table(rows, columns)
-
-
-def _percent(share):
-    return None if share is None else f"{100 * share:.1f}"
 
 
 def task_table(scores: dict) -> str:

@@ -1,4 +1,5 @@
-"""`cmoe sweep`: carve several configurations of one model, evaluate each, and write a report folder.
+"""`cmoe sweep`: carve one model several ways (layouts, and budgets x presets), evaluate each with the FFN compute
+counted as it runs, and write a report folder.
 
 The work happens in `<REPORT_DIR>.partial/`: each finished model's scores land in its `runs/` at once, so a run that
 is stopped can be started again with the same command and goes on from the next unfinished model. The
@@ -11,12 +12,12 @@ import copy
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from cmoe.core.config import CarveConfig
+from cmoe.core.presets import CarveConfig, make_config
+from cmoe.data import calibration_source_label
 from cmoe.errors import CMoEError
 from cmoe.hf.checks import check_seqlen
 from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder, publish, write_atomically
@@ -27,8 +28,10 @@ from cmoe.version import __version__
 @dataclass
 class SweepPlan:
     model: str
-    configs: list[str]
-    preset: str = "paper"
+    configs: list[str] = field(default_factory=lambda: list(SweepPlan.DEFAULT_CONFIGS))  # layouts, e.g. S3A3E8
+    preset: str = "paper"  # the preset that carves `configs`
+    budgets: list[float] = field(default_factory=list)  # each carved with every one of `presets`
+    presets: list[str] = field(default_factory=lambda: ["sparse"])
     ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
     seqlen: int = 2048
     max_windows: int | None = None
@@ -43,8 +46,17 @@ class SweepPlan:
     data_dir: str | None = None
     device: str | None = None  # where models are carved and evaluated (default cpu)
 
-    def carve_configs(self) -> list[CarveConfig]:
-        return [CarveConfig.from_name(name, preset=self.preset, seed=self.seed) for name in self.configs]
+    DEFAULT_CONFIGS = ("S3A3E8", "S2A2E8", "S1A1E8", "S2A2E16")
+
+    def runs(self) -> dict[str, CarveConfig]:
+        """Each carved model's name (a layout, or preset@budget) and config; a bad name fails here."""
+        runs = {name: CarveConfig.from_name(name, preset=self.preset, seed=self.seed) for name in self.configs}
+        for budget in self.budgets:
+            for preset in self.presets:
+                runs[f"{preset}@{budget:g}"] = make_config(budget=budget, preset=preset, seed=self.seed)
+        if not runs:
+            raise CMoEError("Nothing to carve; give layouts with --configs or budgets with --budgets.")
+        return runs
 
     def key(self) -> dict:
         """What must match for a stopped run to be resumed."""
@@ -58,7 +70,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
     output = Path(output)
     from cmoe.run_folder import check_writable_destination
 
-    plan.carve_configs()  # bad names fail before any work
+    configs = plan.runs()  # bad names and budgets fail before any work
     check_writable_destination(output, overwrite)
     dense, tokenizer = load_model(plan.model, device=plan.device)
     if tokenizer is None:
@@ -66,7 +78,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
     check_seqlen(dense, plan.seqlen, "--seqlen")
     check_seqlen(dense, plan.calib_seqlen, "--calib-seqlen")
     work = _work_folder(output, plan)
-    names = ["dense"] + plan.configs
+    names = ["dense"] + list(configs)
     runs = work / "runs"
     pending = [name for name in names if not (runs / f"{name}.json").exists()]
     if len(pending) < len(names):
@@ -76,11 +88,12 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
         started = time.perf_counter()
         resumed = any(runs.glob(f"{name}.lmeval*"))  # answers cached by a stopped run make this one look faster
         if name == "dense":
-            row = dict(config="dense", preset="-", active_fraction=1.0)
+            row = dict(config="dense", preset="-", active_fraction=1.0, ffn_compute=1.0)
             row.update(_evaluate(dense, tokenizer, plan, progress, cache=runs / "dense.lmeval"))
         else:
             calibration = calibration if calibration is not None else _calibration(tokenizer, plan)
-            row, record = _carve_and_evaluate(dense, tokenizer, name, calibration, plan, progress, runs / f"{name}.lmeval")
+            row, record = _carve_and_evaluate(dense, tokenizer, name, configs[name], calibration, plan, progress,
+                                              runs / f"{name}.lmeval")
             (runs / f"{name}.record.json").write_text(json.dumps(record))
         row["seconds"] = round(time.perf_counter() - started, 1)
         row.update(device=machine(plan.device), resumed=resumed)
@@ -93,7 +106,7 @@ def run_sweep(plan: SweepPlan, output: str | os.PathLike, overwrite: bool = Fals
     results = dict(cmoe_version=__version__, plan=plan.key(), date=time.strftime("%Y-%m-%d"), rows=rows)
     from cmoe.tools.report import write_report
 
-    write_report(work, results, records={n: runs / f"{n}.record.json" for n in plan.configs})
+    write_report(work, results, records={n: runs / f"{n}.record.json" for n in configs})
     (work / "results.json").write_text(json.dumps(results, indent=2))
     publish(work, output)
     return results
@@ -119,28 +132,36 @@ def _calibration(tokenizer, plan: SweepPlan):
     return calibration_tokens(tokenizer, plan.calib, plan.calib_samples, plan.calib_seqlen, plan.seed, plan.data_dir)
 
 
-def _carve_and_evaluate(dense, tokenizer, name: str, calibration, plan: SweepPlan, progress: bool, cache: Path):
+def _carve_and_evaluate(dense, tokenizer, name: str, config: CarveConfig, calibration, plan: SweepPlan, progress: bool,
+                        cache: Path):
     from cmoe.core.carve import carve_
     from cmoe.tools.report import ffn_parameters
 
-    config = CarveConfig.from_name(name, preset=plan.preset, seed=plan.seed)
     started = time.perf_counter()
-    moe = carve_(copy.deepcopy(dense), config, calibration, progress=progress, device=plan.device,
-                calibration_source=f"{plan.calib} ({plan.calib_samples}x{plan.calib_seqlen}, seed {plan.seed})")
-    row = dict(config=name, preset=plan.preset, carve_seconds=round(time.perf_counter() - started, 1))
-    counts, dense_counts = ffn_parameters(moe), ffn_parameters(dense)
+    carved = carve_(copy.deepcopy(dense), config, calibration, progress=progress, device=plan.device,
+                    calibration_source=calibration_source_label(plan.calib, plan.calib_samples, plan.calib_seqlen,
+                                                                plan.seed))
+    row = dict(config=name, preset=config.preset, budget=config.budget, layout=carved.carve_record["name"],
+               carve_seconds=round(time.perf_counter() - started, 1))
+    counts, dense_counts = ffn_parameters(carved), ffn_parameters(dense)
     row["active_fraction"] = round(counts["active"] / dense_counts["total"], 4)
-    row.update(_evaluate(moe, tokenizer, plan, progress, cache))
-    return row, moe.carve_record
+    row.update(_evaluate(carved, tokenizer, plan, progress, cache))
+    return row, carved.carve_record
 
 
 def _evaluate(model, tokenizer, plan: SweepPlan, progress: bool, cache: Path) -> dict:
+    from cmoe.hf.modeling import is_carved
+    from cmoe.moe.compute import counting_compute
     from cmoe.tools.perplexity import evaluate_perplexity
 
     scores = {}
     if plan.ppl:
-        ppl = evaluate_perplexity(model, tokenizer, plan.ppl, plan.seqlen, plan.max_windows, plan.data_dir, progress)
+        counted = counting_compute(model) if is_carved(model) else nullcontext(None)
+        with counted as compute:
+            ppl = evaluate_perplexity(model, tokenizer, plan.ppl, plan.seqlen, plan.max_windows, plan.data_dir, progress)
         scores["perplexity"] = {name: values["ppl"] for name, values in ppl.items()}
+        if compute is not None:  # over every window of every set
+            scores["ffn_compute"] = compute()["overall"]
     if plan.tasks:
         from cmoe.tools.zeroshot import evaluate_tasks
 
