@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Opt-in: carved models served by vLLM give cmoe's own log-probs and text, and llama.cpp reads the GGUF export
-# (tests/serve). vLLM pins its own transformers, so it gets a venv of its own; the CPU build's torchvision,
+# (tests/serving). vLLM pins its own transformers, so it gets a venv of its own; the CPU build's torchvision,
 # torchaudio and torchcodec are removed (they arrive linked against CUDA and nothing here uses them); cmoe's
 # version ranges admit vLLM's pins. llama-cpp-python builds from its sdist (minutes; pip caches the wheel),
 # for any x86-64 host with AVX2 rather than for this one's own instructions, since hosts differ.
@@ -46,26 +46,27 @@ $(SERVE_STAMP): pyproject.toml Makefile
 	touch $(SERVE_STAMP)
 
 serve-test: $(SERVE_STAMP)
-	$(SERVE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/serve
+	$(SERVE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/serving
 
 # Benchmarks write bench/results/*.json; BENCHMARKS.md summarises them. Each takes from minutes to hours.
 bench: bench-speed
-	$(BIN)/python bench/perplexity.py
+	$(BIN)/python -m bench.perplexity
 
 bench-speed: $(STAMP)
-	$(BIN)/python bench/speed.py
+	$(BIN)/python -m bench.speed
 
-# Issue 25's table: every preset at 75%, 50% and 25% of the FFN's compute (hours on two cores; resumable),
-# then their speed against the paper's layouts at the same budgets.
+# Quality at a budget: every preset at 75%, 50% and 25% of the FFN's compute, and the paper's layouts at the same
+# budgets, compute counted (hours on two cores; resumable), then their speed.
 bench-budget: $(STAMP)
-	PYTHONPATH=src:bench $(BIN)/python bench/budget.py
-	PYTHONPATH=src:bench $(BIN)/python bench/budget_speed.py
+	$(BIN)/cmoe sweep smollm2 --budgets 0.75,0.5,0.25 --presets sparse,fitted,static --configs S3A3E8,S2A2E8,S1A1E8 \
+		--ppl wikitext2,c4 --max-windows 32 -o bench/results/budget_sweep_smollm2
+	$(BIN)/python -m bench.budget_speed
 
 bench-zeroshot: $(STAMP)
-	$(BIN)/python bench/zeroshot.py
+	$(BIN)/python -m bench.zeroshot
 
 bench-finetune: $(STAMP)
-	$(BIN)/python bench/finetune.py
+	$(BIN)/python -m bench.finetune
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) demo_results .pytest_cache

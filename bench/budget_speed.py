@@ -1,13 +1,13 @@
 """Speed at a budget (issue 25): the sparse and fitted presets' FFNs against the paper's at the same compute, and dense.
 
-    PYTHONPATH=src:bench .venv/bin/python bench/budget_speed.py [--budgets 0.75,0.5,0.25] [--dtypes float32,bfloat16]
+    .venv/bin/python -m bench.budget_speed [--budgets 0.75,0.5,0.25] [--dtypes float32,bfloat16]
         [--presets sparse,fitted]
 
 SmolLM2's FFN shape (hidden 576, intermediate 1536) with random weights (speed does not depend on them; a
 random router spreads tokens about evenly, as the balanced ones do): prefill of 2,048 tokens, one layer,
 and decode at batch 1 through 30 layers in turn (each its own copy, so weights come from memory). Dense,
 `paper` (S3A3E8, S2A2E8, S1A1E8) and each preset of --presets (at --budget) are timed interleaved in one run, medians of
-repeated runs. Writes bench/results/budget_speed_cpu.json. The pseudo-presets `sparse-completed` and `sparse-plain`
+repeated runs. Writes bench/results/speed_budget_presets_cpu.json. The pseudo-presets `sparse-completed` and `sparse-plain`
 are `sparse` with every layer completing its kept neurons' sums, or none (on random inputs the carve's own choice
 may differ from a real model's).
 """
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 import cmoe
-from cmoe.core import carve
-from cmoe.tools.bench import interleaved_medians, keep_freed_memory, random_ffn_pair
-from provenance import device_name, git_commit
+from cmoe.core import sparse as sparse_calibration
+from cmoe.tools.bench import interleaved_medians, keep_freed_memory
+from bench.fixtures import random_ffn_pair
+from cmoe.tools.provenance import device_name, git_commit
 
 PAPER_LAYOUTS = {0.75: "S3A3E8", 0.5: "S2A2E8", 0.25: "S1A1E8"}
 HIDDEN, INTERMEDIATE, LAYERS = 576, 1536, 30
@@ -35,15 +36,15 @@ HIDDEN, INTERMEDIATE, LAYERS = 576, 1536, 30
 @contextmanager
 def splits_of(name: str):
     """`sparse-completed`: only completing splits; `sparse-plain`: none; other names: the carve's own."""
-    saved = carve.HIDDEN_SHARES, carve.COMPLETED_INPUT_SHARES
+    saved = sparse_calibration.HIDDEN_SHARES, sparse_calibration.COMPLETED_INPUT_SHARES
     if name == "sparse-completed":
-        carve.HIDDEN_SHARES = ()
+        sparse_calibration.HIDDEN_SHARES = ()
     elif name == "sparse-plain":
-        carve.COMPLETED_INPUT_SHARES = ()
+        sparse_calibration.COMPLETED_INPUT_SHARES = ()
     try:
         yield
     finally:
-        carve.HIDDEN_SHARES, carve.COMPLETED_INPUT_SHARES = saved
+        sparse_calibration.HIDDEN_SHARES, sparse_calibration.COMPLETED_INPUT_SHARES = saved
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ def main():
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--presets", default="sparse,fitted")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "budget_speed_cpu.json")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed_budget_presets_cpu.json")
     args = parser.parse_args()
     keep_freed_memory()
     rows = []

@@ -1,6 +1,6 @@
 """Carve a Llama-2-7B-shaped model (random weights, bfloat16) on a GPU: time and peak memory (issue 27).
 
-    PYTHONPATH=src:bench python3 bench/carve_7b.py --calibration ids.pt [--config S3A3E8] [--out carve_7b.json]
+    python3 -m bench.carve_7b --calibration ids.pt [--config S3A3E8] [--out carve_7b.json]
 
 The model is built from a config straight on the device (no download, no CPU copy). The calibration is
 8 x 2,048 WikiText-2 tokens, tokenised beforehand (`--write-calibration ids.pt` on a machine that has
@@ -20,7 +20,7 @@ import torch
 import transformers as T
 
 import cmoe
-from provenance import device_name, git_commit
+from cmoe.tools.provenance import device_name, git_commit
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)

@@ -1,7 +1,7 @@
 """Check the CUDA paths on a GPU machine: carving on cuda, the grouped-GEMM forward in fp32 and bf16, the
 Triton kernels' forward in bf16 (eager and under a CUDA graph).
 
-    PYTHONPATH=src python bench/cuda_check.py [--skip-compile]   (needs a CUDA GPU; prints one JSON line per check)
+    python -m bench.cuda_check [--skip-compile]   (needs a CUDA GPU; prints one JSON line per check)
 """
 
 import argparse
@@ -13,7 +13,7 @@ import transformers as T
 
 import cmoe
 from cmoe.moe.kernels import ACTIVATION_CODES, triton_kernels
-from cmoe.moe.module import GPU, MoEFFN
+from cmoe.moe import GPU, MoEFFN
 from cmoe.tools.bench import cuda_graph
 
 

@@ -1,6 +1,6 @@
 """Tile shapes for the Triton expert kernels, and decode through every layer, on a lent GPU (issue 27).
 
-    PYTHONPATH=src:bench python3 bench/cuda_tiles.py [--sweep S1A1E8] [--decode S1A1E8,S2A2E8,S3A3E8] [--out DIR]
+    python3 -m bench.cuda_tiles [--sweep S1A1E8] [--decode S1A1E8,S2A2E8,S3A3E8] [--out DIR]
 
 1. Sweep: a Llama-2-7B-shaped FFN (random weights, bfloat16, 8,192 tokens). The routed experts' two Triton
    launches are timed as a CUDA graph with each candidate tile shape of the gate/up kernel (the down
@@ -24,10 +24,11 @@ import torch
 
 import cmoe
 from cmoe.moe.kernels import ACTIVATION_CODES, triton_kernels
-from cmoe.moe.module import GPU
-from cmoe.tools.bench import bench_ffn_layers, cuda_graph, random_ffn_pair, shape_of
-from cuda_variants import median_ms
-from provenance import git_commit
+from cmoe.moe import GPU
+from cmoe.tools.bench import bench_ffn_layers, cuda_graph, shape_of
+from bench.fixtures import random_ffn_pair
+from bench.cuda_variants import median_ms
+from cmoe.tools.provenance import git_commit
 
 GATE_UP = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
            (64, 128, 64, 4, 4), (256, 64, 64, 8, 3), (128, 64, 64, 8, 4)]

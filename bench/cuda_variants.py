@@ -1,6 +1,6 @@
 """Where the carved FFN's time goes on a GPU, and which forward variant is fastest (a lent H100/H200).
 
-    PYTHONPATH=src:bench python3 bench/cuda_variants.py [--tokens 8192] [--configs S1A1E8] [--out DIR]
+    python3 -m bench.cuda_variants [--tokens 8192] [--configs S1A1E8] [--out DIR]
 
 A Llama-2-7B-shaped FFN (hidden 4096, intermediate 11008, random weights), bfloat16. For each config:
 the profiler's kernel table of the current forward, then the dense FFN, the pieces (shared part, the two
@@ -12,41 +12,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import cmoe
-import cmoe.moe.module
 from cmoe.moe.kernels import ACTIVATION_CODES, triton_kernels
-from cmoe.moe.module import _hidden, group_slots
-from cmoe.tools.bench import cuda_graph as graphed, random_ffn_pair
+from cmoe.moe.ffn import hidden_activation
+from cmoe.moe.router import group_slots
+from cmoe.tools.bench import cuda_graph as graphed, interleaved_medians
+from bench.fixtures import random_ffn_pair
 
 moe_triton = triton_kernels()  # None where Triton is not installed
 
 
 def median_ms(fn, repeats: int = 30, warmup: int = 5) -> float:
-    cuda = torch.cuda.is_available()
-    times = []
-    for i in range(warmup + repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            started = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times.append(1e3 * (time.perf_counter() - started))
-    return statistics.median(times)
+    """The house timer (`interleaved_medians`) on one callable, in milliseconds."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return 1e3 * interleaved_medians({"fn": fn}, repeats, warmup, device)["fn"]
 
 
 def routed_inputs(moe, x):
@@ -115,7 +99,7 @@ def pieces(moe, x):
     offsets = counts.cumsum(0).to(torch.int32)
     e = moe.experts
     projected = F.grouped_mm(routed_x, e.gate_up_proj.transpose(1, 2), offs=offsets)
-    hidden = _hidden(projected, e.width, e.gated, e.act_fn, None)
+    hidden = hidden_activation(projected, e.width, e.gated, e.act_fn, None)
     s, r = moe.shared, moe.router
     timed = {
         "shared part (2 GEMMs + act)": with_settings(lambda: s(x)),
@@ -127,7 +111,7 @@ def pieces(moe, x):
         "counting sort + counts": lambda: group_slots(flat, e.num_experts, counting=True),
         "gather x to expert order": lambda: x[order // chosen.shape[1]],
         "grouped gate_up GEMM": lambda: F.grouped_mm(routed_x, e.gate_up_proj.transpose(1, 2), offs=offsets),
-        "act(gate)*up (routed)": lambda: _hidden(projected, e.width, e.gated, e.act_fn, None),
+        "act(gate)*up (routed)": lambda: hidden_activation(projected, e.width, e.gated, e.act_fn, None),
         "grouped down GEMM": lambda: F.grouped_mm(hidden, e.down_proj.transpose(1, 2), offs=offsets),
     }
     if moe_triton is not None and x.is_cuda:

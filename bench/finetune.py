@@ -1,6 +1,6 @@
 """Recovery fine-tuning benchmark (issue 5): SmolLM2-135M carved, then fine-tuned, quality before and after.
 
-    .venv/bin/python bench/finetune.py [--configs S2A2E8,S3A3E8] [--losses lm,distill] [--max-minutes 20]
+    .venv/bin/python -m bench.finetune [--configs S2A2E8,S3A3E8] [--losses lm,distill] [--max-minutes 20]
                                        [--samples 2048 --seqlen 2048 --batch-size 1] [--device cpu|cuda]
 
 For each configuration: carve with the paper preset (calibration 8 x 2048 WikiText-2 validation tokens,
@@ -29,7 +29,7 @@ from cmoe.data import calibration_tokens
 from cmoe.tools.perplexity import evaluate_perplexity
 from cmoe.tools.finetune import FinetuneConfig, finetune, training_precision
 from cmoe.hf.loading import load_model
-from provenance import device_name
+from cmoe.tools.provenance import device_name
 
 RESULTS = Path(os.environ.get("CMOE_RESULTS", Path(__file__).parent / "results"))  # elsewhere on a lent GPU
 

@@ -1,6 +1,6 @@
 """GGUF export (issue 26): how close the llama.cpp model is to the cmoe model it was exported from.
 
-    .venv-serve/bin/python bench/gguf_export.py [--windows 8] [--output bench/results/gguf_export_smollm2.json]
+    .venv-serve/bin/python -m bench.gguf_export [--windows 8] [--output bench/results/gguf_export_smollm2.json]
 
 Runs in `make serve-test`'s venv (llama-cpp-python). SmolLM2-135M-Instruct carved S1A1E8 (`paper` preset,
 calibration 8 x 2,048 WikiText-2 validation tokens, seed 0), exported as `cmoe export` does (routers refitted on
@@ -23,13 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src")]
-import cmoe  # noqa: E402
-from cmoe.data import calibration_tokens, eval_text, tokenize  # noqa: E402
-from cmoe.hf.loading import load_model  # noqa: E402
-from cmoe.moe.module import MoEFFN  # noqa: E402
-from cmoe.serving.gguf import fit_linear_routers, write_gguf  # noqa: E402
-from provenance import device_name, git_commit  # noqa: E402
+import cmoe
+from cmoe.data import calibration_tokens, eval_text, tokenize
+from cmoe.hf.loading import load_model
+from cmoe.moe import MoEFFN
+from cmoe.serving.gguf import fit_linear_routers, write_gguf
+from cmoe.tools.provenance import device_name, git_commit
 
 
 def window_nll(logits: torch.Tensor, window: torch.Tensor) -> float:

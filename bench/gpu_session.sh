@@ -12,20 +12,20 @@
 #                                   bench/carve_7b.py --write-calibration in .gpu/), the speed benchmark's
 #                                   7B-shaped rows with the Triton kernels, the other configs, SmolLM2's shape
 set -euo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH="src:bench${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"  # run from the repository root: bench is a package
 case "${1:-speed}" in
 variants)
-    python3 bench/cuda_check.py
-    python3 bench/cuda_variants.py --configs S1A1E8,S2A2E8,S3A3E8
-    python3 bench/cuda_variants.py --hidden 576 --intermediate 1536 --tokens 2048 --configs S1A1E8 ;;
+    python3 -m bench.cuda_check
+    python3 -m bench.cuda_variants --configs S1A1E8,S2A2E8,S3A3E8
+    python3 -m bench.cuda_variants --hidden 576 --intermediate 1536 --tokens 2048 --configs S1A1E8 ;;
 finetune)
-    python3 bench/finetune.py --device cuda --configs S3A3E8 --samples 2048 --batch-size 8 --max-minutes 6 ;;
+    python3 -m bench.finetune --device cuda --configs S3A3E8 --samples 2048 --batch-size 8 --max-minutes 6 ;;
 speed)
-    python3 bench/speed.py --device cuda --dtype bfloat16 ;;
+    python3 -m bench.speed --device cuda --dtype bfloat16 ;;
 triton)
-    CMOE_GPU_PATHS=triton_experts,triton_shared,triton_router python3 bench/speed.py --device cuda --dtype bfloat16 ;;
+    CMOE_GPU_PATHS=triton_experts,triton_shared,triton_router python3 -m bench.speed --device cuda --dtype bfloat16 ;;
 tiles)
-    python3 bench/cuda_tiles.py --sweep S1A1E8,S3A3E8 --out "${CMOE_RESULTS:-bench/results}" ;;
+    python3 -m bench.cuda_tiles --sweep S1A1E8,S3A3E8 --out "${CMOE_RESULTS:-bench/results}" ;;
 lease)
     out="${2:?lease needs an output folder}"; mkdir -p "$out"
     deadline=$((SECONDS + ${CMOE_DEADLINE_S:-540}))
@@ -39,12 +39,12 @@ lease)
     }
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
     python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" || true
-    step check 120 python3 bench/cuda_check.py --skip-compile
-    step variants_7b_s1 170 python3 bench/cuda_variants.py --configs S1A1E8 --out "$out/variants_7b_s1"
-    step carve_7b 170 python3 bench/carve_7b.py --calibration .gpu/wikitext2_8x2048.pt --out "$out/carve_7b.json"
+    step check 120 python3 -m bench.cuda_check --skip-compile
+    step variants_7b_s1 170 python3 -m bench.cuda_variants --configs S1A1E8 --out "$out/variants_7b_s1"
+    step carve_7b 170 python3 -m bench.carve_7b --calibration .gpu/wikitext2_8x2048.pt --out "$out/carve_7b.json"
     step speed_7b_triton 60 env CMOE_RESULTS="$out" CMOE_GPU_PATHS=triton_experts,triton_shared,triton_router \
-        python3 bench/speed.py --device cuda --dtype bfloat16 --skip-smollm2
-    step variants_7b_s23 150 python3 bench/cuda_variants.py --configs S2A2E8,S3A3E8 --no-compile --out "$out/variants_7b_s23"
-    step variants_smollm2 90 python3 bench/cuda_variants.py --hidden 576 --intermediate 1536 --tokens 2048 \
+        python3 -m bench.speed --device cuda --dtype bfloat16 --skip-smollm2
+    step variants_7b_s23 150 python3 -m bench.cuda_variants --configs S2A2E8,S3A3E8 --no-compile --out "$out/variants_7b_s23"
+    step variants_smollm2 90 python3 -m bench.cuda_variants --hidden 576 --intermediate 1536 --tokens 2048 \
         --configs S1A1E8,S3A3E8 --no-compile --out "$out/variants_smollm2" ;;
 esac

@@ -1,6 +1,6 @@
 """Perplexity benchmark (issue 2): SmolLM2-135M dense vs carved, both presets, WikiText-2 and C4.
 
-    .venv/bin/python bench/perplexity.py [--windows 32] [--configs S3A3E8,...] [--presets paper,reference]
+    .venv/bin/python -m bench.perplexity [--windows 32] [--configs S3A3E8,...] [--presets paper,reference]
 
 Protocol: seqlen 2048, the first N windows of each evaluation text; 8 x 2048 calibration tokens from
 WikiText-2 validation, seed 0; carve time excludes model loading. Writes bench/results/perplexity_smollm2.json.
@@ -20,7 +20,7 @@ import cmoe
 from cmoe.data import calibration_tokens, eval_text, tokenize
 from cmoe.tools.perplexity import perplexity
 from cmoe.hf.loading import load_model
-from provenance import device_name, git_commit
+from cmoe.tools.provenance import device_name, git_commit
 
 RESULTS = Path(__file__).parent / "results" / "perplexity_smollm2.json"
 

@@ -1,6 +1,6 @@
 """Speed benchmark (issue 4): dense vs carved, side by side in one process, medians of interleaved runs.
 
-    .venv/bin/python bench/speed.py [--device cpu|cuda] [--dtype float32|bfloat16] [--configs S1A1E8,S2A2E8,S3A3E8]
+    .venv/bin/python -m bench.speed [--device cpu|cuda] [--dtype float32|bfloat16] [--configs S1A1E8,S2A2E8,S3A3E8]
 
 1. SmolLM2-135M-Instruct carved with the paper preset (calibration 4 x 512 WikiText-2 tokens: routing
    only has to be realistic here, not optimal): FFN of the middle layer and the whole model, prefill of
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import cmoe
-import cmoe.moe.module
-from cmoe.tools.bench import bench_ffn, keep_freed_memory, random_ffn_pair, run_benchmark, shape_of
-from provenance import device_name, git_commit
+from cmoe.tools.bench import bench_ffn, keep_freed_memory, run_benchmark, shape_of
+from bench.fixtures import random_ffn_pair
+from cmoe.tools.provenance import device_name, git_commit
 
 RESULTS = Path(os.environ.get("CMOE_RESULTS", Path(__file__).parent / "results"))  # elsewhere on a lent GPU
 

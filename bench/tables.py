@@ -1,7 +1,7 @@
 """Markdown tables for BENCHMARKS.md from the raw results in bench/results.
 
-    .venv/bin/python bench/tables.py speed bench/results/speed_cpu_float32.json
-    .venv/bin/python bench/tables.py finetune bench/results/finetune_cuda.jsonl
+    .venv/bin/python -m bench.tables speed bench/results/speed_cpu_float32.json
+    .venv/bin/python -m bench.tables finetune bench/results/finetune_cuda.jsonl
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from cmoe.tools.report import table
-from finetune import UNRECORDED
+from bench.finetune import UNRECORDED
 
 
 def _ffn_label(row: dict) -> str:

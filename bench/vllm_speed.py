@@ -1,6 +1,6 @@
 """vLLM generation speed, dense against carved (issue 26), on whatever vLLM build this venv has (CPU or GPU).
 
-    .venv-serve/bin/python bench/vllm_speed.py [--layouts S2A2E8,S1A1E8] [--batches 1,8] [--dtype bfloat16]
+    .venv-serve/bin/python -m bench.vllm_speed [--layouts S2A2E8,S1A1E8] [--batches 1,8] [--dtype bfloat16]
         [--tokens 128] [--eager] [--output bench/results/vllm_speed_cpu.json]
 
 SmolLM2-135M-Instruct dense (vLLM's own Llama implementation) and carved with the `paper` preset (vLLM's
@@ -16,7 +16,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -24,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src")]
-import cmoe  # noqa: E402
-from cmoe.data import calibration_tokens  # noqa: E402
-from cmoe.hf.loading import fetch_smollm2, load_model  # noqa: E402
-from provenance import device_name, git_commit  # noqa: E402
+import cmoe
+from cmoe.data import calibration_tokens
+from cmoe.hf.loading import fetch_smollm2, load_model
+from cmoe.tools.bench import interleaved_medians
+from cmoe.tools.provenance import device_name, git_commit
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default takes most of the memory
 
@@ -45,12 +44,9 @@ def tokens_per_second(folder, batches, new_tokens, dtype, eager) -> dict:
             prompts = [{"prompt_token_ids": torch.randint(3, 5000, (32,), generator=torch.Generator().manual_seed(i)).tolist()}
                        for i in range(batch)]
             llm.generate(prompts, params, use_tqdm=False)
-            times = []
-            for _ in range(3):
-                started = time.perf_counter()
-                llm.generate(prompts, params, use_tqdm=False)
-                times.append(time.perf_counter() - started)
-            speeds[batch] = round(batch * new_tokens / statistics.median(times), 1)
+            seconds = interleaved_medians({"generate": lambda llm=llm, prompts=prompts: llm.generate(prompts, params, use_tqdm=False)},
+                                          repeats=3, warmup=0, device=torch.device("cpu"))["generate"]
+            speeds[batch] = round(batch * new_tokens / seconds, 1)
     finally:
         del llm
         gc.collect()

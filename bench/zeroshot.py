@@ -1,6 +1,6 @@
 """Zero-shot benchmark (issue 3): SmolLM2-135M dense and carved, seven tasks through lm-evaluation-harness.
 
-    .venv/bin/python bench/zeroshot.py [--configs S3A3E8,S2A2E8,S1A1E8] [--output bench/zeroshot_smollm2]
+    .venv/bin/python -m bench.zeroshot [--configs S3A3E8,S2A2E8,S1A1E8] [--output bench/zeroshot_smollm2]
 
 Protocol: paper preset, calibration 8 x 2048 WikiText-2 validation tokens, seed 0; PIQA, ARC-Easy,
 ARC-Challenge, WinoGrande, BoolQ and LAMBADA (OpenAI) whole, HellaSwag's first 1,000 items; zero-shot,

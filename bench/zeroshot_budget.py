@@ -1,6 +1,6 @@
 """Zero-shot at a budget (issue 25): a `--budget` carve of SmolLM2-135M on PIQA, ARC-Easy and HellaSwag.
 
-    PYTHONPATH=src:bench .venv/bin/python bench/zeroshot_budget.py [--budget 0.75] [--preset sparse]
+    .venv/bin/python -m bench.zeroshot_budget [--budget 0.75] [--preset sparse]
         [--output bench/results/zeroshot_budget_smollm2.json]
 
 Protocol as bench/zeroshot.py's (issue 3), whose dense row it is compared with: calibration 8 x 2,048
@@ -21,7 +21,7 @@ import cmoe
 from cmoe.data import calibration_tokens
 from cmoe.hf.loading import load_model
 from cmoe.tools.zeroshot import evaluate_tasks
-from provenance import device_name, git_commit
+from cmoe.tools.provenance import device_name, git_commit
 
 
 def main():

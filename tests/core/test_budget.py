@@ -30,8 +30,8 @@ def test_the_full_budget_equals_dense(family, preset):
     model = tiny_model(family)
     ids = tokens()
     dense = logits(model, ids)
-    moe = cmoe.carve_(model, cmoe.CarveConfig(budget=1.0, preset=preset), tokens(seed=2), progress=False)
-    assert torch.allclose(logits(moe, ids), dense, rtol=1e-4, atol=1e-4 * dense.abs().max().item())
+    carved = cmoe.carve_(model, cmoe.CarveConfig(budget=1.0, preset=preset), tokens(seed=2), progress=False)
+    assert torch.allclose(logits(carved, ids), dense, rtol=1e-4, atol=1e-4 * dense.abs().max().item())
 
 
 @pytest.mark.parametrize("width,projections", [(64, 3), (1536, 3), (11008, 3), (172, 3), (3072, 2), (8192, 3)])
@@ -69,42 +69,42 @@ def test_a_budget_and_a_layout_cannot_both_be_given():
 
 
 def test_realised_compute_is_counted_with_the_router_not_assumed():
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="fitted", dynamic_k=False), tokens(), progress=False)
-    config = config_from_record(moe.carve_record["config"])
-    ffn = moe.model.layers[0].mlp
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="fitted", dynamic_k=False), tokens(), progress=False)
+    config = config_from_record(carved.carve_record["config"])
+    ffn = carved.model.layers[0].mlp
     hidden, width = 32, 64
     router = ffn.router.weight.shape[0] * hidden / (3 * hidden * width)
     assert router > 0  # the router's rows are part of the cost
     expected = (config.shared + config.active) / config.experts + router
     ids = tokens(2, 40, seed=3).reshape(-1)
-    measured = counted_compute(moe, ids, 40, 2)
+    measured = counted_compute(carved, ids, 40, 2)
     assert measured["tokens"] == 80
     assert measured["overall"] == pytest.approx(expected, abs=1e-4) and measured["overall"] <= 0.5
-    assert moe.carve_record["ffn_compute"] == pytest.approx(expected, abs=1e-4)
-    for layer in moe.model.layers:  # one expert more per token shows up in the count
+    assert carved.carve_record["ffn_compute"] == pytest.approx(expected, abs=1e-4)
+    for layer in carved.model.layers:  # one expert more per token shows up in the count
         layer.mlp.router.top_k += 1
-    more = counted_compute(moe, ids, 40, 2)
+    more = counted_compute(carved, ids, 40, 2)
     assert more["overall"] == pytest.approx(expected + 1 / config.experts, abs=1e-4)
-    assert not any(layer.mlp.router.count_load for layer in moe.model.layers)  # counting is switched off again
+    assert not any(layer.mlp.router.count_load for layer in carved.model.layers)  # counting is switched off again
 
 
 def test_a_per_token_number_of_experts_keeps_to_the_budget_on_held_out_text():
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="fitted"), tokens(16, 64), progress=False)
-    config = config_from_record(moe.carve_record["config"])
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5, preset="fitted"), tokens(16, 64), progress=False)
+    config = config_from_record(carved.carve_record["config"])
     mean = config.mean_active
     assert config.dynamic_k and config.active < mean < config.active + 1  # the budget, not a whole number of experts
-    assert moe.model.layers[0].mlp.router.top_k == min(config.routed, 2 * math.ceil(mean))
+    assert carved.model.layers[0].mlp.router.top_k == min(config.routed, 2 * math.ceil(mean))
     router = 8 / (3 * 64)
     per_expert = 1 / 8
     assert config.shared * per_expert + mean * per_expert + router == pytest.approx(0.5, abs=1e-3)
-    assert moe.carve_record["ffn_compute"] <= 0.5  # on the calibration tokens, with the margin
-    held_out = counted_compute(moe, tokens(8, 64, seed=11).reshape(-1), 64, 8)
+    assert carved.carve_record["ffn_compute"] <= 0.5  # on the calibration tokens, with the margin
+    held_out = counted_compute(carved, tokens(8, 64, seed=11).reshape(-1), 64, 8)
     assert held_out["overall"] <= 0.5 + 0.02
     counts = [(share - router) / per_expert - config.shared for share in held_out["layers"]]
     assert all(1 < c < config.top_k for c in counts)  # tokens take different numbers of experts
-    for layer in moe.model.layers:  # nothing clears the threshold: each token takes its best expert only
+    for layer in carved.model.layers:  # nothing clears the threshold: each token takes its best expert only
         layer.mlp.router.threshold.fill_(float("inf"))
-    fewest = counted_compute(moe, tokens(8, 64, seed=11).reshape(-1), 64, 8)
+    fewest = counted_compute(carved, tokens(8, 64, seed=11).reshape(-1), 64, 8)
     assert fewest["overall"] == pytest.approx(config.shared / 8 + per_expert + router, abs=1e-4)
 
 
@@ -163,14 +163,14 @@ def test_the_fitted_router_picks_the_oracles_experts_more_often_than_the_represe
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("preset", ["fitted", "static", "sparse"])
 def test_budget_models_save_load_and_generate(family, preset, tmp_path):
-    moe = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(budget=0.5, preset=preset), tokens(), progress=False)
-    moe.save_pretrained(tmp_path / "out")
+    carved = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(budget=0.5, preset=preset), tokens(), progress=False)
+    carved.save_pretrained(tmp_path / "out")
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = tokens(2, 10, seed=5)
-    assert torch.equal(logits(loaded, ids), logits(moe, ids))
+    assert torch.equal(logits(loaded, ids), logits(carved, ids))
     prompt = ids[:1, :4]
     assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False),
-                       moe.generate(prompt, max_new_tokens=6, do_sample=False))
+                       carved.generate(prompt, max_new_tokens=6, do_sample=False))
     spec = loaded.config.cmoe
     assert spec["kind"] == ("sparse" if preset == "sparse" else "moe")
     assert spec["output_bias"] == (preset in ("static", "sparse"))  # the left-out mean folded in

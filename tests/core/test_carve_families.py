@@ -19,25 +19,24 @@ def test_every_expert_active_equals_dense(family):
     model = tiny_model(family)
     ids = tokens()
     dense = logits(model, ids)
-    moe = cmoe.carve_(model, cmoe.CarveConfig(shared=2, active=6, experts=8), tokens(seed=2), progress=False)
-    carved = logits(moe, ids)
-    assert type(moe).__name__.startswith("CMoE")
-    assert isinstance(adapter_for(moe).ffn_module(adapter_for(moe).layers(moe)[0]), MoEFFN)
-    assert torch.allclose(carved, dense, rtol=1e-4, atol=1e-4 * dense.abs().max().item())
+    carved = cmoe.carve_(model, cmoe.CarveConfig(shared=2, active=6, experts=8), tokens(seed=2), progress=False)
+    assert type(carved).__name__.startswith("CMoE")
+    assert isinstance(adapter_for(carved).ffn_module(adapter_for(carved).layers(carved)[0]), MoEFFN)
+    assert torch.allclose(logits(carved, ids), dense, rtol=1e-4, atol=1e-4 * dense.abs().max().item())
 
 
 def test_fewer_experts_changes_output(family):
     model = tiny_model(family)
     ids = tokens()
     dense = logits(model, ids)
-    moe = cmoe.carve_(model, cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(seed=2), progress=False)
-    assert not torch.allclose(logits(moe, ids), dense, atol=1e-4)
+    carved = cmoe.carve_(model, cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(seed=2), progress=False)
+    assert not torch.allclose(logits(carved, ids), dense, atol=1e-4)
 
 
 def test_groups_are_balanced_disjoint_and_shared_is_top_rate(family):
     model = tiny_model(family)
-    moe = cmoe.carve_(model, cmoe.CarveConfig(shared=2, active=2, experts=8), tokens(), progress=False)
-    for record in moe.carve_record["layers"]:
+    carved = cmoe.carve_(model, cmoe.CarveConfig(shared=2, active=2, experts=8), tokens(), progress=False)
+    for record in carved.carve_record["layers"]:
         routed = torch.tensor(record["routed_neurons"])
         shared = torch.tensor(record["shared_neurons"])
         assert routed.shape == (6, 8) and shared.numel() == 16  # 64 neurons / 8 experts = 8 each
@@ -50,25 +49,25 @@ def test_groups_are_balanced_disjoint_and_shared_is_top_rate(family):
 
 
 def test_training_free_gates_are_one():
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
-    router = moe.model.layers[0].mlp.router
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
+    router = carved.model.layers[0].mlp.router
     weights, chosen = router(torch.randn(10, 32))
     assert torch.equal(weights, torch.ones_like(weights))
     assert torch.equal(router.gate_scale, torch.zeros(3))
 
 
 def test_save_load_identical_logits_and_generation(family, tmp_path):
-    moe = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
-    moe.save_pretrained(tmp_path / "out")
+    carved = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(shared=1, active=2, experts=4), tokens(), progress=False)
+    carved.save_pretrained(tmp_path / "out")
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(loaded) is type(moe)
+    assert type(loaded) is type(carved)
     ids = tokens(2, 10, seed=5)
-    assert torch.equal(logits(loaded, ids), logits(moe, ids))
+    assert torch.equal(logits(loaded, ids), logits(carved, ids))
     prompt = ids[:1, :4]
-    generated = moe.generate(prompt, max_new_tokens=6, do_sample=False)
+    generated = carved.generate(prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False), generated)
     # The KV cache gives the same tokens as recomputing the whole sequence each step.
-    assert torch.equal(moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False), generated)
+    assert torch.equal(carved.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False), generated)
     assert (tmp_path / "out" / "carve_record.json").is_file()
     assert loaded.carve_record["name"] == "S1A2E4"
     # safetensors places tensors at file offsets; the MoE weights are copied onto cache lines on load
@@ -77,10 +76,10 @@ def test_save_load_identical_logits_and_generation(family, tmp_path):
 
 
 def test_selection_bias_survives_save_load(tmp_path):
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(8, 32), progress=False)
-    bias = moe.model.layers[1].mlp.router.selection_bias.clone()
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(8, 32), progress=False)
+    bias = carved.model.layers[1].mlp.router.selection_bias.clone()
     assert bias.abs().sum() > 0  # balancing moved it
-    moe.save_pretrained(tmp_path / "out")
+    carved.save_pretrained(tmp_path / "out")
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(loaded.model.layers[1].mlp.router.selection_bias, bias)
 
@@ -94,8 +93,8 @@ def test_same_seed_same_model():
 
 
 def test_load_balancing_evens_the_load():
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=0, active=1, experts=4), tokens(8, 64), progress=False)
-    for record in moe.carve_record["layers"]:
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=0, active=1, experts=4), tokens(8, 64), progress=False)
+    for record in carved.carve_record["layers"]:
         assert record["imbalance_after"] <= record["imbalance_before"]
         assert abs(sum(record["load_after"]) - 1) < 1e-6
 
@@ -122,16 +121,16 @@ def test_each_layer_is_carved_from_what_the_carved_layers_before_it_give(family,
     watched = carve_module.Transform(lambda x, *a: (seen.append(x.clone()), real.build(x, *a))[1], real.spec)
     monkeypatch.setitem(carve_module.TRANSFORMS, ExpertsConfig, watched)
     calibration = tokens(samples=3, seed=2)
-    moe = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(shared=1, active=1, experts=4), calibration,
+    carved = cmoe.carve_(tiny_model(family), cmoe.CarveConfig(shared=1, active=1, experts=4), calibration,
                      batch_size=2, progress=False)
-    adapter = adapter_for(moe)
+    adapter = adapter_for(carved)
     actual = []
     hooks = [adapter.ffn_module(layer).register_forward_pre_hook(
         lambda module, args: actual.append(args[0].reshape(-1, args[0].shape[-1]).clone()))
-        for layer in adapter.layers(moe)]
+        for layer in adapter.layers(carved)]
     with torch.no_grad():
         for batch in calibration.split(2):
-            moe(batch)
+            carved(batch)
     for hook in hooks:
         hook.remove()
     layers = len(seen)

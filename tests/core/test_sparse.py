@@ -274,5 +274,5 @@ def test_no_complete_is_refused_for_presets_that_complete_nothing(tmp_path, caps
 
     assert main(["carve", "stories260k", "-o", str(tmp_path / "out"), "--budget", "0.5", "--preset", "fitted",
                  "--no-complete"]) == 2
-    assert "--no-complete is for the sparse preset" in capsys.readouterr().err
+    assert "The fitted preset does not read complete (--no-complete)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

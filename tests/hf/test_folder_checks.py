@@ -19,6 +19,8 @@ from cmoe.errors import CMoEError
 from cmoe.hf.loading import load_model
 from cmoe.moe import MoEFFN
 from cmoe.moe.spec import spec_from_dict as check_spec
+from cmoe.tools.describe import describe
+from transformers import AutoModelForCausalLM
 from conftest import tiny_model, tokens
 
 SPEC = dict(hidden_size=64, expert_width=32, shared=1, active=1, experts=4, act="silu", gated=True, bias=False)
@@ -184,3 +186,44 @@ def test_the_spec_is_typed_and_round_trips_through_config_json(carved_folder):
     assert spec.kind == "moe" and isinstance(MoEFFN.from_spec(spec), MoEFFN)
     with pytest.raises(CMoEError, match="active experts of 3 routed"):
         check_spec({**section, "active": 4})
+
+
+def _as_legacy_sparse(folder):
+    """Rewrite a sparse folder as cmoe wrote them before the FFN kinds: the FFN's weights under `mlp.shared.`, the
+    output bias beside them, and the cmoe section of an S1A0E1 MoE marked `sparse`."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    renamed = {(key if key.endswith("mlp.down_bias") or ".mlp." not in key else key.replace(".mlp.", ".mlp.shared."))
+               : tensor for key, tensor in weights.items()}
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    section = config["cmoe"]
+    width = section.pop("width")
+    section.pop("kind")
+    section.update(expert_width=width, shared=1, active=0, experts=1, router="representative", sparse=True)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_sparse_folder_saved_before_the_ffn_kinds_loads_with_the_same_outputs(tmp_path):
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(budget=0.5), tokens(8, 64), progress=False)
+    carved.save_pretrained(tmp_path / "new")
+    carved.save_pretrained(tmp_path / "old")
+    _as_legacy_sparse(tmp_path / "old")
+    ids = tokens(2, 12, seed=5)
+    new = AutoModelForCausalLM.from_pretrained(tmp_path / "new").eval()
+    old = AutoModelForCausalLM.from_pretrained(tmp_path / "old").eval()
+    assert old.config.cmoe.get("sparse") is True and "kind" not in old.config.cmoe
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, new(ids).logits)
+        assert torch.equal(old.generate(ids[:1, :4], max_new_tokens=5, do_sample=False),
+                           new.generate(ids[:1, :4], max_new_tokens=5, do_sample=False))
+    assert describe(tmp_path / "old")["kind"] == "sparse"
+    weights = tmp_path / "old" / "model.safetensors"  # a legacy folder's shapes are checked under its own names
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    tensors.pop(next(key for key in tensors if key.endswith("mlp.shared.down_proj")))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CMoEError, match="shared.down_proj is missing"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "old")

@@ -40,12 +40,12 @@ def test_carving_stories_works(stories, tmp_path):
     calibration = ids[: (ids.numel() // 64) * 64].view(-1, 64)
     with torch.no_grad():
         dense_loss = model(calibration, labels=calibration).loss
-    moe = cmoe.carve_(load_llama2c(ROOT / "stories260K.bin"), cmoe.CarveConfig(shared=1, active=1, experts=4),
+    carved = cmoe.carve_(load_llama2c(ROOT / "stories260K.bin"), cmoe.CarveConfig(shared=1, active=1, experts=4),
                      calibration, progress=False)
     wider = cmoe.carve_(load_llama2c(ROOT / "stories260K.bin"), cmoe.CarveConfig(shared=1, active=2, experts=4),
                        calibration, progress=False)
     with torch.no_grad():
-        loss = moe(calibration, labels=calibration).loss
+        loss = carved(calibration, labels=calibration).loss
         wider_loss = wider(calibration, labels=calibration).loss
     chance = torch.log(torch.tensor(512.0))
     assert torch.isfinite(loss) and loss < chance - 1.5  # half the FFN: still far better than chance

@@ -28,7 +28,7 @@ def test_carved_smollm2_perplexity_is_sane():
     ids = tokenize(tokenizer, eval_text("wikitext2"))
     dense = perplexity(model, ids, seqlen=512, max_windows=2, progress=False)
     calibration = calibration_tokens(tokenizer, "wikitext2", samples=2, seqlen=512)
-    moe = cmoe.carve_(model, cmoe.CarveConfig(shared=3, active=3, experts=8), calibration, progress=False)
-    carved = perplexity(moe, ids, seqlen=512, max_windows=2, progress=False)
+    carved_model = cmoe.carve_(model, cmoe.CarveConfig(shared=3, active=3, experts=8), calibration, progress=False)
+    carved = perplexity(carved_model, ids, seqlen=512, max_windows=2, progress=False)
     assert 10 < dense < 40  # SmolLM2-135M on WikiText-2 is about 20-25
     assert dense < carved < 3 * dense, (dense, carved)

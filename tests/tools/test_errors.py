@@ -82,8 +82,8 @@ def test_missing_data_dir(tmp_path, monkeypatch):
 
 
 def test_corrupt_saved_model(tmp_path):
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
-    moe.save_pretrained(tmp_path / "out")
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    carved.save_pretrained(tmp_path / "out")
     weights = tmp_path / "out" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CMoEError, match="truncated or not a safetensors file") as error:
@@ -94,24 +94,24 @@ def test_corrupt_saved_model(tmp_path):
 
 
 def test_failed_save_leaves_no_folder(tmp_path, monkeypatch):
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(T.PreTrainedModel, "save_pretrained", broken)
     with pytest.raises(OSError):
-        moe.save_pretrained(tmp_path / "out")
+        carved.save_pretrained(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_save_keeps_the_previous_folder(tmp_path, monkeypatch):
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
-    moe.save_pretrained(tmp_path / "out")
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    carved.save_pretrained(tmp_path / "out")
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     monkeypatch.setattr(T.PreTrainedModel, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("full")))
     with pytest.raises(OSError):
-        moe.save_pretrained(tmp_path / "out")
+        carved.save_pretrained(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

@@ -121,3 +121,23 @@ def test_inspect_shows_the_saved_bias_not_the_record(tmp_path):
         model.model.layers[1].mlp.router.selection_bias.fill_(0.25)
     model.save_pretrained(tmp_path / "moe")
     assert describe(tmp_path / "moe")["layers"][1]["bias_max"] == pytest.approx(0.25)
+
+
+def test_sweep_carves_every_budget_with_every_preset_and_counts_its_compute(text_model_dir, tmp_path, capsys):
+    out = tmp_path / "budgets"
+    assert main(["sweep", str(text_model_dir), "-o", str(out), "--budgets", "0.75,0.5", "--presets", "sparse,static",
+                 "--seqlen", "64", "--max-windows", "2", "--calib-samples", "2", "--calib-seqlen", "64"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [r["config"] for r in rows] == ["dense", "sparse@0.75", "static@0.75", "sparse@0.5", "static@0.5"]
+    assert rows[0]["ffn_compute"] == 1.0
+    for row in rows[1:]:  # counted over the perplexity windows, near what each budget pays for
+        assert row["ffn_compute"] == pytest.approx(row["budget"], abs=0.1), row
+    assert rows[1]["layout"] == "sparse0.75" and rows[2]["layout"].startswith("S")
+    assert "FFN compute counted %" in (out / "report.md").read_text()
+
+
+def test_a_sweep_with_nothing_to_carve_is_refused(text_model_dir, tmp_path):
+    with pytest.raises(cmoe.CMoEError, match="Nothing to carve"):
+        run_sweep(_plan(text_model_dir, configs=[], tasks=[]), tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "none.partial").exists()

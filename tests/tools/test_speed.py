@@ -10,7 +10,8 @@ from conftest import tiny_model, tokens
 import cmoe
 from cmoe.moe import kernels
 from cmoe.tools.cli import main
-from cmoe.tools.bench import Shape, random_ffn_pair
+from bench.fixtures import random_ffn_pair
+from cmoe.tools.bench import Shape
 
 
 def test_ideal_ratios_follow_the_arithmetic():
@@ -47,9 +48,9 @@ def test_dense_ffn_through_the_decode_kernel_gives_the_dense_output():
 def test_cli_bench_compares_a_carved_folder_with_its_source(tmp_path, capsys):
     dense = tiny_model("llama")
     dense.save_pretrained(tmp_path / "dense")
-    moe = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
-    moe.save_pretrained(tmp_path / "moe")
-    args = ["bench", str(tmp_path / "moe"), "--against", str(tmp_path / "dense"), "--seqlen", "16", "--batch", "1,2",
+    carved = cmoe.carve_(tiny_model("llama"), cmoe.CarveConfig(shared=1, active=1, experts=4), tokens(), progress=False)
+    carved.save_pretrained(tmp_path / "carved")
+    args = ["bench", str(tmp_path / "carved"), "--against", str(tmp_path / "dense"), "--seqlen", "16", "--batch", "1,2",
             "--repeats", "2", "--json", str(tmp_path / "bench.json")]
     assert main(args) == 0
     report = json.loads((tmp_path / "bench.json").read_text())

@@ -39,6 +39,7 @@ PRESETS: dict[str, Preset] = {
     "sparse": Preset(SparseConfig, {}, by_budget=True),
 }
 DEFAULT_BUDGET = 0.75  # what a carve that names neither a budget nor a layout gets
+FLAGS = dict(complete="--no-complete", balance="--no-balance", k_act="--k-act", slices="--slices")  # `cmoe carve`'s
 
 
 def make_config(**values) -> types.CarveConfig:
@@ -59,8 +60,9 @@ def make_config(**values) -> types.CarveConfig:
                         "give --budget, e.g. --budget 0.5.")
     unknown = sorted(given.keys() - known)
     if unknown:
-        raise CMoEError(f"The {preset} preset does not read {', '.join(unknown)}; leave "
-                        f"{'it' if len(unknown) == 1 else 'them'} out or choose another preset.")
+        named = ", ".join(f"{name} ({FLAGS[name]})" if name in FLAGS else name for name in unknown)
+        raise CMoEError(f"The {preset} preset does not read {named}; leave {'it' if len(unknown) == 1 else 'them'} "
+                        f"out or choose a preset that does.")
     return kind(**{**defaults, **{k: v for k, v in given.items() if k in known}}, preset=preset)
 
 

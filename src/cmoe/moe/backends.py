@@ -14,9 +14,8 @@ A sparse FFN (`SparseFFN`):
     sparse_rows        the same rows in PyTorch operations, token by token (where the kernels did not build)
     masked             masks and dense products: prefill, GPUs (no host syncs), autograd, counting
 
-The thresholds between them are measured crossovers (BENCHMARKS.md). What does not change from call to call (the
-compiled kernels, the dtypes they take, the decode step's capacity) is settled once per module and dtype
-(`static_facts`).
+The thresholds between them are measured crossovers. What does not change from call to call (the compiled
+kernels, the dtypes they take, the decode step's capacity) is settled once per module and dtype (`static_facts`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import torch
 from cmoe.moe import kernels
 from cmoe.moe.experts import RoutedExperts, SharedExperts, ours
 from cmoe.moe.gpu import GPU
-from cmoe.moe.kernels import ACTIVATION_CODES
+from cmoe.moe.kernels import ACTIVATION_CODES, MoEKernelArguments, SparseKernelArguments
 
 # The compiled decode step takes up to this many (token, expert) pairs, the prefill more; bfloat16 weights on
 # a processor with AMX tiles take AMX_DECODE_KERNEL_SLOTS. Without the kernels, up to FEW_SLOTS pairs go
@@ -117,6 +116,20 @@ class Backend:
         return self.name
 
 
+class Fallback(Backend):
+    """The last backend of a kind: it takes whatever the ones before it do not."""
+
+    def applies(self, ffn, x):
+        return True
+
+
+class TokenByToken(Backend):
+    """The FFN's own PyTorch step, one token at a time (`decode_rows`): a compiled step's fallback and reference."""
+
+    def run(self, ffn, x):
+        return ffn.decode_rows(x)
+
+
 # -- an MoE FFN -----------------------------------------------------------------------------------------------
 
 class Engine(Backend):
@@ -138,76 +151,52 @@ def _fused_slots(ffn, x) -> int | None:
     return router.expected_slots(x.shape[0])
 
 
-class CPUDecode(Backend):
-    name = "cpu_decode"
+class CompiledMoE(Backend):
+    """The compiled CPU kernels, the whole MoE FFN in one call; each form says which calls it takes."""
+
+    kernel = ""  # its function in the compiled module
+
+    def takes(self, slots: int, facts: StaticFacts, x: torch.Tensor) -> bool:
+        raise NotImplementedError
 
     def applies(self, ffn, x):
         slots = _fused_slots(ffn, x)
         if slots is None:
             return False
         facts = static_facts(ffn, x)
-        return facts.kernels is not None and slots <= facts.decode_slots
+        return facts.kernels is not None and self.takes(slots, facts, x)
 
     def run(self, ffn, x):
-        return static_facts(ffn, x).kernels.moe_decode(x, *moe_kernel_arguments(ffn))
+        return getattr(static_facts(ffn, x).kernels, self.kernel)(x, *moe_kernel_arguments(ffn))
 
 
-class CPUPrefill(Backend):
-    name = "cpu_prefill"
+class CPUDecode(CompiledMoE):
+    name, kernel = "cpu_decode", "moe_decode"
 
-    def applies(self, ffn, x):
-        slots = _fused_slots(ffn, x)
-        if slots is None:
-            return False
-        facts = static_facts(ffn, x)
-        return facts.kernels is not None and slots > facts.decode_slots and x.dtype == facts.weights
-
-    def run(self, ffn, x):
-        return kernels.moe_cpu().moe_prefill(x, *moe_kernel_arguments(ffn))
+    def takes(self, slots, facts, x):
+        return slots <= facts.decode_slots
 
 
-class EagerDecode(Backend):
+class CPUPrefill(CompiledMoE):
+    name, kernel = "cpu_prefill", "moe_prefill"
+
+    def takes(self, slots, facts, x):
+        return slots > facts.decode_slots and x.dtype == facts.weights
+
+
+class EagerDecode(TokenByToken):
     name = "eager_decode"
 
     def applies(self, ffn, x):
         slots = _fused_slots(ffn, x)
         return slots is not None and slots <= FEW_SLOTS and static_facts(ffn, x).kernels is None
 
-    def run(self, ffn, x):
-        return ffn.decode_rows(x)
 
-
-class TorchForward(Backend):
+class TorchForward(Fallback):
     name = "torch"
-
-    def applies(self, ffn, x):
-        return True
 
     def run(self, ffn, x):
         return ffn.torch_forward(x, triton_pieces(ffn, x))
-
-
-class MoEKernelArguments(NamedTuple):
-    """The compiled MoE kernels' arguments after x (moe_cpu.cpp: `moe_decode`, `moe_prefill`), in their order.
-    Optional tensors are None for FFNs without biases or without shared experts."""
-
-    shared_gate_up: torch.Tensor | None  # [S * 2W, H], or [S * W, H] plain
-    shared_down: torch.Tensor | None  # [H, S * W]
-    shared_bias: torch.Tensor | None  # [S * W]
-    router_weight: torch.Tensor  # [E (x 2 representative gated), H]
-    router_bias: torch.Tensor | None  # [E]
-    selection_bias: torch.Tensor  # [E], float32
-    gate_scale: torch.Tensor  # [E]
-    gates_are_one: bool  # every gate_scale 0: the gates' product is skipped
-    gate_up: torch.Tensor  # [E, 2W, H], or [E, W, H]
-    up_bias: torch.Tensor | None  # [E, W]
-    down: torch.Tensor  # [E, H, W]
-    down_bias: torch.Tensor | None  # [H]
-    top_k: int
-    act: int  # ACTIVATION_CODES
-    gated: bool
-    linear_router: bool
-    threshold: float  # a dynamic linear router's, else -inf
 
 
 def moe_kernel_arguments(moe) -> MoEKernelArguments:
@@ -275,34 +264,26 @@ class SparseCPUDecode(Backend):
         return ffn.add_output_bias(static_facts(ffn, x).kernels.sparse_decode(x, *sparse_kernel_arguments(ffn)))
 
 
-class SparseRows(Backend):
+class SparseRows(TokenByToken):
     name = "sparse_rows"
 
     def applies(self, ffn, x):
         return _sparse_step_applies(ffn, x)
 
-    def run(self, ffn, x):
-        return ffn.decode_rows(x)
 
-
-class Masked(Backend):
+class Masked(Fallback):
     name = "masked"
-
-    def applies(self, ffn, x):
-        return True
 
     def run(self, ffn, x):
         return ffn.masked_forward(x)
 
 
-def sparse_kernel_arguments(sparse) -> tuple:
-    """The compiled sparse step's arguments after x, in its order (moe_cpu.cpp, `sparse_decode`): gate_up [H, 2I],
-    up bias, down [I, H], input scales and threshold, hidden scales and threshold, the activation's code, gated,
-    and the neuron-major copy where the layer completes (else None). The output bias is added after."""
+def sparse_kernel_arguments(sparse) -> SparseKernelArguments:
+    """`sparse`'s arguments for the compiled step (its output bias is added after)."""
     input_threshold, hidden_threshold = sparse.thresholds()
-    return (sparse.gate_up_proj, sparse.up_bias, sparse.down_proj, sparse.input_scale, input_threshold,
-            sparse.hidden_scale, hidden_threshold, ACTIVATION_CODES[sparse.act], sparse.gated,
-            sparse.gate_up_rows if sparse.completing() else None)
+    return SparseKernelArguments(sparse.gate_up_proj, sparse.up_bias, sparse.down_proj, sparse.input_scale,
+                                 input_threshold, sparse.hidden_scale, hidden_threshold, ACTIVATION_CODES[sparse.act],
+                                 sparse.gated, sparse.gate_up_rows if sparse.completing() else None)
 
 
 ENGINE, CPU_DECODE, CPU_PREFILL, EAGER_DECODE, TORCH = Engine(), CPUDecode(), CPUPrefill(), EagerDecode(), TorchForward()

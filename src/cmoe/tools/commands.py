@@ -41,11 +41,8 @@ def run(args) -> None:
 
 
 def carve(args) -> dict:
-    fields = dict(preset=args.preset, seed=args.seed, k_act=args.k_act, balance=False if args.no_balance else None)
-    if args.no_complete:
-        if args.preset not in (None, "sparse"):
-            raise CMoEError(f"--no-complete is for the sparse preset; the {args.preset} preset completes nothing.")
-        fields["complete"] = False
+    fields = dict(preset=args.preset, seed=args.seed, k_act=args.k_act, balance=False if args.no_balance else None,
+                  complete=False if args.no_complete else None)
     config = choose_config(budget=args.budget, layout=args.config, shared=args.shared, active=args.active,
                            experts=args.experts, slices=args.slices, **fields)
     check_calibration_options(args)

@@ -38,15 +38,16 @@ def run_demo(output: str = "demo_results", windows: int = 8, data_dir=None) -> d
                  carve_s=None, eval_s=round(time.perf_counter() - started, 1))]
     for name, config in configs.items():
         started = time.perf_counter()
-        moe = cmoe.carve_(copy.deepcopy(dense), config, calibration, calibration_source=calibration_source_label("wikitext2", 8, 2048, 0))
+        carved = cmoe.carve_(copy.deepcopy(dense), config, calibration,
+                             calibration_source=calibration_source_label("wikitext2", 8, 2048, 0))
         carve_s = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
-        with counting_compute(moe) as compute:
-            ppl = perplexity(moe, ids, SEQLEN, windows, desc=f"{moe.carve_record['name']} ppl")
-        rows.append(dict(model=f"{moe.carve_record['name']}, {name}", ppl=ppl,
+        with counting_compute(carved) as compute:
+            ppl = perplexity(carved, ids, SEQLEN, windows, desc=f"{carved.carve_record['name']} ppl")
+        rows.append(dict(model=f"{carved.carve_record['name']}, {name}", ppl=ppl,
                          compute=round(100 * compute()["overall"], 1), carve_s=carve_s,
                          eval_s=round(time.perf_counter() - started, 1)))
-        del moe
+        del carved
 
     columns = [("model", "model"), ("ppl", "WikiText-2 PPL"), ("compute", "FFN compute % (counted)"),
                ("carve_s", "carve s"), ("eval_s", "eval s")]

@@ -10,11 +10,10 @@ end LoRA is merged into the weights and the result is saved as an ordinary carve
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,14 +22,12 @@ from tqdm.auto import tqdm
 
 from cmoe.data import random_windows
 from cmoe.errors import CMoEError
-from cmoe.hf.adapters import adapter_for
 from cmoe.hf.modeling import is_carved
-from cmoe.moe import CARVED_FFNS, MoEFFN, Router
-from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder, write_atomically
+from cmoe.run_folder import drop_if_nothing_to_resume, partial_folder
+from cmoe.tools.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, trainable_state
+from cmoe.tools.lora import add_lora, expert_load_imbalance, gate_scales, rebalance, routers, step_selection_bias
 from cmoe.tools.losses import training_loss
 
-CHECKPOINT = "checkpoint.pt"
-EXPERT_PARAMETERS = ["shared.gate_up_proj", "shared.down_proj", "experts.gate_up_proj", "experts.down_proj"]
 
 
 @dataclass
@@ -97,68 +94,6 @@ class TrainingWindows:
         return random_windows(self.ids, count, self.seqlen, generator)
 
 
-def _gate_scales(layer_routers) -> torch.Tensor:
-    """Every router's gate scales in one vector (empty for a model with no routers: the static preset's)."""
-    return torch.cat([r.gate_scale.detach().clone() for r in layer_routers] or [torch.zeros(0)])
-
-
-def routers(model) -> list[Router]:
-    return [m for m in model.modules() if isinstance(m, Router)]
-
-
-def attention_projection_names(model) -> list[str]:
-    """Leaf names of the linear layers inside the attention modules (q_proj, ..., or c_attn, c_proj)."""
-    adapter = adapter_for(model)
-    attention = getattr(adapter.layers(model)[0], adapter.attention)
-    return sorted({name.rpartition(".")[2] for name, module in attention.named_modules()
-                   if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
-
-
-def add_lora(model, config: FinetuneConfig):
-    """Wrap `model` with peft LoRA and make the router rows and gate scales trainable too."""
-    from peft import LoraConfig, get_peft_model
-
-    carved = next(m for m in model.modules() if isinstance(m, CARVED_FFNS))
-    if carved.kind == "sparse":
-        slot = next(name for name, m in model.named_modules() if m is carved).rpartition(".")[2]
-        parameters = [f"{slot}.gate_up_proj", f"{slot}.down_proj"]
-    else:
-        parameters = [p for p in EXPERT_PARAMETERS if getattr(carved, p.split(".")[0]) is not None]
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                      target_modules=attention_projection_names(model), target_parameters=parameters)
-    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated name; not the user's concern
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        peft_model = get_peft_model(model, lora)
-    for router in routers(peft_model):
-        for parameter in router.parameters():  # peft froze them; the method trains them
-            parameter.requires_grad_(True)
-    return peft_model
-
-
-def expert_load_imbalance(model, batches) -> float:
-    """Mean over layers of max/mean routed load on these batches (1.0 is perfectly even)."""
-    layer_routers = routers(model)
-    for router in layer_routers:
-        router.load_counts.zero_()
-        router.count_load = True
-    with torch.no_grad():
-        for batch in batches:
-            model(batch, use_cache=False)
-    values = []
-    for router in layer_routers:
-        router.count_load = False
-        load = router.load_counts.float()
-        values.append(float(load.max() / load.mean().clamp_min(1e-9)))
-    return sum(values) / max(len(values), 1)
-
-
-def _balance_step(layer_routers, speed: float) -> None:
-    for router in layer_routers:
-        load = router.load_counts.float()
-        router.selection_bias += speed * torch.sign(load.mean() - load)
-        router.load_counts.zero_()
-
-
 def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike, *, teacher=None,
              calibration_ids: torch.Tensor | None = None, resume: bool = False, data_dir=None,
              progress: bool = True) -> dict:
@@ -200,11 +135,11 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     router_parameters = [p for r in routers(student) for p in r.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([dict(params=lora_parameters, lr=config.lr),
                                    dict(params=router_parameters, lr=config.router_lr, weight_decay=0.0)])
-    gate_scales_before = _gate_scales(routers(student))
+    gate_scales_before = gate_scales(routers(student))
     state = dict(epoch=0, step=0, tokens=0, losses=[], seconds=0.0)
     if resume:
-        saved = _load_checkpoint(work)
-        _trainable_state(student, saved["trainable"])
+        saved = load_checkpoint(work)
+        trainable_state(student, saved["trainable"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
     work.mkdir(parents=True, exist_ok=True)
@@ -228,7 +163,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                _balance_step(layer_routers, config.bias_speed)
+                step_selection_bias(layer_routers, config.bias_speed)
             state["step"] += 1
             state["tokens"] += batch.numel()
             state["losses"].append(round(loss.item(), 5))
@@ -236,7 +171,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if state["step"] % config.checkpoint_every == 0:
-                _save_checkpoint(work, student, optimizer, state)
+                save_checkpoint(work, student, optimizer, state)
             # stop when another step like this one would run past the limit, so the limit is never passed
             step_seconds = time.perf_counter() - step_started
             if config.max_minutes is not None and state["seconds"] + step_seconds > 60 * config.max_minutes:
@@ -248,7 +183,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
     for router in layer_routers:
         router.count_load = False
 
-    gate_scales_after = _gate_scales(layer_routers)
+    gate_scales_after = gate_scales(layer_routers)
     merged = student.merge_and_unload()
     merged.eval()
     for module in merged.modules():  # a completing sparse layer's neuron-major copy follows the trained weights
@@ -270,7 +205,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, output: str | os.PathLike
                    gate_scale_change=float(torch.cat([(gate_scales_after - gate_scales_before).abs(), torch.zeros(1)]).max()))
     merged.config.cmoe = dict(merged.config.cmoe, record=dict(merged.carve_record, finetune=summary))
     merged.save_pretrained(output, tokenizer=tokenizer)
-    _remove(work)
+    shutil.rmtree(work, ignore_errors=True)
     return dict(summary, losses=losses)
 
 
@@ -323,32 +258,6 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-@torch.no_grad()
-def rebalance(model, batches) -> None:
-    """Set every router's selection bias afresh, by the training-free balancing pass that carving uses, from
-    the router's softmax on `batches`. Training moves the router rows faster than the per-step bias nudges
-    follow; this evens the load for the router as it ended up."""
-    from cmoe.core.router_fit import balance_selection_bias
-
-    layers = [m for m in model.modules() if isinstance(m, MoEFFN) and m.router is not None]
-    probs = {id(m): [] for m in layers}
-
-    def record(module, args):
-        x = args[0].reshape(-1, module.hidden_size)
-        probs[id(module)].append(module.router.probabilities(x))
-
-    hooks = [m.register_forward_pre_hook(record) for m in layers]
-    try:
-        for batch in batches:
-            model(batch, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for m in layers:
-        bias = balance_selection_bias(torch.cat(probs[id(m)]), m.router.top_k)
-        m.router.selection_bias.copy_(bias.to(m.router.selection_bias))
-
-
 def _checkpointing(model, enable: bool) -> None:
     # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (5.2x); accept both
     kwargs = {"use_reentrant": False}
@@ -361,43 +270,3 @@ def _checkpointing(model, enable: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_disable()
-
-
-def _trainable_state(model, state: dict | None = None) -> dict:
-    """Get (or, given `state`, set) the trainable tensors and the selection biases."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    names |= {n for n, _ in model.named_buffers() if n.endswith("selection_bias")}
-    if state is None:
-        return {n: t.detach().clone() for n, t in model.state_dict().items() if n in names}
-    missing = names - set(state)
-    if missing:
-        raise CMoEError(f"The checkpoint does not match this model ({len(missing)} tensors missing); delete it and start over.")
-    model.load_state_dict(state, strict=False)
-    return state
-
-
-def _load_checkpoint(work: Path) -> dict:
-    """The checkpoint's tensors and plain values. Read with torch's weights-only unpickler, which builds
-    nothing but tensors and plain containers: a crafted file cannot run code here."""
-    path = work / CHECKPOINT
-    try:
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-        if not isinstance(saved, dict) or not {"trainable", "optimizer", "state"} <= set(saved):
-            raise ValueError("not a cmoe fine-tuning checkpoint")
-    except Exception as error:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
-        raise CMoEError(f"{path} cannot be read as a fine-tuning checkpoint ({type(error).__name__}); delete {work} "
-                        "and start over without --resume.") from error
-    return saved
-
-
-def _save_checkpoint(work: Path, model, optimizer, state: dict) -> None:
-    tmp = work / (CHECKPOINT + ".tmp")
-    torch.save(dict(trainable=_trainable_state(model), optimizer=optimizer.state_dict(), state=state), tmp)
-    os.replace(tmp, work / CHECKPOINT)
-    write_atomically(work / "progress.json", json.dumps({k: v for k, v in state.items() if k != "losses"}))
-
-
-def _remove(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)

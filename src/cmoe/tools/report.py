@@ -112,15 +112,17 @@ def write_report(folder, results: dict, records: dict) -> list:
             series[f"{task} ({metric})"] = [100 * r["tasks"][task][metric] for r in rows]
         figures.append(plots.quality_vs_active(rows, series, folder / "accuracy_vs_active.png",
                                                ylabel="zero-shot accuracy (%)", title="Zero-shot accuracy vs FFN active"))
-    carved = [(name, Path(path)) for name, path in records.items() if Path(path).exists()]
-    if carved:
-        name, path = carved[0]
-        layers = json.loads(path.read_text())["layers"]
+    carved = {name: json.loads(Path(path).read_text())["layers"] for name, path in records.items() if Path(path).exists()}
+    profiled = [(name, layers) for name, layers in carved.items() if layers and "activation_rate" in layers[0]]
+    if profiled:  # the first carve that profiled activation rates (a sparse carve has none), and one that routes
+        name, layers = profiled[0]
         figures.append(plots.activation_rate_histograms(layers, folder / "activation_rates.png",
                                                         title=f"{name}: activation rates of FFN neurons, per layer"))
-        if layers and "load_before" in layers[0]:
-            figures.append(plots.expert_load_heatmaps(layers, folder / "expert_load.png",
-                                                      title=f"{name}: routed expert load on the calibration tokens"))
+    routed = [(name, layers) for name, layers in carved.items() if layers and "load_before" in layers[0]]
+    if routed:
+        name, layers = routed[0]
+        figures.append(plots.expert_load_heatmaps(layers, folder / "expert_load.png",
+                                                  title=f"{name}: routed expert load on the calibration tokens"))
     plan = results["plan"]
     lines = [f"# cmoe sweep: {plan['model']}", "",
              f"{results['date']}, cmoe {results['cmoe_version']}; calibration {plan['calib']} "

@@ -1,4 +1,5 @@
-// The MoE FFN forward on the CPU, router, shared part and routed experts in a single call, in two forms:
+// The carved FFNs' forwards on the CPU. For the MoE FFN (cmoe.moe.module.MoEFFN), router, shared part and routed
+// experts in a single call, in two forms; their arguments are described once, in cmoe.moe.kernels.MoEKernelArguments:
 //
 // moe_decode: a few tokens, float32 or bfloat16 weights. Decode at batch 1 is bound by memory bandwidth and
 // per-operation overhead (a Python-level PyTorch op costs a few microseconds, the arithmetic of one expert
@@ -14,7 +15,7 @@
 // here, with no Python between them (SmolLM2 S1A1E8 at 2,048 tokens, 2 threads, interleaved with the dense
 // FFN: 9.1-9.7 ms against 10.6-11.0 for the same operations driven from Python).
 //
-// Semantics are those of MoEFFN.forward in moe.py (the reference the tests compare against):
+// Semantics are those of MoEFFN.torch_forward in cmoe/moe/module.py (the reference the tests compare against):
 //   score_e = |act(g_e . x) * (u_e . x)|  (gated)   or   |act(u_e . x + b_e)|  (plain)   or   w_e . x + b_e  (linear)
 //   p = softmax(score); chosen = top-k of p + selection_bias; gate = 1 + p * gate_scale
 //   (linear with a threshold: of the chosen after the first, only those whose score reaches it)
@@ -1201,7 +1202,8 @@ void sparse_step(const at::Tensor& rows, const at::Tensor& gate_up, const Vector
 
 }  // namespace
 
-// The sparse preset's FFN (cmoe.moe.sparse.SparseNeurons, without the output bias) for a few tokens x [T, H]:
+// sparse_decode: the sparse preset's FFN (cmoe.moe.sparse.SparseFFN, without its output bias) for a few tokens x [T, H]
+// (arguments: cmoe.moe.kernels.SparseKernelArguments):
 // gate_up [H, 2I] or [H, I] and down [I, H] hold one row per input channel and per neuron, float32 or bfloat16;
 // a token reads the gate/up rows of the channels with |x_i| * input_scale_i >= input_threshold and the down rows
 // of the neurons with |h_j| * hidden_scale_j >= hidden_threshold. Sums and activations in float32; the output
@@ -1249,7 +1251,7 @@ bool use_amx(bool allowed) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_decode", &moe_decode, "MoE FFN forward for a few tokens on the CPU (float32 or bfloat16 weights)");
-  m.def("moe_prefill", &moe_prefill, "MoE FFN forward for many tokens on the CPU (float32)");
+  m.def("moe_prefill", &moe_prefill, "MoE FFN forward for many tokens on the CPU (float32 or bfloat16)");
   m.def("sparse_decode", &sparse_decode, "the sparse preset's FFN for a few tokens on the CPU, reading only the rows kept");
   m.def("use_amx", &use_amx, "allow or forbid the AMX tiles; true if bfloat16 steps now use them");
   m.def("uses_amx", &has_amx, "whether bfloat16 steps use AMX tiles (the processor has them, and they are allowed)");

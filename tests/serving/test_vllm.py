@@ -43,7 +43,7 @@ def carve_random(folder, config, seed=0, trained_gates=False, act="silu"):
     if trained_gates:  # as after `cmoe finetune`: gates 1 + p * u, not 1
         with torch.no_grad():
             for module in model.modules():
-                if isinstance(module, cmoe.moe.module.Router):
+                if isinstance(module, cmoe.moe.Router):
                     module.gate_scale.copy_(torch.randn(module.num_experts, generator=torch.Generator().manual_seed(7)))
     model.save_pretrained(folder)
     return folder
@@ -58,7 +58,7 @@ def reference(folder, perturb=False):
     model = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if perturb:
         for module in model.modules():
-            if isinstance(module, cmoe.moe.module.Router):
+            if isinstance(module, cmoe.moe.Router):
                 module.selection_bias.zero_()
                 if module.linear:
                     module.threshold.fill_(float("-inf"))
