@@ -57,3 +57,10 @@ def test_preset_names_are_compared_only_in_the_preset_table():
                 names = [n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", None)
                          for n in [node.left, *node.comparators]]
                 assert "preset" not in names, f"{path.relative_to(SRC)}:{node.lineno} compares a preset name"
+
+
+def test_the_command_line_offers_every_preset_of_the_table():
+    from cmoe.core.presets import PRESETS
+    from cmoe.tools import cli
+
+    assert set(cli.PRESETS) == set(PRESETS)

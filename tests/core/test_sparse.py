@@ -210,8 +210,6 @@ def test_the_compiled_completing_step_in_bfloat16_agrees_with_the_rows():
 
 
 def test_the_compute_count_of_a_completing_layer_adds_the_completed_sums():
-    from cmoe.moe.compute import sparse_share
-
     part = completing_part(True)
     x = torch.randn(10, 32)
     part.counting = True
@@ -222,7 +220,7 @@ def test_the_compute_count_of_a_completing_layer_adds_the_completed_sums():
     keep = part.hidden_mask(part.hidden(x, keep_in))
     hidden, width = 32, 48
     per_token = 2 * width * keep_in.sum(1) + keep.sum(1) * (hidden + 2 * (~keep_in).sum(1))
-    assert sparse_share(part, width, 10) == pytest.approx((per_token.sum() / (3 * hidden * width * 10)).item())
+    assert part.counted_share(width, 10) == pytest.approx((per_token.sum() / (3 * hidden * width * 10)).item())
 
 
 @pytest.mark.parametrize("completion", [True, False])

@@ -12,7 +12,6 @@ from cmoe.core.grouping import ExpertGroups, group_neurons, static_groups
 from cmoe.core.router_fit import (balance_selection_bias, expert_load, fill_router, fit_linear_router, imbalance,
                                   set_threshold)
 from cmoe.hf.adapters import FFNWeights
-from cmoe.moe.compute import moe_share
 from cmoe.moe.module import MoEFFN
 
 
@@ -41,7 +40,7 @@ def _build(x: torch.Tensor, ffn: FFNWeights, config: ExpertsConfig | StaticConfi
         chosen = moe.router(x.to(ffn.up.dtype))[1]  # [T, k]; E marks an empty slot
     keep = neurons_used(hidden, groups, chosen)
     slots = 0 if chosen is None else int((chosen < moe.router.num_experts).sum())
-    record["ffn_compute"] = round(moe_share(moe, ffn.width, len(x), slots), 4)
+    record["ffn_compute"] = round(moe.compute_share(ffn.width, len(x), slots), 4)
     out = (hidden * keep) @ ffn.down.float().T
     if ffn.down_bias is not None:
         out += ffn.down_bias.float()

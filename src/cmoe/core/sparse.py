@@ -13,7 +13,6 @@ from cmoe.core.activations import ffn_activations
 from cmoe.core.config import SparseConfig
 from cmoe.hf.adapters import FFNWeights
 from cmoe.moe import cost
-from cmoe.moe.compute import sparse_share
 from cmoe.moe.sparse import SparseFFN
 
 # Each layer tries these shares of the budget for down (the rest goes to gate and up), and these shares of it for
@@ -51,7 +50,7 @@ def build_sparse(x: torch.Tensor, ffn: FFNWeights, config: SparseConfig):
     record = dict(input_share=round(split.inputs, 4), hidden_share=round(split.neurons, 4), completes=split.complete,
                   split_error=round(error, 4), input_threshold=sparse.input_threshold.item(),
                   hidden_threshold=sparse.hidden_threshold.item(),
-                  ffn_compute=round(sparse_share(sparse, ffn.width, len(x)), 4),
+                  ffn_compute=round(sparse.counted_share(ffn.width, len(x)), 4),
                   bias_norm=None if shift is None else round(shift.norm().item(), 4))
     sparse.read_rows.zero_()
     return sparse, record, out.to(x.dtype)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmoe.moe import backends
+from cmoe.moe import backends, cost
 from cmoe.moe.backends import NO_TRITON, TritonPieces
 from cmoe.moe.experts import RoutedExperts, SharedExperts
 from cmoe.moe.ffn import align_weights
@@ -79,6 +79,34 @@ class MoEFFN(nn.Module):
 
     def align_weights(self, alignment: int = 64) -> None:
         align_weights(self, alignment)
+
+    # The compute count (cmoe.moe.compute): the routers count the experts they choose.
+
+    def start_counting(self) -> None:
+        if self.router is not None:
+            self.router.load_counts.zero_()
+            self.router.count_load = True
+
+    def stop_counting(self) -> None:
+        if self.router is not None:
+            self.router.count_load = False
+
+    def counted_share(self, dense_width: int, tokens: int) -> float:
+        """The share of the dense FFN's multiply-adds it did for `tokens` tokens since `start_counting`."""
+        return self.compute_share(dense_width, tokens, 0 if self.router is None else int(self.router.load_counts.sum()))
+
+    def compute_share(self, dense_width: int, tokens: int, slots: int) -> float:
+        """Its multiply-adds over the dense FFN's (of `dense_width` neurons) for `tokens` tokens that took `slots`
+        (token, routed expert) pairs."""
+        if not tokens:
+            return float("nan")
+        expert_width = self.experts.width if self.experts is not None else 1
+        shared = 0 if self.shared is None else self.shared.width // expert_width
+        routed = 0 if self.router is None else self.router.num_experts
+        router = "linear" if self.router is not None and self.router.linear else "representative"
+        fixed = cost.moe_macs(self.hidden_size, expert_width, shared, routed, self.gated, router, 0)
+        per_expert = cost.dense_macs(self.hidden_size, expert_width, self.gated)
+        return (fixed * tokens + per_expert * slots) / (cost.dense_macs(self.hidden_size, dense_width, self.gated) * tokens)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

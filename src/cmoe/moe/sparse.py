@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmoe.moe import backends
+from cmoe.moe import backends, cost
 from cmoe.moe.ffn import activation, align_weights, buffer_floats, hidden_activation, row_hidden_activation
 from cmoe.moe.spec import SparseSpec
 
@@ -89,6 +89,24 @@ class SparseFFN(nn.Module):
         """Make the neuron-major copy equal `gate_up_proj` again (after fine-tuning changed it)."""
         if "gate_up_rows" in self._parameters:
             self.gate_up_rows.copy_(self.gate_up_proj.T)
+
+    # The compute count (cmoe.moe.compute): the masked forward adds the rows it reads to `read_rows`.
+
+    def start_counting(self) -> None:
+        self.read_rows.zero_()
+        self.counting = True
+
+    def stop_counting(self) -> None:
+        self.counting = False
+
+    def counted_share(self, dense_width: int, tokens: int) -> float:
+        """The share of the dense FFN's multiply-adds (of `dense_width` neurons) it did for `tokens` tokens, from the
+        rows it read since `start_counting`."""
+        if not tokens:
+            return float("nan")
+        inputs, neurons, completed = self.read_rows.tolist()
+        done = cost.sparse_macs(self.hidden_size, self.width, self.gated, inputs, neurons, completed)
+        return done / (cost.dense_macs(self.hidden_size, dense_width, self.gated) * tokens)
 
     def completing(self) -> bool:
         return "completes" in self._buffers and buffer_floats(self, "completes")[0] > 0
