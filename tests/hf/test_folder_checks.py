@@ -227,3 +227,21 @@ def test_a_sparse_folder_saved_before_the_ffn_kinds_loads_with_the_same_outputs(
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(CMoEError, match="shared.down_proj is missing"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "old")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
+@pytest.mark.parametrize("layout", ["S1A1E4", "budget"])
+def test_a_loaded_carved_model_holds_no_page_of_its_file(tmp_path, layout):
+    """Every tensor is copied out of the safetensors map, so the map is dropped and the model is resident once."""
+    import gc
+
+    config = cmoe.CarveConfig(budget=0.5) if layout == "budget" else cmoe.CarveConfig.from_name(layout)
+    carved = cmoe.carve_(tiny_model("llama"), config, tokens(8, 32), progress=False)
+    carved.save_pretrained(tmp_path / "out")
+    weights = str((tmp_path / "out" / "model.safetensors").resolve())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    gc.collect()
+    assert weights not in Path("/proc/self/maps").read_text()
+    ids = tokens(2, 10, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, carved(ids).logits)

@@ -187,16 +187,3 @@ def test_float32_forward_compiles_with_the_looped_products(monkeypatch):
     compiled = torch.compile(moe, backend="eager")
     with torch.no_grad():
         assert torch.allclose(compiled(x), moe(x), atol=1e-5, rtol=1e-5)
-
-
-def test_align_weights_moves_misaligned_parameters_onto_cache_lines():
-    moe = random_moe()
-    with torch.no_grad():
-        original = {name: p.clone() for name, p in moe.named_parameters()}
-        for p in moe.parameters():  # one float past a 64-byte boundary, as a tensor at a file offset can be
-            shifted = torch.empty(p.numel() + 16)[1:1 + p.numel()].view_as(p).copy_(p)
-            p.data = shifted
-    assert all(p.data_ptr() % 64 for p in moe.parameters())
-    moe.align_weights()
-    assert all(p.data_ptr() % 64 == 0 for p in moe.parameters())
-    assert all(torch.equal(p, original[name]) for name, p in moe.named_parameters())

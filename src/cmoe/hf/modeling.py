@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from cmoe.hf.adapters import SUPPORTED, adapter_for
 from cmoe.hf.checks import LEGACY_SPARSE_KEYS, check_carved_folder, read_config
-from cmoe.moe import CARVED_FFNS, MoESpec, empty_ffn, spec_from_dict
+from cmoe.moe import MoESpec, empty_ffn, spec_from_dict
 from cmoe.moe.spec import legacy_sparse
 from cmoe.run_folder import atomic_directory
 
@@ -51,9 +52,7 @@ class CMoEMixin:
             if legacy_sparse(read_config(folder).get("cmoe") or {}):  # saved before SparseFFN: one module deeper
                 kwargs.setdefault("key_mapping", LEGACY_SPARSE_KEYS)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        for module in model.modules():
-            if isinstance(module, CARVED_FFNS):
-                module.align_weights()
+        own_memory(model)
         return model
 
     @property
@@ -67,6 +66,25 @@ class CMoEMixin:
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             (Path(tmp) / RECORD_FILE).write_text(json.dumps(self.carve_record, indent=2))
+
+
+@torch.no_grad()
+def own_memory(model) -> None:
+    """Copy every CPU parameter and buffer of `model` out of the file it was loaded from into memory of its own.
+
+    safetensors loads by mapping the file, and a tensor starts at its offset there. Misaligned, each vector load
+    of the CPU decode step straddles two cache lines (torch's CPU allocator aligns to 64 bytes); and while any
+    tensor still points into the map, every page of it that was read stays resident beside the copies, so a
+    model whose tensors were only partly copied held up to twice its size. Buffers are registered anew rather
+    than given new data: a buffer's old tensor object can outlive the swap and keep the map alive.
+    """
+    for parameter in model.parameters():
+        if parameter.device.type == "cpu":
+            parameter.data = parameter.data.clone()
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type == "cpu":
+                module._buffers[name] = buffer.clone()
 
 
 _CLASSES: dict[type, type] = {}  # dense CausalLM class -> carved class

@@ -49,15 +49,3 @@ def buffer_floats(owner: nn.Module, *names: str) -> tuple[float, ...]:
     if cached is None or cached[0] != key:
         cached = caches[names] = (key, tuple(float(t) for t in tensors))
     return cached[1]
-
-
-@torch.no_grad()
-def align_weights(module: nn.Module, alignment: int = 64) -> None:
-    """Copy every parameter of `module` whose data does not start on a cache line to one that does.
-
-    safetensors loads tensors at their offsets in the file. Misaligned, each vector load of the CPU decode
-    step straddles two cache lines, which slows decode (BENCHMARKS.md).
-    """
-    for parameter in module.parameters():
-        if parameter.data_ptr() % alignment:
-            parameter.data = parameter.data.clone()  # torch's CPU allocator aligns to 64 bytes

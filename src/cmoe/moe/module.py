@@ -10,7 +10,6 @@ from torch import nn
 from cmoe.moe import backends, cost
 from cmoe.moe.backends import NO_TRITON, TritonPieces
 from cmoe.moe.experts import RoutedExperts, SharedExperts
-from cmoe.moe.ffn import align_weights
 from cmoe.moe.kernels import ACTIVATION_CODES
 from cmoe.moe.router import Router
 from cmoe.moe.spec import MoESpec
@@ -76,9 +75,6 @@ class MoEFFN(nn.Module):
     def weight_dtype(self) -> torch.dtype:
         part = self._modules.get("experts") or self._modules["shared"]
         return part._parameters["down_proj"].dtype
-
-    def align_weights(self, alignment: int = 64) -> None:
-        align_weights(self, alignment)
 
     # The compute count (cmoe.moe.compute): the routers count the experts they choose.
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cmoe.moe import backends, cost
-from cmoe.moe.ffn import activation, align_weights, buffer_floats, hidden_activation, row_hidden_activation
+from cmoe.moe.ffn import activation, buffer_floats, hidden_activation, row_hidden_activation
 from cmoe.moe.spec import SparseSpec
 
 
@@ -76,9 +76,6 @@ class SparseFFN(nn.Module):
 
     def weight_dtype(self) -> torch.dtype:
         return self._parameters["down_proj"].dtype
-
-    def align_weights(self, alignment: int = 64) -> None:
-        align_weights(self, alignment)
 
     def drop_completion(self) -> None:
         """Remove the neuron-major copy (for a model none of whose layers completes)."""
