@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cmoe.errors import CMoEError
+from cmoe.moe import empty_ffn
 from cmoe.moe.spec import REDO, legacy_sparse, spec_from_dict
 
 # A sparse folder saved before the FFN kinds holds its weights one module deeper (`mlp.shared.gate_up_proj`); the
@@ -60,8 +61,6 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 def expected_ffn_shapes(spec, legacy: bool = False) -> dict[str, tuple[int, ...]]:
     """The shape of each tensor a carved FFN of this spec saves, by its name inside the FFN module (`legacy`: as a
     sparse folder saved before the FFN kinds names them)."""
-    from cmoe.moe import empty_ffn
-
     with torch.device("meta"):
         module = empty_ffn(spec)
     shapes = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}

@@ -23,7 +23,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from cmoe.hf.adapters import SUPPORTED, adapter_for
-from cmoe.hf.checks import LEGACY_SPARSE_KEYS, check_carved_folder, read_config
+from cmoe.hf.checks import LEGACY_SPARSE_KEYS, check_carved_folder
 from cmoe.moe import MoESpec, empty_ffn, spec_from_dict
 from cmoe.moe.spec import legacy_sparse
 from cmoe.run_folder import atomic_directory
@@ -48,8 +48,8 @@ class CMoEMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir():  # weights' shapes against config.json, before loading
-            check_carved_folder(folder)
-            if legacy_sparse(read_config(folder).get("cmoe") or {}):  # saved before SparseFFN: one module deeper
+            config = check_carved_folder(folder)
+            if legacy_sparse(config.get("cmoe") or {}):  # saved before SparseFFN: one module deeper
                 kwargs.setdefault("key_mapping", LEGACY_SPARSE_KEYS)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         own_memory(model)

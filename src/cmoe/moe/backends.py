@@ -167,7 +167,7 @@ class CompiledMoE(Backend):
         return facts.kernels is not None and self.takes(slots, facts, x)
 
     def run(self, ffn, x):
-        return getattr(static_facts(ffn, x).kernels, self.kernel)(x, *moe_kernel_arguments(ffn))
+        return getattr(kernels.moe_cpu(), self.kernel)(x, *moe_kernel_arguments(ffn))  # `applies` found it built
 
 
 class CPUDecode(CompiledMoE):
@@ -261,7 +261,7 @@ class SparseCPUDecode(Backend):
         return _sparse_step_applies(ffn, x) and static_facts(ffn, x).kernels is not None
 
     def run(self, ffn, x):
-        return ffn.add_output_bias(static_facts(ffn, x).kernels.sparse_decode(x, *sparse_kernel_arguments(ffn)))
+        return ffn.add_output_bias(kernels.moe_cpu().sparse_decode(x, *sparse_kernel_arguments(ffn)))
 
 
 class SparseRows(TokenByToken):

@@ -72,6 +72,13 @@ class MoEFFN(nn.Module):
     def gated(self) -> bool:
         return (self.experts or self.shared).gated
 
+    def layout(self) -> tuple[int, int, int, str]:
+        """(neurons per expert, shared experts, routed experts, router kind): what the cost model needs of it."""
+        width = self.experts.width if self.experts is not None else self.shared.width
+        shared = 0 if self.shared is None else self.shared.width // width
+        routed = 0 if self.router is None else self.router.num_experts
+        return width, shared, routed, "linear" if self.router is not None and self.router.linear else "representative"
+
     def weight_dtype(self) -> torch.dtype:
         part = self._modules.get("experts") or self._modules["shared"]
         return part._parameters["down_proj"].dtype
@@ -96,10 +103,7 @@ class MoEFFN(nn.Module):
         (token, routed expert) pairs."""
         if not tokens:
             return float("nan")
-        expert_width = self.experts.width if self.experts is not None else 1
-        shared = 0 if self.shared is None else self.shared.width // expert_width
-        routed = 0 if self.router is None else self.router.num_experts
-        router = "linear" if self.router is not None and self.router.linear else "representative"
+        expert_width, shared, routed, router = self.layout()
         fixed = cost.moe_macs(self.hidden_size, expert_width, shared, routed, self.gated, router, 0)
         per_expert = cost.dense_macs(self.hidden_size, expert_width, self.gated)
         return (fixed * tokens + per_expert * slots) / (cost.dense_macs(self.hidden_size, dense_width, self.gated) * tokens)

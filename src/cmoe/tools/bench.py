@@ -128,10 +128,7 @@ def shape_of(ffn, dense_intermediate: int, compute_share: float | None = None) -
     """The shape a carved FFN has for the ideal ratios; `compute_share`: a sparse FFN's (from its carve record)."""
     if ffn.kind == "sparse":
         return Shape(ffn.hidden_size, dense_intermediate, 1, 0, 1, gated=ffn.gated, compute_share=compute_share)
-    width = ffn.experts.width if ffn.experts is not None else ffn.shared.width
-    shared = 0 if ffn.shared is None else ffn.shared.width // width
-    routed = 0 if ffn.router is None else ffn.router.num_experts
-    router = "linear" if ffn.router is not None and ffn.router.linear else "representative"
+    width, shared, routed, router = ffn.layout()
     return Shape(ffn.hidden_size, dense_intermediate, shared, 0 if ffn.router is None else ffn.router.top_k,
                  dense_intermediate // width, gated=ffn.gated, router=router, routed=routed)
 

@@ -22,13 +22,12 @@ from cmoe.hf.llama2c import load_llama2c, tokenizer_beside
 from cmoe.hf.loading import fetch_smollm2, load_model, load_source
 from cmoe.hf.modeling import is_carved
 from cmoe.moe import GPU
-from cmoe.moe.compute import counting_compute
 from cmoe.run_folder import atomic_directory, check_writable_destination, check_writable_file
 from cmoe.tools.arguments import (at_least, check_calibration_options, check_json, checked_device, needs_tokenizer,
                                   write_json)
 from cmoe.tools.bench import keep_freed_memory, run_benchmark
 from cmoe.tools.describe import describe, describe_text
-from cmoe.tools.perplexity import evaluate_perplexity
+from cmoe.tools.perplexity import perplexity_and_compute
 from cmoe.tools.provenance import machine
 from cmoe.tools.report import bench_table, table, task_table
 from cmoe.tools.sweep import SweepPlan, run_sweep
@@ -101,15 +100,8 @@ def evaluate(args) -> dict:
 
 def _perplexity(model, tokenizer, args) -> dict:
     """Perplexity of each --ppl set, with a carved model's FFN compute counted as it runs."""
-    report = {}
-    if is_carved(model):
-        with counting_compute(model) as compute:
-            report["perplexity"] = evaluate_perplexity(model, tokenizer, args.ppl, args.seqlen, args.max_windows,
-                                                       args.data_dir)
-        report["ffn_compute"] = compute()
-    else:
-        report["perplexity"] = evaluate_perplexity(model, tokenizer, args.ppl, args.seqlen, args.max_windows,
-                                                   args.data_dir)
+    results, compute = perplexity_and_compute(model, tokenizer, args.ppl, args.seqlen, args.max_windows, args.data_dir)
+    report = dict(perplexity=results) if compute is None else dict(perplexity=results, ffn_compute=compute)
     rows = [dict(set=name, **values) for name, values in report["perplexity"].items()]
     print(table(rows, [("set", "data set"), ("ppl", "perplexity"), ("windows", "windows"), ("seqlen", "seqlen"),
                        ("seconds", "seconds")]))

@@ -11,6 +11,8 @@ from tqdm.auto import tqdm
 
 from cmoe.data import eval_text, tokenize
 from cmoe.errors import CMoEError
+from cmoe.hf.modeling import is_carved
+from cmoe.moe.compute import counting_compute
 
 
 @torch.no_grad()
@@ -44,3 +46,14 @@ def evaluate_perplexity(model, tokenizer, sets=("wikitext2",), seqlen: int = 204
         windows = ids.numel() // seqlen if max_windows is None else min(ids.numel() // seqlen, max_windows)
         results[name] = dict(ppl=ppl, windows=windows, seqlen=seqlen, seconds=round(time.perf_counter() - started, 2))
     return results
+
+
+def perplexity_and_compute(model, tokenizer, sets=("wikitext2",), seqlen: int = 2048, max_windows: int | None = None,
+                           data_dir=None, progress: bool = True) -> tuple[dict, dict | None]:
+    """`evaluate_perplexity`, with a carved model's FFN compute counted over every window of every set
+    (`cmoe.moe.compute.counting_compute`'s result; None for a dense model)."""
+    if not is_carved(model):
+        return evaluate_perplexity(model, tokenizer, sets, seqlen, max_windows, data_dir, progress), None
+    with counting_compute(model) as compute:
+        results = evaluate_perplexity(model, tokenizer, sets, seqlen, max_windows, data_dir, progress)
+        return results, compute()

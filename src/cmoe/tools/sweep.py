@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,18 +149,15 @@ def _carve_and_evaluate(dense, tokenizer, name: str, config: CarveConfig, calibr
 
 
 def _evaluate(model, tokenizer, plan: SweepPlan, progress: bool, cache: Path) -> dict:
-    from cmoe.hf.modeling import is_carved
-    from cmoe.moe.compute import counting_compute
-    from cmoe.tools.perplexity import evaluate_perplexity
+    from cmoe.tools.perplexity import perplexity_and_compute
 
     scores = {}
     if plan.ppl:
-        counted = counting_compute(model) if is_carved(model) else nullcontext(None)
-        with counted as compute:
-            ppl = evaluate_perplexity(model, tokenizer, plan.ppl, plan.seqlen, plan.max_windows, plan.data_dir, progress)
+        ppl, compute = perplexity_and_compute(model, tokenizer, plan.ppl, plan.seqlen, plan.max_windows, plan.data_dir,
+                                              progress)
         scores["perplexity"] = {name: values["ppl"] for name, values in ppl.items()}
-        if compute is not None:  # over every window of every set
-            scores["ffn_compute"] = compute()["overall"]
+        if compute is not None:
+            scores["ffn_compute"] = compute["overall"]
     if plan.tasks:
         from cmoe.tools.zeroshot import evaluate_tasks
 
